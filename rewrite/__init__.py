@@ -1,0 +1,28 @@
+"""growfx engine: trace models into one graph IR, verify rewrites numerically, export to ONNX.
+
+Public surface::
+
+    graph = rewrite.trace(model, args, kwargs)           # -> rewrite.Graph
+    report = rewrite.verify(reference, candidate, args)  # -> rewrite.Report
+    report = rewrite.export_onnx(graph, args, "m.onnx")  # -> rewrite.Report (torch vs onnxruntime)
+"""
+
+from .errors import GrowfxError, InputError, TraceError
+from .graph import Graph, TensorInfo
+from .onnx_export import OnnxModel, export_onnx
+from .trace import trace
+from .verify import Report, Row, verify
+
+__all__ = [
+    "Graph",
+    "GrowfxError",
+    "InputError",
+    "OnnxModel",
+    "Report",
+    "Row",
+    "TensorInfo",
+    "TraceError",
+    "export_onnx",
+    "trace",
+    "verify",
+]

@@ -1,0 +1,22 @@
+"""The errors growfx raises. Each names the thing that is wrong (model, op, node, parameter)."""
+
+from __future__ import annotations
+
+
+class GrowfxError(Exception):
+    """Base class of every error growfx raises on purpose."""
+
+
+class TraceError(GrowfxError):
+    """No front-end could turn the model into a graph; the message gives each front-end's reason."""
+
+    def __init__(self, model_class: str, reasons: dict[str, str]):
+        self.model_class = model_class
+        self.reasons = dict(reasons)
+        lines = [f"cannot trace {model_class}:"]
+        lines += [f"  {frontend}: {reason}" for frontend, reason in reasons.items()]
+        super().__init__("\n".join(lines))
+
+
+class InputError(GrowfxError):
+    """The inputs given do not fit the model or graph they are meant for."""

@@ -1,0 +1,239 @@
+"""`Graph`: the one IR every rule sees. A `torch.fx.GraphModule` plus what the tracer learnt about it.
+
+A Graph knows, for every node, the shape and dtype of its value on the example inputs
+(``node.meta["tensor_meta"]``, as ``torch.fx.passes.shape_prop`` writes it), which module owns it (the
+``call_module`` target, or the innermost entry of ``meta["nn_module_stack"]`` for ATen-level graphs),
+and, for every parameter and buffer, the nodes that read it. A Graph shares its tensors with the model
+it was traced from; growth passes build new tensors and never write to these.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from typing import Any
+
+import torch
+import torch.fx
+import torch.utils._pytree as pytree
+from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
+
+from .run import run_graph
+
+# Nodes torch.export adds for its own bookkeeping; they compute nothing the model computes.
+_BOOKKEEPING = {"_guards_fn", "_assert_tensor_metadata", "sym_size", "sym_constrain_range_for_size"}
+
+
+@dataclasses.dataclass
+class TensorInfo:
+    """One parameter, buffer or constant tensor of a graph, with every name it goes by."""
+
+    name: str
+    kind: str  # "parameter", "buffer" or "constant"
+    shape: torch.Size
+    dtype: torch.dtype
+    aliases: list[str]  # other names of the same tensor (tied weights)
+    readers: list[str]  # names of the nodes that read it
+
+    @property
+    def numel(self) -> int:
+        return self.shape.numel()
+
+
+class Graph:
+    """A traced model: ``graph.module`` runs it, ``str(graph)`` summarises it."""
+
+    def __init__(
+        self,
+        module: torch.fx.GraphModule,
+        *,
+        frontend: str,
+        source_class: str,
+        example_args: tuple = (),
+        example_kwargs: dict | None = None,
+        fixed_kwargs: dict | None = None,
+    ):
+        self.module = module
+        self.frontend = frontend
+        self.source_class = source_class
+        self.fixed_kwargs = dict(fixed_kwargs or {})  # inputs the front-end fixed, e.g. use_cache=False
+        self.example_args = tuple(example_args)
+        self.example_kwargs = dict(example_kwargs or {})
+
+    # -- running -----------------------------------------------------------------------------
+    def _inputs(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        return tuple(args), {**self.fixed_kwargs, **kwargs}
+
+    def __call__(self, *args, **kwargs):
+        args, kwargs = self._inputs(args, kwargs)
+        return self.module(*args, **kwargs)
+
+    def run(self, *args, **kwargs) -> tuple[Any, dict[str, Any]]:
+        """Interpret the graph; returns (output, {node name: value}) for every node."""
+        args, kwargs = self._inputs(args, kwargs)
+        return run_graph(self.module, args, kwargs)
+
+    def propagate_shapes(self, *args, **kwargs) -> Any:
+        """Run on the inputs and record every node's shape and dtype in ``meta["tensor_meta"]``."""
+        output, values = self.run(*args, **kwargs)
+        for node in self.module.graph.nodes:
+            if node.name in values:
+                node.meta["tensor_meta"] = _metadata(values[node.name])
+        return output
+
+    # -- nodes ---------------------------------------------------------------------------------
+    @property
+    def nodes(self) -> list[torch.fx.Node]:
+        return list(self.module.graph.nodes)
+
+    def node(self, name: str) -> torch.fx.Node:
+        for node in self.module.graph.nodes:
+            if node.name == name:
+                return node
+        raise KeyError(f"no node named {name!r} in the graph of {self.source_class}")
+
+    def _as_node(self, node: torch.fx.Node | str) -> torch.fx.Node:
+        return self.node(node) if isinstance(node, str) else node
+
+    def shape(self, node: torch.fx.Node | str) -> torch.Size | tuple | None:
+        """Shape of the node's value on the example inputs (a tuple of shapes for tuple outputs)."""
+        meta = self._as_node(node).meta.get("tensor_meta")
+        return pytree.tree_map(
+            lambda m: m.shape if isinstance(m, TensorMetadata) else None,
+            meta,
+            is_leaf=lambda m: isinstance(m, TensorMetadata),
+        )
+
+    def dtype(self, node: torch.fx.Node | str) -> torch.dtype | tuple | None:
+        meta = self._as_node(node).meta.get("tensor_meta")
+        return pytree.tree_map(
+            lambda m: m.dtype if isinstance(m, TensorMetadata) else None,
+            meta,
+            is_leaf=lambda m: isinstance(m, TensorMetadata),
+        )
+
+    def owner(self, node: torch.fx.Node | str) -> str:
+        """Qualified name of the module that owns the node ('' for the top-level model)."""
+        node = self._as_node(node)
+        if node.op == "call_module":
+            return str(node.target)
+        if node.op == "get_attr":
+            return str(node.target).rpartition(".")[0]
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            path = list(stack.values())[-1][0]
+            return "" if path.startswith("_empty_nn_module_stack") else path
+        return ""
+
+    def op_kind(self, node: torch.fx.Node | str) -> str:
+        """A readable, front-end-neutral name of what the node does: "Linear", "aten.linear", "add"."""
+        node = self._as_node(node)
+        if node.op == "call_module":
+            return type(self.module.get_submodule(node.target)).__name__
+        if node.op == "call_method":
+            return f"Tensor.{node.target}"
+        if node.op == "call_function":
+            target = node.target
+            if isinstance(target, torch._ops.OpOverload):
+                namespace = target.namespace
+                return f"{namespace}.{target._opname}"
+            return getattr(target, "__name__", str(target))
+        return node.op
+
+    def is_bookkeeping(self, node: torch.fx.Node) -> bool:
+        """True for nodes torch.export inserts for its own checks (guards, shape asserts)."""
+        if node.op == "call_module":
+            return str(node.target) in _BOOKKEEPING
+        if node.op == "call_function":
+            return self.op_kind(node).rpartition(".")[2] in _BOOKKEEPING
+        return False
+
+    def compute_nodes(self) -> list[torch.fx.Node]:
+        """Nodes that compute something the model computes (no inputs, attributes, output, checks)."""
+        return [
+            n
+            for n in self.module.graph.nodes
+            if n.op in ("call_module", "call_function", "call_method") and not self.is_bookkeeping(n)
+        ]
+
+    def op_counts(self) -> Counter:
+        return Counter(self.op_kind(n) for n in self.compute_nodes())
+
+    @property
+    def input_names(self) -> list[str]:
+        return [n.name for n in self.module.graph.nodes if n.op == "placeholder"]
+
+    # -- tensors -------------------------------------------------------------------------------
+    def tensors(self) -> dict[str, TensorInfo]:
+        """Every parameter, buffer and constant, keyed by its first name; tied names are aliases."""
+        by_identity: dict[int, TensorInfo] = {}
+        kinds = (
+            ("parameter", self.module.named_parameters(remove_duplicate=False)),
+            ("buffer", self.module.named_buffers(remove_duplicate=False)),
+        )
+        for kind, named in kinds:
+            for name, tensor in named:
+                info = by_identity.get(id(tensor))
+                if info is None:
+                    by_identity[id(tensor)] = TensorInfo(name, kind, tensor.shape, tensor.dtype, [], [])
+                elif name != info.name:
+                    info.aliases.append(name)
+        by_name = {}
+        for info in by_identity.values():
+            by_name[info.name] = info
+            for alias in info.aliases:
+                by_name[alias] = info
+        for node in self.module.graph.nodes:
+            if node.op == "get_attr":
+                info = by_name.get(str(node.target))
+                if info is None:  # a constant tensor the tracer lifted out of the code
+                    value = _attr(self.module, str(node.target))
+                    if not isinstance(value, torch.Tensor):
+                        continue
+                    info = TensorInfo(str(node.target), "constant", value.shape, value.dtype, [], [])
+                    by_identity[id(value)] = by_name[info.name] = info
+                info.readers.extend(u.name for u in node.users if u.name not in info.readers)
+            elif node.op == "call_module":
+                sub = self.module.get_submodule(node.target)
+                prefix = f"{node.target}."
+                for local, _ in (*sub.named_parameters(), *sub.named_buffers()):
+                    info = by_name.get(prefix + local)
+                    if info is not None and node.name not in info.readers:
+                        info.readers.append(node.name)
+        return {info.name: info for info in by_identity.values()}
+
+    def parameters(self) -> dict[str, TensorInfo]:
+        """The learnable parameters (tied ones once), with the nodes that read them."""
+        return {k: v for k, v in self.tensors().items() if v.kind == "parameter"}
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(info.numel for info in self.parameters().values())
+
+    # -- printing ------------------------------------------------------------------------------
+    def summary(self) -> str:
+        from .summary import summarize
+
+        return summarize(self)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+    def __repr__(self) -> str:
+        return (
+            f"<Graph of {self.source_class} via {self.frontend}: {len(self.compute_nodes())} ops, "
+            f"{self.num_parameters:,} parameters>"
+        )
+
+
+def _attr(root: torch.nn.Module, target: str):
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _metadata(value):
+    return pytree.tree_map(
+        lambda v: _extract_tensor_metadata(v) if isinstance(v, torch.Tensor) else None, value
+    )

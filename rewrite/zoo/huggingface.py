@@ -1,0 +1,107 @@
+"""Hugging Face models built from tiny configs with random weights (no download), and their inputs."""
+
+from __future__ import annotations
+
+import torch
+
+TOKENS = (2, 8)  # batch, sequence
+
+
+def example_inputs(model, batch: int = TOKENS[0], length: int = TOKENS[1]) -> tuple[tuple, dict]:
+    """Example inputs for a Hugging Face model, from its config and ``main_input_name``."""
+    config = model.config
+    name = getattr(model, "main_input_name", "input_ids")
+    if name == "input_ids":
+        vocab = config.get_text_config().vocab_size
+        return (torch.randint(0, vocab, (batch, length)),), {}
+    if name == "pixel_values":
+        size = getattr(config, "image_size", 32)
+        size = size if isinstance(size, int) else size[0]
+        return (torch.randn(batch, getattr(config, "num_channels", 3), size, size),), {}
+    raise ValueError(f"no example inputs for {type(model).__name__}: its main input is {name!r}")
+
+
+def _quiet_config(cls, **fields):
+    fields.setdefault("bos_token_id", 0)
+    fields.setdefault("eos_token_id", 1)
+    fields.setdefault("pad_token_id", 0)
+    return cls(**fields)
+
+
+def _with_inputs(model):
+    model.eval()
+    args, kwargs = example_inputs(model)
+    return model, args, kwargs
+
+
+def gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = _quiet_config(GPT2Config, n_layer=2, n_embd=32, n_head=4, vocab_size=96, n_positions=64)
+    return _with_inputs(GPT2LMHeadModel(config))
+
+
+def llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = _quiet_config(
+        LlamaConfig,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=96,
+        max_position_embeddings=64,
+    )
+    return _with_inputs(LlamaForCausalLM(config))
+
+
+def qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = _quiet_config(
+        Qwen2Config,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=96,
+        max_position_embeddings=64,
+    )
+    return _with_inputs(Qwen2ForCausalLM(config))
+
+
+def bert():
+    from transformers import BertConfig, BertModel
+
+    config = _quiet_config(
+        BertConfig,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=96,
+        max_position_embeddings=64,
+    )
+    return _with_inputs(BertModel(config))
+
+
+def mixtral():
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = _quiet_config(
+        MixtralConfig,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        vocab_size=96,
+        max_position_embeddings=64,
+        experts_implementation="batched_mm",  # the default grouped experts have no ONNX conversion
+    )
+    return _with_inputs(MixtralForCausalLM(config))
