@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import operator
 from typing import Callable
 
 import torch
@@ -55,17 +56,41 @@ def accepted_kwargs(model: torch.nn.Module, kwargs: dict) -> dict:
 
 
 def trace_fx(model: torch.nn.Module, args: tuple, kwargs: dict) -> torch.fx.GraphModule:
-    """``torch.fx.symbolic_trace``, with the caller's non-tensor inputs fixed as constants."""
-    bound = inspect.signature(model.forward).bind(*args, **kwargs)
-    concrete = {
-        name: value
-        for name, value in bound.arguments.items()
-        if not any(isinstance(leaf, torch.Tensor) for leaf in pytree.tree_leaves(value))
-    }
+    """``torch.fx.symbolic_trace``; keyword inputs without tensors are fixed as constants.
+
+    The placeholders of fixed inputs are removed, so the graph no longer takes them; the Graph
+    that wraps it records their values (see ``fixed_inputs``) and refuses calls that differ.
+    """
+    concrete = fixed_inputs(kwargs)
     tracer = _BufferProxyTracer()
     graph = tracer.trace(model, concrete_args=concrete or None)
-    name = type(model).__name__
-    return torch.fx.GraphModule(tracer.root, graph, name)
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    names = list(inspect.signature(model.forward).parameters)
+    for node, name in zip(placeholders, names):
+        if name in concrete:
+            _erase_with_guard(graph, node)
+    return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def _erase_with_guard(graph: torch.fx.Graph, placeholder: torch.fx.Node) -> None:
+    """Remove a fixed input's placeholder and the ``value == constant`` assert fx hangs on it."""
+    guard = [placeholder]
+    for node in guard:
+        for user in node.users:
+            if user.target in (operator.eq, torch._assert) and user not in guard:
+                guard.append(user)
+    if all(user in guard for node in guard for user in node.users):
+        for node in reversed(guard):
+            graph.erase_node(node)
+
+
+def fixed_inputs(kwargs: dict) -> dict:
+    """The keyword inputs that hold no tensor: tracers treat them as constants of the graph."""
+    return {
+        name: value
+        for name, value in kwargs.items()
+        if not any(isinstance(leaf, torch.Tensor) for leaf in pytree.tree_leaves(value))
+    }
 
 
 class _BufferProxyTracer(torch.fx.Tracer):

@@ -10,6 +10,7 @@ it was traced from; growth passes build new tensors and never write to these.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections import Counter
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch.fx
 import torch.utils._pytree as pytree
 from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
+from .errors import InputError
 from .run import run_graph
 
 # Nodes torch.export adds for its own bookkeeping; they compute nothing the model computes.
@@ -62,7 +64,19 @@ class Graph:
 
     # -- running -----------------------------------------------------------------------------
     def _inputs(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        return tuple(args), {**self.fixed_kwargs, **kwargs}
+        """The caller's inputs plus the fixed ones, as the GraphModule takes them."""
+        for name, value in self.fixed_kwargs.items():
+            if name in kwargs and not _same_constant(kwargs[name], value):
+                raise InputError(
+                    f"the graph of {self.source_class} was traced with {name}={value!r} fixed; "
+                    f"got {name}={kwargs[name]!r} (trace again with that value)"
+                )
+        params = inspect.signature(self.module.forward).parameters
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        merged = {**self.fixed_kwargs, **kwargs}
+        return tuple(args), {
+            k: v for k, v in merged.items() if takes_any or k in params or k not in self.fixed_kwargs
+        }
 
     def __call__(self, *args, **kwargs):
         args, kwargs = self._inputs(args, kwargs)
@@ -224,6 +238,13 @@ class Graph:
             f"<Graph of {self.source_class} via {self.frontend}: {len(self.compute_nodes())} ops, "
             f"{self.num_parameters:,} parameters>"
         )
+
+
+def _same_constant(a, b) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - incomparable constants are different constants
+        return False
 
 
 def _attr(root: torch.nn.Module, target: str):

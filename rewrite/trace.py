@@ -12,7 +12,7 @@ import logging
 import torch
 
 from .errors import GrowfxError, TraceError
-from .frontends import TRACERS, accepted_kwargs, candidate_frontends, eval_mode, first_line
+from .frontends import TRACERS, accepted_kwargs, candidate_frontends, eval_mode, first_line, fixed_inputs
 from .graph import Graph
 from .verify import compare_outputs
 
@@ -73,28 +73,28 @@ def trace(
 
 def _trace_with(name: str, model: torch.nn.Module, args: tuple, kwargs: dict, fixed: dict) -> Graph:
     gm = TRACERS[name](model, args, {**kwargs, **fixed})
+    fixed = {**fixed, **fixed_inputs(kwargs)}
     if name == "fx":
         gm.eval()
-    else:
-        _name_module_classes(gm)
+    _name_module_classes(gm, model)
     return Graph(
         gm,
         frontend=name,
         source_class=type(model).__name__,
         example_args=args,
-        example_kwargs=kwargs,
+        example_kwargs={k: v for k, v in kwargs.items() if k not in fixed},
         fixed_kwargs=fixed,
     )
 
 
-def _name_module_classes(gm: torch.fx.GraphModule) -> None:
-    """Export rebuilds the module tree from plain Modules; remember each one's original class."""
-    for node in gm.graph.nodes:
-        for path, class_name in (node.meta.get("nn_module_stack") or {}).values():
-            try:
-                sub = gm.get_submodule(path)
-            except (AttributeError, ValueError):
-                continue
-            if sub is not gm and not hasattr(sub, "_growfx_class"):
-                sub._growfx_class = str(class_name).rpartition(".")[2]
-
+def _name_module_classes(gm: torch.fx.GraphModule, model: torch.nn.Module) -> None:
+    """Both tracers rebuild the module tree from plain Modules; remember each one's original class."""
+    for path, original in model.named_modules():
+        if not path:
+            continue
+        try:
+            sub = gm.get_submodule(path)
+        except AttributeError:
+            continue
+        if type(sub) is torch.nn.Module:
+            sub._growfx_class = type(original).__name__

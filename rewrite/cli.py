@@ -1,0 +1,118 @@
+"""The ``growfx`` command line: ``inspect`` a model's graph, run the ``demo``.
+
+Argument errors exit 2 with one line; failures of the work itself (a model that cannot be traced or
+exported) exit 1 with one line naming the problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from . import zoo
+from .errors import GrowfxError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse prints the whole usage otherwise)
+        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        sys.exit(2)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="growfx", description="Grow trained PyTorch models without changing what they compute.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    inspect = commands.add_parser("inspect", help="trace a model and print its graph summary")
+    inspect.add_argument(
+        "model",
+        nargs="?",
+        default=zoo.DEFAULT,
+        help=f"a built-in example ({', '.join(zoo.NAMES)}) or a Hugging Face model folder (default: {zoo.DEFAULT})",
+    )
+    inspect.add_argument("--frontend", choices=("auto", "fx", "export"), default="auto")
+    inspect.add_argument("--list", action="store_true", help="list the built-in example models and exit")
+
+    demo = commands.add_parser("demo", help="the main job on a built-in model: trace, summarise, export, verify")
+    demo.add_argument("--model", choices=zoo.NAMES, default=zoo.DEFAULT)
+    demo.add_argument("--out", type=Path, default=Path("out/demo"), help="folder for the ONNX file (default out/demo)")
+    return parser
+
+
+def _load(spec: str):
+    """(model, args, kwargs, label) for a built-in name or a Hugging Face folder."""
+    if spec in zoo.NAMES:
+        built = zoo.build(spec)
+        return built.model, built.args, built.kwargs, f"{spec}: {built.description}"
+    path = Path(spec)
+    if not path.exists():
+        raise _ArgumentError(f"{spec!r} is neither a built-in example ({', '.join(zoo.NAMES)}) nor a folder")
+    from .hf import load_folder
+    from .zoo.huggingface import example_inputs
+
+    model = load_folder(path)
+    args, kwargs = example_inputs(model)
+    return model, args, kwargs, f"{path} ({type(model).__name__})"
+
+
+class _ArgumentError(Exception):
+    pass
+
+
+def _inspect(options) -> int:
+    if options.list:
+        for name, description in zoo.describe():
+            print(f"{name:<12} {description}")
+        return 0
+    from .trace import trace
+
+    model, args, kwargs, label = _load(options.model)
+    graph = trace(model, args, kwargs, frontend=options.frontend)
+    print(f"# {label}")
+    print(graph.summary())
+    return 0
+
+
+def _demo(options) -> int:
+    from .onnx_export import export_onnx
+    from .trace import trace
+    from .verify import verify
+
+    start = time.perf_counter()
+    model, args, kwargs, label = _load(options.model)
+    print(f"== model: {label}")
+    t = time.perf_counter()
+    graph = trace(model, args, kwargs)
+    print(f"== traced in {time.perf_counter() - t:.2f} s")
+    print(graph.summary())
+    print(verify(model, graph, args, kwargs, title="== graph vs model"))
+    t = time.perf_counter()
+    path = options.out / f"{options.model}.onnx"
+    report = export_onnx(graph, args, path, kwargs)
+    print(f"== exported in {time.perf_counter() - t:.2f} s")
+    print(report)
+    print(f"== done in {time.perf_counter() - start:.1f} s: {'OK' if report.ok else 'MISMATCH'}")
+    return 0 if report.ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    options = parser.parse_args(argv)
+    if options.command is None:
+        parser.print_help()
+        return 2
+    handlers = {"inspect": _inspect, "demo": _demo}
+    try:
+        return handlers[options.command](options)
+    except _ArgumentError as e:
+        parser.error(str(e))
+    except GrowfxError as e:
+        sys.stderr.write(f"growfx: error: {e}\n")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""ONNX export: every zoo graph exports, passes the checker and matches onnxruntime on two shapes."""
+
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+from conftest import traced
+
+import rewrite
+from rewrite import zoo
+
+
+@pytest.mark.parametrize("name", zoo.NAMES)
+def test_graph_exports_and_matches_onnxruntime_on_two_shapes(name, tmp_path):
+    built, graph = traced(name)
+    path = tmp_path / f"{name}.onnx"
+    report = rewrite.export_onnx(graph, built.args, path, built.kwargs)
+    assert report.ok, str(report)
+    assert report.max_rel_error <= 1e-5
+    assert len(report.rows) >= 2, "a second, larger shape must be checked"
+    assert path.is_file() and not (tmp_path / f"{name}.onnx.data").exists()  # one self-contained file
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp files left behind
+
+
+def test_second_shape_grows_only_symbolic_axes(tmp_path):
+    built, graph = traced("cnn")
+    report = rewrite.export_onnx(graph, built.args, tmp_path / "cnn.onnx")
+    shapes = [row.shape for row in report.rows]
+    assert shapes == [(2, 10), (3, 10)]
+    assert "symbolic axes: x[0, 2, 3]" in report.notes[0]
+
+
+def test_plain_module_and_onnx_model_wrapper(tmp_path):
+    built = zoo.build("hf-llama")
+    path = tmp_path / "m.onnx"
+    report = rewrite.export_onnx(built.model, built.args, path)
+    assert report.ok
+    onnx_model = rewrite.OnnxModel(path, like=built.model(*built.args, use_cache=False))
+    ids = torch.randint(0, 96, (1, 5))
+    check = rewrite.verify(built.model, onnx_model, (ids,), {"use_cache": False})
+    assert check.ok and [r.name for r in check.rows] == ["logits"]
+
+
+def test_static_export_when_dynamic_is_off(tmp_path):
+    built, graph = traced("mlp")
+    report = rewrite.export_onnx(graph, built.args, tmp_path / "m.onnx", dynamic=False)
+    assert report.ok and len(report.rows) == 1
+    assert "symbolic axes: none" in report.notes[0]
+
+
+def test_export_error_names_the_unsupported_op(tmp_path):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(
+        hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, num_local_experts=2, vocab_size=32, bos_token_id=0, eos_token_id=1,
+    )
+    model = MixtralForCausalLM(config).eval()  # default grouped experts: no ONNX conversion
+    ids = torch.randint(0, 32, (1, 4))
+    with pytest.raises(rewrite.GrowfxError, match="ONNX export of MixtralForCausalLM failed.*grouped_mm"):
+        rewrite.export_onnx(model, (ids,), tmp_path / "m.onnx")
+    assert os.listdir(tmp_path) == []  # nothing half-written
+
+
+def test_export_leaves_the_model_untouched(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.Linear(4, 2)).train()
+    before = [p.clone() for p in model.parameters()]
+    report = rewrite.export_onnx(model, (torch.randn(3, 4),), tmp_path / "m.onnx")
+    assert report.ok  # exported in eval mode: dropout off
+    assert model.training
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
