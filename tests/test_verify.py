@@ -157,3 +157,34 @@ def test_property_any_mlp_traces_exactly_and_a_broken_layer_is_located(case, dat
     if not report.ok:  # a ReLU can hide the change from the output; when it shows, it is located
         assert report.first_divergence == reader
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def widened_by_hand(small: nn.Sequential, extra: int) -> nn.Sequential:
+    """Linear(4, h) -> ReLU -> Linear(h, 2) grown to h + extra hidden units with zero fan-in (exact)."""
+    first, last = small[0], small[2]
+    hidden = first.out_features
+    big = nn.Sequential(nn.Linear(4, hidden + extra), nn.ReLU(), nn.Linear(hidden + extra, 2))
+    with torch.no_grad():
+        big[0].weight[:hidden] = first.weight
+        big[0].bias[:hidden] = first.bias
+        big[2].weight.zero_()
+        big[2].weight[:, :hidden] = last.weight
+        big[2].bias.copy_(last.bias)
+    return big
+
+
+def test_node_map_projects_grown_values_back_to_find_the_broken_node():
+    torch.manual_seed(0)
+    small = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    big = widened_by_hand(small, extra=3)
+    x = torch.randn(5, 4)
+    reference = rewrite.trace(small, (x,))
+    grown = rewrite.trace(big, (x,))
+    grown.node_map = {name: (name, lambda v: v[..., :8]) for name in ("_0", "_1")}
+    assert rewrite.verify(reference, grown, (x,)).ok
+    with torch.no_grad():
+        big[2].bias.add_(1.0)  # break the last layer of the grown model only
+    report = rewrite.verify(reference, grown, (x,))
+    assert not report.ok and report.first_divergence == "_2"
+    grown.node_map = {}  # without the projection the widened first layer is (wrongly) blamed
+    assert rewrite.verify(reference, grown, (x,)).first_divergence == "_0"
