@@ -111,18 +111,15 @@ class Graph:
 
     def shape(self, node: torch.fx.Node | str) -> torch.Size | tuple | None:
         """Shape of the node's value on the example inputs (a tuple of shapes for tuple outputs)."""
-        meta = self._as_node(node).meta.get("tensor_meta")
-        return pytree.tree_map(
-            lambda m: m.shape if isinstance(m, TensorMetadata) else None,
-            meta,
-            is_leaf=lambda m: isinstance(m, TensorMetadata),
-        )
+        return self._metadata(node, "shape")
 
     def dtype(self, node: torch.fx.Node | str) -> torch.dtype | tuple | None:
-        meta = self._as_node(node).meta.get("tensor_meta")
+        return self._metadata(node, "dtype")
+
+    def _metadata(self, node: torch.fx.Node | str, field: str):
         return pytree.tree_map(
-            lambda m: m.dtype if isinstance(m, TensorMetadata) else None,
-            meta,
+            lambda m: getattr(m, field) if isinstance(m, TensorMetadata) else None,
+            self._as_node(node).meta.get("tensor_meta"),
             is_leaf=lambda m: isinstance(m, TensorMetadata),
         )
 

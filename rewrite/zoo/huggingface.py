@@ -41,36 +41,28 @@ def gpt2():
     return _with_inputs(GPT2LMHeadModel(config))
 
 
+# Shared by the decoder-only families: 4 query heads over 2 key-value heads (grouped-query attention).
+DECODER = dict(
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=96,
+    max_position_embeddings=64,
+)
+
+
 def llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = _quiet_config(
-        LlamaConfig,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=96,
-        max_position_embeddings=64,
-    )
-    return _with_inputs(LlamaForCausalLM(config))
+    return _with_inputs(LlamaForCausalLM(_quiet_config(LlamaConfig, **DECODER)))
 
 
 def qwen2():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    config = _quiet_config(
-        Qwen2Config,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=96,
-        max_position_embeddings=64,
-    )
-    return _with_inputs(Qwen2ForCausalLM(config))
+    return _with_inputs(Qwen2ForCausalLM(_quiet_config(Qwen2Config, **DECODER)))
 
 
 def bert():
@@ -93,15 +85,9 @@ def mixtral():
 
     config = _quiet_config(
         MixtralConfig,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **DECODER,
         num_local_experts=4,
         num_experts_per_tok=2,
-        vocab_size=96,
-        max_position_embeddings=64,
         experts_implementation="batched_mm",  # the default grouped experts have no ONNX conversion
     )
     return _with_inputs(MixtralForCausalLM(config))
