@@ -188,3 +188,16 @@ def test_node_map_projects_grown_values_back_to_find_the_broken_node():
     assert not report.ok and report.first_divergence == "_2"
     grown.node_map = {}  # without the projection the widened first layer is (wrongly) blamed
     assert rewrite.verify(reference, grown, (x,)).first_divergence == "_0"
+
+
+def test_node_map_locates_a_break_inside_a_widened_layer():
+    torch.manual_seed(1)
+    small = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    big = widened_by_hand(small, extra=3)
+    with torch.no_grad():
+        big[0].bias[:8] += 1.0  # the old units of the widened layer now compute something else
+    x = torch.randn(5, 4)
+    grown = rewrite.trace(big, (x,))
+    grown.node_map = {name: (name, lambda v: v[..., :8]) for name in ("_0", "_1")}
+    report = rewrite.verify(rewrite.trace(small, (x,)), grown, (x,))
+    assert not report.ok and report.first_divergence == "_0"
