@@ -7,13 +7,16 @@ Public surface::
     report = rewrite.export_onnx(graph, args, "m.onnx")  # -> rewrite.Report (torch vs onnxruntime)
 """
 
-from .errors import GrowfxError, InputError, TraceError
+from .errors import GrowfxError, InputError, TraceError, UnsupportedOpError
+from .dims import DimGroup, Member
 from .graph import Graph, TensorInfo
 from .onnx_export import OnnxModel, export_onnx
 from .trace import trace
 from .verify import Report, Row, verify
 
 __all__ = [
+    "DimGroup",
+    "Member",
     "Graph",
     "GrowfxError",
     "InputError",
@@ -22,6 +25,7 @@ __all__ = [
     "Row",
     "TensorInfo",
     "TraceError",
+    "UnsupportedOpError",
     "export_onnx",
     "trace",
     "verify",

@@ -34,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     inspect.add_argument("--frontend", choices=("auto", "fx", "export"), default="auto")
     inspect.add_argument("--list", action="store_true", help="list the built-in example models and exit")
+    inspect.add_argument(
+        "--groups", action="store_true", help="also print the dimension groups (axes that must grow together)"
+    )
 
     demo = commands.add_parser("demo", help="the main job on a built-in model: trace, summarise, export, verify")
     demo.add_argument("--model", choices=zoo.NAMES, default=zoo.DEFAULT)
@@ -72,6 +75,11 @@ def _inspect(options) -> int:
     graph = trace(model, args, kwargs, frontend=options.frontend)
     print(f"# {label}")
     print(graph.summary())
+    if options.groups:
+        groups = graph.dim_groups()
+        print(f"dimension groups ({len(groups)} growable):")
+        for group in groups:
+            print(group.describe())
     return 0
 
 

@@ -20,3 +20,13 @@ class TraceError(GrowfxError):
 
 class InputError(GrowfxError):
     """The inputs given do not fit the model or graph they are meant for."""
+
+
+class UnsupportedOpError(GrowfxError):
+    """The dimension analysis met an op whose semantics it does not know, on an axis that matters."""
+
+    def __init__(self, op: str, node: str, detail: str = ""):
+        self.op = op
+        self.node = node
+        message = f"the dimension analysis does not know op {op!r} (node {node!r})"
+        super().__init__(f"{message}: {detail}" if detail else message)

@@ -221,6 +221,19 @@ class Graph:
     def num_parameters(self) -> int:
         return sum(info.numel for info in self.parameters().values())
 
+    # -- dimensions ----------------------------------------------------------------------------
+    def dim_groups(self, *, all_groups: bool = False):
+        """Groups of coupled ``(tensor, axis)`` pairs that must grow together (see ``rewrite.dims``).
+
+        By default only the growable ones (those that reach a parameter); ``all_groups=True`` adds the
+        batch, sequence and other activation-only axes. Raises ``UnsupportedOpError`` naming the op
+        and node when an op whose semantics are unknown touches a growable axis.
+        """
+        from .dims import analyse
+
+        groups = analyse(self)
+        return groups if all_groups else [g for g in groups if g.growable]
+
     # -- printing ------------------------------------------------------------------------------
     def summary(self) -> str:
         from .summary import summarize

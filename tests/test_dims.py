@@ -1,0 +1,196 @@
+"""Dimension analysis: coupled (tensor, axis) groups with roles, from op semantics, on both front-ends."""
+
+import pytest
+import torch
+import torch.nn as nn
+from conftest import traced
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import rewrite
+from rewrite import zoo
+
+
+def group_of(graph, tensor, axis):
+    for group in graph.dim_groups():
+        if any(m.tensor == tensor and m.axis == axis for m in group.members):
+            return group
+    raise AssertionError(f"{tensor}[{axis}] is in no group")
+
+
+def roles(group):
+    return {str(m): m.role_names for m in group.members}
+
+
+@pytest.mark.parametrize("name", zoo.NAMES)
+def test_every_zoo_model_is_analysed(name):
+    _, graph = traced(name)
+    groups = graph.dim_groups()
+    assert groups and all(g.growable for g in groups)
+    for group in groups:  # members of one group share one size
+        for m in group.members:
+            assert graph.tensors()[m.tensor].shape[m.axis] == group.size
+
+
+def test_mlp_hidden_units():
+    _, graph = traced("mlp")
+    group = group_of(graph, "layers.0.weight", 0)
+    assert group.size == 32
+    assert roles(group) == {
+        "layers.0.weight[0]": ["produces"],
+        "layers.0.bias[0]": ["along"],
+        "layers.1.weight[1]": ["consumes"],
+    }
+    assert not group.reductions
+
+
+def test_cnn_channels_couple_conv_batchnorm_and_next_conv():
+    _, graph = traced("cnn")
+    group = group_of(graph, "conv1.weight", 0)
+    assert group.size == 8
+    assert roles(group) == {
+        "conv1.weight[0]": ["produces"],
+        "conv1.bias[0]": ["along"],
+        "bn1.weight[0]": ["along"],
+        "bn1.bias[0]": ["along"],
+        "bn1.running_mean[0]": ["along"],
+        "bn1.running_var[0]": ["along"],
+        "conv2.weight[1]": ["consumes"],
+    }
+    last = group_of(graph, "conv2.weight", 0)  # through pooling and flatten into the head
+    assert "head.weight[1]" in roles(last) and roles(last)["head.weight[1]"] == ["consumes"]
+
+
+def test_gpt_residual_stream_with_tied_embedding():
+    _, graph = traced("gpt")
+    group = group_of(graph, "tok.weight", 1)
+    r = roles(group)
+    assert group.size == 32
+    assert r["tok.weight[1]"] == ["consumes", "produces"]  # embedding columns and the tied head
+    assert r["pos.weight[1]"] == ["produces"]
+    for i in range(2):
+        assert r[f"blocks.{i}.attn.o.weight[0]"] == ["produces"]
+        assert r[f"blocks.{i}.proj.weight[0]"] == ["produces"]
+        for consumer in ("attn.q", "attn.k", "attn.v", "fc"):
+            assert r[f"blocks.{i}.{consumer}.weight[1]"] == ["consumes"]
+        assert r[f"blocks.{i}.ln1.weight[0]"] == ["along"]
+    assert {kind for kind, _ in group.reductions} == {"layer_norm"}
+    vocab = group_of(graph, "tok.weight", 0)
+    assert roles(vocab)["tok.weight[0]"] == ["indexed", "produces"]
+
+
+def test_gpt2_conv1d_layout_is_read_as_in_out():
+    _, graph = traced("hf-gpt2")
+    residual = roles(group_of(graph, "transformer.wte.weight", 1))
+    assert residual["transformer.h.0.attn.c_attn.weight[0]"] == ["consumes"]
+    assert residual["transformer.h.0.attn.c_proj.weight[1]"] == ["produces"]
+    mlp = group_of(graph, "transformer.h.0.mlp.c_fc.weight", 1)
+    assert mlp.size == 128
+    assert roles(mlp)["transformer.h.0.mlp.c_proj.weight[0]"] == ["consumes"]
+
+
+@pytest.mark.parametrize("name, prefix", [("llama", "blocks.0"), ("hf-llama", "model.layers.0")])
+def test_llama_residual_rmsnorm_swiglu_and_attention(name, prefix):
+    _, graph = traced(name)
+    hand = name == "llama"
+    q = f"{prefix}.attn.q.weight" if hand else f"{prefix}.self_attn.q_proj.weight"
+    k = f"{prefix}.attn.k.weight" if hand else f"{prefix}.self_attn.k_proj.weight"
+    gate = f"{prefix}.mlp.gate.weight" if hand else f"{prefix}.mlp.gate_proj.weight"
+    up = f"{prefix}.mlp.up.weight" if hand else f"{prefix}.mlp.up_proj.weight"
+    down = f"{prefix}.mlp.down.weight" if hand else f"{prefix}.mlp.down_proj.weight"
+    norm = f"{prefix}.norm1.weight" if hand else f"{prefix}.input_layernorm.weight"
+    residual = group_of(graph, q, 1)
+    assert roles(residual)[f"{norm}[0]"] == ["along"]
+    assert residual.reductions  # RMSNorm mixes the residual stream
+    mlp = group_of(graph, gate, 0)  # SwiGLU: gate and up produce one axis, down consumes it
+    assert {str(m) for m in mlp.members} == {f"{gate}[0]", f"{up}[0]", f"{down}[1]"}
+    assert group_of(graph, q, 0).size == 32 and group_of(graph, k, 0).size == 16  # 4 heads, 2 KV heads
+    assert any(how == "factor" for how, _, _ in group_of(graph, q, 0).compositions)  # view into heads
+    head_dim = [
+        g for g in graph.dim_groups(all_groups=True) if any(k == "attention_scale" for k, _ in g.reductions)
+    ]
+    assert head_dim and all(g.size == 8 for g in head_dim)  # q and k share head_dim under the softmax scale
+
+
+def test_mixtral_router_and_experts():
+    _, graph = traced("hf-mixtral")
+    router = group_of(graph, "model.layers.0.mlp.gate.weight", 0)
+    assert router.size == 4
+    assert ("softmax", "softmax") in router.reductions
+    experts = group_of(graph, "model.layers.0.mlp.experts.gate_up_proj", 0)
+    assert roles(experts)["model.layers.0.mlp.experts.gate_up_proj[0]"] == ["indexed"]
+
+
+def test_integer_index_buffers_are_not_growable():
+    _, graph = traced("hf-bert")
+    members = {m.tensor for g in graph.dim_groups() for m in g.members}
+    assert "embeddings.token_type_ids" not in members and "embeddings.position_ids" not in members
+
+
+class Cumulative(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 6)
+
+    def forward(self, x):
+        return torch.cumsum(self.lin(x), dim=-1)
+
+
+class Kron(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return torch.kron(self.lin(x), x)
+
+
+def test_op_without_rule_on_a_growable_axis_stops_the_analysis_naming_it():
+    x = torch.randn(3, 4)
+    with pytest.raises(rewrite.UnsupportedOpError, match=r"op 'cumsum' \(node 'cumsum'\).*lin.weight\[0\]"):
+        rewrite.trace(Cumulative(), (x,)).dim_groups()
+    with pytest.raises(rewrite.UnsupportedOpError, match=r"op 'kron' \(node 'kron'\)"):
+        rewrite.trace(Kron(), (x,)).dim_groups()
+
+
+class Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 6)
+        self.scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        return self.lin(x) * self.scale
+
+
+def test_size_one_axes_are_not_coupled():
+    graph = rewrite.trace(Scaled(), (torch.randn(3, 4),))
+    hidden = group_of(graph, "lin.weight", 0)
+    assert "scale[0]" not in roles(hidden)
+
+
+def test_inspect_groups_prints_them(capsys):
+    from rewrite.cli import main
+
+    assert main(["inspect", "mlp", "--groups"]) == 0
+    out = capsys.readouterr().out
+    assert "dimension groups (4 growable):" in out
+    assert "produces: layers.0.weight[0]" in out
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.lists(st.integers(2, 9), min_size=2, max_size=5), st.booleans())
+def test_property_mlp_groups_are_exactly_the_layer_boundaries(widths, bias):
+    layers = []
+    for a, b in zip(widths[:-1], widths[1:]):
+        layers += [nn.Linear(a, b, bias=bias), nn.ReLU()]
+    model = nn.Sequential(*layers[:-1])
+    graph = rewrite.trace(model, (torch.randn(2, widths[0]),))
+    groups = graph.dim_groups()
+    assert len(groups) == len(widths)  # the input, each hidden width, the output
+    for i in range(len(widths) - 2):  # hidden boundary i: layer 2i produces, layer 2i+2 consumes
+        group = group_of(graph, f"{2 * i}.weight", 0)
+        expected = {f"{2 * i}.weight[0]": ["produces"], f"{2 * i + 2}.weight[1]": ["consumes"]}
+        if bias:
+            expected[f"{2 * i}.bias[0]"] = ["along"]
+        assert group.size == widths[i + 1] and roles(group) == expected
