@@ -1,5 +1,14 @@
 """The library of growth rules. Each family lives in its own module with its algebra in the docstring.
 
-Empty until the width and depth issues land: the engine in `rewrite/` (trace, Graph, verify,
-export_onnx) is what they build on.
+* ``net2wider`` (``passes.widen``): Net2WiderNet for any traced model: grow one module's output units and
+  everything coupled to them.
+* ``policies``: the init policies ``zero``, ``clone``, ``net2net``, ``sparkling`` (subclass ``Policy`` for
+  your own and pass the object as ``init=``).
+
+Use them through ``rewrite.apply(model, [passes.widen("fc1", factor=2)], args)``.
 """
+
+from .policies import POLICIES, Policy, policy
+from .net2wider import Widen, widen
+
+__all__ = ["POLICIES", "Policy", "Widen", "policy", "widen"]

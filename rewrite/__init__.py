@@ -5,9 +5,20 @@ Public surface::
     graph = rewrite.trace(model, args, kwargs)           # -> rewrite.Graph
     report = rewrite.verify(reference, candidate, args)  # -> rewrite.Report
     report = rewrite.export_onnx(graph, args, "m.onnx")  # -> rewrite.Report (torch vs onnxruntime)
+    groups = graph.dim_groups()                           # axes that must grow together
+    grown = rewrite.apply(model, [passes.widen("fc", factor=2)], args)  # -> rewrite.Grown
 """
 
-from .errors import GrowfxError, InputError, TraceError, UnsupportedOpError
+from .apply import Grown, GrowthReport, apply
+from .errors import (
+    GrowfxError,
+    GrowthError,
+    InputError,
+    NotExactError,
+    TraceError,
+    UnsupportedOpError,
+    VerificationError,
+)
 from .dims import DimGroup, Member
 from .graph import Graph, TensorInfo
 from .onnx_export import OnnxModel, export_onnx
@@ -16,6 +27,12 @@ from .verify import Report, Row, verify
 
 __all__ = [
     "DimGroup",
+    "Grown",
+    "GrowthError",
+    "GrowthReport",
+    "NotExactError",
+    "VerificationError",
+    "apply",
     "Member",
     "Graph",
     "GrowfxError",

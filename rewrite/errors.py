@@ -30,3 +30,19 @@ class UnsupportedOpError(GrowfxError):
         self.node = node
         message = f"the dimension analysis does not know op {op!r} (node {node!r})"
         super().__init__(f"{message}: {detail}" if detail else message)
+
+
+class GrowthError(GrowfxError):
+    """A growth pass cannot do what was asked on this graph; the message says why."""
+
+
+class NotExactError(GrowthError):
+    """The planned growth would not preserve the function; the message says why and what would."""
+
+
+class VerificationError(GrowfxError):
+    """A rewrite claimed exact changed the outputs; ``.report`` has the comparison."""
+
+    def __init__(self, message: str, report):
+        self.report = report
+        super().__init__(f"{message}\n{report}")

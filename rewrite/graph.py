@@ -231,7 +231,9 @@ class Graph:
         """
         from .dims import analyse
 
-        groups = analyse(self)
+        if getattr(self, "_dim_groups", None) is None:
+            self._dim_groups = analyse(self)  # a Graph is not edited after tracing; rules build new ones
+        groups = self._dim_groups
         return groups if all_groups else [g for g in groups if g.growable]
 
     # -- printing ------------------------------------------------------------------------------

@@ -624,3 +624,73 @@ def _unsupported(call: Call, detail: str):
 
 
 __all__ = ["RULES", "Call", "Facts", "canonical_kind"]
+
+
+# -- what growth must keep consistent ---------------------------------------------------------------
+# Which init policies leave a reduction over a grown axis unchanged. Uniform replication (clone x k)
+# keeps every mean, so LayerNorm, RMSNorm and variances; any replication keeps a max; zero padding and
+# random replication keep none of them; nothing keeps a sum, a softmax or attention's 1/sqrt(d).
+REDUCTION_INVARIANCE = {
+    "layer_norm": {"clone"},
+    "rms_norm": {"clone"},
+    "mean": {"clone"},
+    "var": {"clone"},
+    "std": {"clone"},
+    "amax": {"clone", "net2net"},
+    "max": {"clone", "net2net"},
+    "min": {"clone", "net2net"},
+}
+
+# Size attributes of standard modules, recomputed from their grown weights: attribute -> (tensor, axes).
+MODULE_SIZES = {
+    "Linear": {"in_features": ("weight", 1), "out_features": ("weight", 0)},
+    "Conv1d": {"in_channels": ("weight", 1), "out_channels": ("weight", 0)},
+    "Conv2d": {"in_channels": ("weight", 1), "out_channels": ("weight", 0)},
+    "Conv3d": {"in_channels": ("weight", 1), "out_channels": ("weight", 0)},
+    "Embedding": {"num_embeddings": ("weight", 0), "embedding_dim": ("weight", 1)},
+    "BatchNorm1d": {"num_features": ("running_mean", 0)},
+    "BatchNorm2d": {"num_features": ("running_mean", 0)},
+    "BatchNorm3d": {"num_features": ("running_mean", 0)},
+    "LayerNorm": {"normalized_shape": ("weight", None)},
+    "RMSNorm": {"normalized_shape": ("weight", None)},
+}
+
+
+def resize_module_attributes(module: torch.nn.Module) -> None:
+    """Make a standard module's size attributes agree with its (grown) tensors."""
+    for attribute, (tensor_name, axis) in MODULE_SIZES.get(type(module).__name__, {}).items():
+        tensor = getattr(module, tensor_name, None)
+        if tensor is None:
+            continue
+        setattr(module, attribute, tuple(tensor.shape) if axis is None else tensor.shape[axis])
+
+
+def patch_literals(node: torch.fx.Node, kind: str, grown: dict[int, tuple[int, int]]) -> None:
+    """Rewrite the literal sizes a node's arguments give for its grown output axes.
+
+    ``grown`` maps an output axis to (old size, new size). Views, reshapes and expands name every output
+    size; layer/RMS norms name the normalized (trailing) sizes. Symbolic sizes and -1 are left alone.
+    """
+    if kind in ("view", "expand"):
+        if node.op == "call_method" and len(node.args) > 2:
+            sizes, rebuild = list(node.args[1:]), lambda s: (node.args[0], *s)
+        elif len(node.args) > 1 and isinstance(node.args[1], (list, tuple)):
+            sizes, rebuild = list(node.args[1]), lambda s: (node.args[0], type(node.args[1])(s), *node.args[2:])
+        else:
+            return
+        offset = 0
+    elif kind in ("layer_norm", "rms_norm") and len(node.args) > 1 and isinstance(node.args[1], (list, tuple)):
+        sizes = list(node.args[1])
+        rebuild = lambda s: (node.args[0], type(node.args[1])(s), *node.args[2:])  # noqa: E731
+        rank = len(node.meta["tensor_meta"].shape)
+        offset = rank - len(sizes)
+    else:
+        return
+    changed = False
+    for axis, (old, new) in grown.items():
+        index = axis - offset
+        if 0 <= index < len(sizes) and isinstance(sizes[index], int) and sizes[index] == old:
+            sizes[index] = new
+            changed = True
+    if changed:
+        node.args = rebuild(sizes)

@@ -1,0 +1,126 @@
+"""``widen``: Net2WiderNet for any traced model. Grow the output axis of one module and all it couples to.
+
+Algebra (``y = W x + b``, ``W`` of shape ``[out, in]``): growing the units of ``at`` from ``n`` to ``n'`` grows
+one dimension group: the rows of every weight that produces the axis (``at`` and anything tied to it by
+residual adds or element-wise ops), every bias, norm gain and BatchNorm statistic running along it, and the
+columns of every weight that consumes it. With a replication map ``g`` and ``c(i) = |g^-1(i)|``:
+
+    W_prod'[j] = W_prod[g(j)]        b'[j] = b[g(j)]        W_cons'[:, j] = W_cons[:, g(j)] / c(g(j))
+
+so every consumer sees ``sum_j W_cons'[:, j] h[g(j)] = sum_i W_cons[:, i] h[i]``: the function is unchanged
+for any element-wise activation. The init policy (``passes.policies``) picks ``g`` and the fill; whether the
+result is exact follows from the policy and the ops that mix values along the axis, and is known before
+anything runs. Axes split into heads, concatenated, tied, or reaching the model's output are refused with
+the reason: they need the head-aware and residual-stream rules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import math
+
+from rewrite.errors import GrowthError, NotExactError
+from rewrite.graph import Graph
+from rewrite.grow import check_resize, resize
+from rewrite.plan import Plan
+
+from .policies import POLICIES, Policy, policy
+
+
+def new_size(old: int, size: int | None, factor: float | None) -> int:
+    """The grown size from exactly one of ``size`` (absolute) and ``factor`` (relative)."""
+    if (size is None) == (factor is None):
+        raise GrowthError("give exactly one of size= and factor=")
+    target = size if size is not None else int(round(old * factor))
+    if not isinstance(target, int) or target <= old:
+        raise GrowthError(f"the new size must be larger than {old}; got {target}")
+    return target
+
+
+@dataclasses.dataclass
+class Widen:
+    at: str | list[str]
+    size: int | None = None
+    factor: float | None = None
+    init: "str | Policy" = "net2net"
+    exact: bool = True
+    seed: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"widen({self.at if isinstance(self.at, str) else ', '.join(self.at)})"
+
+    def plan(self, graph: Graph) -> Plan:
+        chosen = policy(self.init)
+        sites, groups, reasons = [], [], []
+        for site, group in _groups_produced_by(graph, self.at):
+            sites.append(site)
+            if any(group is seen for seen, _ in groups):
+                continue
+            target = new_size(group.size, self.size, self.factor)
+            check = check_resize(graph, group, target, chosen)
+            if check.refusal:
+                raise GrowthError(f"widen({site}): {check.refusal}")
+            if check.not_exact and self.exact:
+                raise NotExactError(
+                    f"widen({site}) with init={chosen.name!r} is not exact: {check.not_exact}. "
+                    f"{_suggestion(graph, group, target, chosen.name)}"
+                )
+            groups.append((group, target))
+            if check.not_exact:
+                reasons.append(check.not_exact)
+        return Plan(sites, groups, not reasons, reasons[0] if reasons else None)
+
+    def run(self, graph: Graph, plan: Plan) -> Graph:
+        return resize(graph, plan.groups, policy(self.init), seed=self.seed)
+
+
+def widen(
+    at: str | list[str],
+    size: int | None = None,
+    factor: float | None = None,
+    init: "str | Policy" = "net2net",
+    *,
+    exact: bool = True,
+    seed: int = 0,
+) -> Widen:
+    """Grow the output units of the module named ``at`` to ``size`` or by ``factor``.
+
+    ``at`` is a qualified module name, a glob over them (``"blocks.*.fc"``) or a list of either; every
+    match grows in one rewrite.
+    """
+    policy(init)  # unknown policy names fail here, before any model is touched
+    return Widen(at, size, factor, init, exact, seed)
+
+
+def _groups_produced_by(graph: Graph, at: str | list[str]):
+    """(module name, group) for every module matching ``at`` that produces an axis."""
+    patterns = [at] if isinstance(at, str) else list(at)
+    producers = {}
+    for group in graph.dim_groups():
+        for member in group.role("produces"):
+            producers.setdefault(member.tensor.rpartition(".")[0], group)
+    found = []
+    for pattern in patterns:
+        matches = [name for name in producers if fnmatch.fnmatchcase(name, pattern)]
+        if not matches:
+            close = [o for o in producers if pattern.rpartition(".")[2] in o][:5] or list(producers)[:5]
+            raise GrowthError(
+                f"no module matching {pattern!r} produces an axis; modules that do include: {', '.join(close)}"
+            )
+        found += [(name, producers[name]) for name in matches]
+    return found
+
+
+def _suggestion(graph: Graph, group, target: int, tried: str) -> str:
+    for name in ("zero", "clone", "net2net"):
+        if name == tried:
+            continue
+        candidate = POLICIES[name]
+        size = target if not candidate.check(group.size, target) else group.size * math.ceil(target / group.size)
+        check = check_resize(graph, group, size, candidate)
+        if not check.refusal and not check.not_exact:
+            hint = "" if size == target else f" with size={size} (a multiple of {group.size})"
+            return f"init={name!r}{hint} would be exact"
+    return "No init policy is exact here; pass exact=False to grow it approximately."

@@ -1,0 +1,141 @@
+"""Init policies for width growth: how a grown axis's new slices are filled, role by role.
+
+A group of coupled axes grows from ``n`` to ``n'`` units. A policy first picks a replication map
+``g: [n'] -> [n]`` (``g(j) = j`` for old units), then fills each member by its role:
+
+    role        zero (Gesmundo & Maile)    clone (uniform x k)          net2net (Net2WiderNet)        sparkling
+    produces    rows via g, + noise        rows repeated: W[g(j)]       rows via g: W[g(j)]           rows via g, + noise
+    along       copied via g               copied via g                 copied via g                  copied via g
+    consumes    old columns, new = 0       W[:, g(j)] / k               W[:, g(j)] / count(g(j))      all columns * sqrt(n/n')
+
+``g`` is ``j mod n`` for clone (each unit exactly k = n'/n times), uniform random for net2net and zero.
+Exact when (known before anything runs, see ``exact``):
+* zero: new units reach the output only through zero columns, so no op may mix values along the axis;
+* clone: any element-wise op, and means/norms along the axis (LayerNorm, RMSNorm keep mean and variance
+  under uniform replication); not sums, softmax or attention temperature;
+* net2net: element-wise ops and maxima; not norms (non-uniform replication moves the mean);
+* sparkling: never; it keeps activation RMS for mid-training growth and breaks symmetry.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from rewrite.ops import REDUCTION_INVARIANCE
+
+NOISE = 1e-2  # relative scale of the symmetry-breaking noise on new producer rows
+
+
+class Policy:
+    name = ""
+
+    def mapping(self, n: int, n_new: int, generator: torch.Generator) -> torch.Tensor:
+        """``g``: for every new unit, the old unit it starts from (old units map to themselves)."""
+        extra = torch.randint(0, n, (n_new - n,), generator=generator)
+        return torch.cat([torch.arange(n), extra])
+
+    def check(self, n: int, n_new: int) -> str | None:
+        """Why this growth is impossible with the policy (None when it is possible)."""
+        return None if n_new > n else f"new size {n_new} is not larger than {n}"
+
+    def exact(self, reductions: list[tuple[str, str]]) -> str | None:
+        """Why the result would not be exact (None when it is), from the ops mixing the axis."""
+        for kind, node in reductions:
+            if self.name not in REDUCTION_INVARIANCE.get(kind, set()):
+                return f"{_describe(kind)} over the grown axis (node {node}) is not preserved by {self.name}"
+        return None
+
+    def produces(self, old: torch.Tensor, axis: int, g: torch.Tensor, out: torch.Tensor, generator) -> None:
+        out.copy_(old.index_select(axis, g))
+
+    def along(self, old: torch.Tensor, axis: int, g: torch.Tensor, out: torch.Tensor, generator) -> None:
+        out.copy_(old.index_select(axis, g))
+
+    def consumes(self, old: torch.Tensor, axis: int, g: torch.Tensor, out: torch.Tensor, generator) -> None:
+        counts = torch.bincount(g, minlength=old.shape[axis]).to(old.dtype)
+        out.copy_(old.index_select(axis, g) / _along(counts.index_select(0, g), axis, old.dim()))
+
+
+class Zero(Policy):
+    """Zero fan-in of the consumers for new units; new producer rows are noisy copies (they can learn)."""
+
+    name = "zero"
+
+    def produces(self, old, axis, g, out, generator):
+        n = old.shape[axis]
+        out.narrow(axis, 0, n).copy_(old)
+        new = old.index_select(axis, g[n:])
+        out.narrow(axis, n, len(g) - n).copy_(new + _noise(new, generator))
+
+    def consumes(self, old, axis, g, out, generator):
+        n = old.shape[axis]
+        out.narrow(axis, 0, n).copy_(old)
+        out.narrow(axis, n, len(g) - n).zero_()
+
+
+class Clone(Policy):
+    """Uniform replication: every unit k times (HyperCloning); n' must be a multiple of n."""
+
+    name = "clone"
+
+    def mapping(self, n, n_new, generator):
+        return torch.arange(n_new) % n
+
+    def check(self, n, n_new):
+        return super().check(n, n_new) or (
+            None if n_new % n == 0 else f"clone needs an integer factor: {n_new} is not a multiple of {n}"
+        )
+
+
+class Net2Net(Policy):
+    """Net2WiderNet: random replication map, consumer columns divided by each unit's replica count."""
+
+    name = "net2net"
+
+
+class Sparkling(Zero):
+    """RMS-consistent growth (SPARKLING): keeps activation RMS, not the function; for mid-training growth."""
+
+    name = "sparkling"
+
+    def exact(self, reductions):
+        return "sparkling keeps activation RMS, not the function (it is meant to break symmetry)"
+
+    def consumes(self, old, axis, g, out, generator):
+        n, n_new = old.shape[axis], len(g)
+        scale = math.sqrt(n / n_new)
+        out.narrow(axis, 0, n).copy_(old * scale)
+        new = old.index_select(axis, g[n:])
+        out.narrow(axis, n, n_new - n).copy_((new + _noise(new, generator)) * scale)
+
+
+POLICIES = {p.name: p for p in (Zero(), Clone(), Net2Net(), Sparkling())}
+
+
+def policy(name: "str | Policy") -> Policy:
+    """A policy by name, or the given Policy object itself (user-written policies)."""
+    if isinstance(name, Policy):
+        return name
+    if name not in POLICIES:
+        raise ValueError(f"unknown init policy {name!r}; choose one of {', '.join(POLICIES)}")
+    return POLICIES[name]
+
+
+def _noise(like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    scale = like.detach().float().std() if like.numel() > 1 else like.detach().float().abs().mean()
+    scale = float(scale) if torch.isfinite(torch.as_tensor(scale)) and float(scale) > 0 else 1.0
+    return (torch.randn(like.shape, generator=generator) * NOISE * scale).to(like.dtype)
+
+
+def _along(values: torch.Tensor, axis: int, rank: int) -> torch.Tensor:
+    shape = [1] * rank
+    shape[axis] = -1
+    return values.view(shape)
+
+
+def _describe(kind: str) -> str:
+    names = {"layer_norm": "LayerNorm", "rms_norm": "RMSNorm", "softmax": "a softmax",
+             "attention_scale": "attention's 1/sqrt(d) scale", "mean": "a mean"}
+    return names.get(kind, f"a {kind}")

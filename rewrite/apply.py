@@ -1,0 +1,106 @@
+"""``apply(model, passes, args)``: trace, plan and run growth passes, verify, and report.
+
+Every pass states its plan (sites, growth, exact or not and why) before it runs; with ``verify=True``
+the grown graph is compared with the original on the example inputs after each pass, intermediate
+values included through the growth mapping, and a pass claimed exact that fails raises
+``VerificationError`` naming the first diverging node. The original model is never modified.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .errors import GrowthError, VerificationError
+from .graph import Graph
+from .plan import Plan
+from .trace import trace
+from .verify import Report, verify
+
+
+@dataclasses.dataclass
+class PassRecord:
+    name: str
+    plan: Plan | None
+    parameters_before: int
+    parameters_after: int
+    verification: Report | None = None
+
+    @property
+    def exact(self) -> bool | None:
+        return None if self.plan is None else self.plan.exact
+
+    def __str__(self) -> str:
+        if self.plan is None:
+            return f"{self.name}: matched nothing"
+        error = "" if self.verification is None else f", max rel error {self.verification.max_rel_error:.2g}"
+        return (
+            f"{self.name}: {self.plan.describe()}; parameters {self.parameters_before:,} -> "
+            f"{self.parameters_after:,}{error}"
+        )
+
+
+@dataclasses.dataclass
+class GrowthReport:
+    passes: list[PassRecord]
+
+    @property
+    def exact(self) -> bool:
+        return all(record.exact is not False for record in self.passes)
+
+    def __str__(self) -> str:
+        return "\n".join(["growth report:"] + [f"  {record}" for record in self.passes])
+
+
+class GrownModule(torch.nn.Module):
+    """The grown graph as a module called exactly like the original (fixed inputs filled in)."""
+
+    def __init__(self, graph: Graph):
+        super().__init__()
+        self.graph_module = graph.module
+        self._graph = graph
+
+    def forward(self, *args, **kwargs):
+        return self._graph(*args, **kwargs)
+
+
+@dataclasses.dataclass
+class Grown:
+    module: torch.nn.Module
+    graph: Graph
+    report: GrowthReport
+
+
+def apply(model: torch.nn.Module | Graph, passes: list, args=(), kwargs: dict | None = None, *,
+          verify: bool = True, strict: bool = False) -> Grown:
+    """Grow ``model`` with ``passes`` in order; see the module docstring."""
+    args = args if isinstance(args, tuple) else (args,)
+    kwargs = dict(kwargs or {})
+    original = model if isinstance(model, Graph) else trace(model, args, kwargs)
+    current = original
+    records = []
+    for growth in passes:
+        before = current.num_parameters
+        plan = growth.plan(current)
+        if not plan.groups:
+            if strict:
+                raise GrowthError(f"{growth.name} matched nothing")
+            records.append(PassRecord(growth.name, None, before, before))
+            continue
+        current = growth.run(current, plan)
+        record = PassRecord(growth.name, plan, before, current.num_parameters)
+        if verify:
+            record.verification = _check(original, current, args, kwargs, growth.name, plan)
+        records.append(record)
+    return Grown(GrownModule(current), current, GrowthReport(records))
+
+
+def _check(original: Graph, grown: Graph, args: tuple, kwargs: dict, name: str, plan: Plan) -> Report:
+    report = verify(original, grown, args, kwargs, title=f"after {name}")
+    if not report.ok and plan.exact:
+        raise VerificationError(f"{name} was planned exact but changes the outputs", report)
+    return report
+
+
+__all__ = ["Grown", "GrownModule", "GrowthReport", "PassRecord", "apply"]

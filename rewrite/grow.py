@@ -1,0 +1,156 @@
+"""Resizing one dimension group: the engine step every width pass is built on.
+
+``check_resize`` says, before anything runs, whether a group can grow with a policy and whether the
+result is exact (and if not, why). ``resize`` builds the grown Graph: each grown tensor is allocated
+once and filled by slices by the policy, role by role; everything else is cloned so the grown model owns
+its parameters (training it never touches the original) and tied tensors stay tied; standard modules'
+size attributes and the literal sizes in views and norms follow. The grown graph carries ``node_map``,
+projecting each grown activation back onto the original units (they keep their positions ``[0, n)``), so
+``rewrite.verify`` names the first node a faulty rule breaks.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import warnings
+from collections import defaultdict
+
+import torch
+import torch.fx
+import torch.utils._pytree as pytree
+
+from .dims import DimGroup
+from .errors import GrowthError
+from .graph import Graph
+from .ops import canonical_kind, patch_literals, resize_module_attributes
+
+GROWABLE_ROLES = {"produces", "consumes", "along"}
+
+
+@dataclasses.dataclass
+class ResizeCheck:
+    refusal: str | None  # why it cannot be done at all
+    not_exact: str | None  # why the result would not be exact (None: exact)
+
+
+def check_resize(graph: Graph, group: DimGroup, new_size: int, policy) -> ResizeCheck:
+    refusal = policy.check(group.size, new_size) or _structural_refusal(graph, group)
+    return ResizeCheck(refusal, None if refusal else policy.exact(group.reductions))
+
+
+def _structural_refusal(graph: Graph, group: DimGroup) -> str | None:
+    for member in group.members:
+        roles = set(member.role_names)
+        if not roles:
+            return f"{member} is reached only through ops that carry no role (e.g. indexed experts)"
+        if roles - GROWABLE_ROLES:
+            return f"{member} is {'/'.join(sorted(roles - GROWABLE_ROLES))} along the axis"
+        if {"produces", "consumes"} <= roles:
+            return f"{member} both produces and consumes the axis (a tied weight)"
+    for how, node, _ in group.compositions:
+        what = {"factor": "split into heads or merged", "concat": "concatenated or split"}.get(how, f"{how}d")
+        return (
+            f"the axis is {what} at node {node}; growing it needs a head-aware rule "
+            f"(add_heads / widen_heads, not available yet)"
+        )
+    boundary = _boundary_nodes(graph)
+    for ref, axis in group.activations:
+        name = ref[2:].split("#")[0]
+        if name in boundary:
+            return f"axis {axis} of {name} is an {boundary[name]} of the model"
+    return None
+
+
+def _boundary_nodes(graph: Graph) -> dict[str, str]:
+    nodes = {n.name: "input" for n in graph.module.graph.nodes if n.op == "placeholder"}
+    output = next(n for n in graph.module.graph.nodes if n.op == "output")
+    for leaf in pytree.tree_leaves(output.args):
+        if isinstance(leaf, torch.fx.Node):
+            nodes[leaf.name] = "output"
+    return nodes
+
+
+def resize(graph: Graph, groups: list[tuple[DimGroup, int]], policy, seed: int = 0) -> Graph:
+    """A new Graph in which every ``(group, new size)`` has grown, filled by ``policy``."""
+    generator = torch.Generator().manual_seed(seed)
+    plans: dict[str, list] = defaultdict(list)  # tensor -> [(axis, role, mapping)]
+    for group, new_size in groups:
+        mapping = policy.mapping(group.size, new_size, generator)
+        for member in group.members:
+            plans[member.tensor].append((member.axis, member.role_names[0], mapping))
+    memo = {}
+    for name, steps in plans.items():
+        old = _tensor(graph.module, name)
+        grown = old.detach()
+        for axis, role, mapping in steps:
+            shape = list(grown.shape)
+            shape[axis] = len(mapping)
+            out = torch.empty(shape, dtype=grown.dtype, device=grown.device)
+            with torch.no_grad():
+                getattr(policy, role)(grown, axis, mapping, out, generator)
+            grown = out
+        memo[id(old)] = torch.nn.Parameter(grown, old.requires_grad) if isinstance(old, torch.nn.Parameter) else grown
+    with warnings.catch_warnings():  # deepcopy of export's pytree specs warns about a deprecated alias
+        warnings.simplefilter("ignore", FutureWarning)
+        module = copy.deepcopy(graph.module, memo)
+    for sub in module.modules():
+        resize_module_attributes(sub)
+    node_map = _patch_nodes(graph, module, groups)
+    module.recompile()
+    grown = Graph(
+        module,
+        frontend=graph.frontend,
+        source_class=graph.source_class,
+        example_args=graph.example_args,
+        example_kwargs=graph.example_kwargs,
+        fixed_kwargs=graph.fixed_kwargs,
+    )
+    try:
+        grown.propagate_shapes(*graph.example_args, **graph.example_kwargs)
+    except Exception as e:  # noqa: BLE001 - a grown graph that does not run is a bug in a rule
+        from .frontends import first_line
+
+        raise GrowthError(f"the grown graph of {graph.source_class} does not run: {first_line(e)}") from e
+    grown.node_map = _compose(getattr(graph, "node_map", None), node_map)
+    return grown
+
+
+def _patch_nodes(graph: Graph, module: torch.fx.GraphModule, groups) -> dict:
+    grown_axes: dict[str, dict[int, tuple[int, int]]] = defaultdict(dict)
+    for group, new_size in groups:
+        for ref, axis in group.activations:
+            if "#" not in ref:
+                grown_axes[ref[2:]][axis] = (group.size, new_size)
+    for node in module.graph.nodes:
+        if node.name in grown_axes and node.op in ("call_function", "call_method"):
+            patch_literals(node, canonical_kind(graph, graph.node(node.name)), grown_axes[node.name])
+    return {name: (name, _narrow(axes)) for name, axes in grown_axes.items()}
+
+
+def _narrow(axes: dict[int, tuple[int, int]]):
+    def project(value):
+        for axis, (old, _) in axes.items():
+            value = value.narrow(axis, 0, old)
+        return value
+
+    return project
+
+
+def _compose(previous: dict | None, current: dict) -> dict:
+    """Chain node maps across passes: grown twice, projected back twice."""
+    if not previous:
+        return current
+    combined = dict(previous)
+    for name, (ref_name, projection) in current.items():
+        if name in previous:
+            earlier_name, earlier = previous[name]
+            combined[name] = (earlier_name, lambda v, a=projection, b=earlier: b(a(v)))
+        else:
+            combined[name] = (ref_name, projection)
+    return combined
+
+
+def _tensor(module: torch.nn.Module, name: str) -> torch.Tensor:
+    owner, _, attr = name.rpartition(".")
+    return getattr(module.get_submodule(owner) if owner else module, attr)

@@ -1,0 +1,20 @@
+"""What a growth pass promises before it runs: where it matched, how it grows, and whether it is exact."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .dims import DimGroup
+
+
+@dataclasses.dataclass
+class Plan:
+    sites: list[str]  # where the pass matched (module names)
+    groups: list[tuple[DimGroup, int]]  # each group with its new size
+    exact: bool
+    reason: str | None = None  # why it is not exact
+
+    def describe(self) -> str:
+        growth = ", ".join(f"{g.size} -> {n}" for g, n in self.groups)
+        verdict = "exact" if self.exact else f"approximate ({self.reason})"
+        return f"{', '.join(self.sites) or 'nothing'}: {growth or 'no growth'}; {verdict}"
