@@ -48,14 +48,15 @@ class Policy:
         return None
 
     def produces(self, old: torch.Tensor, axis: int, g: torch.Tensor, out: torch.Tensor, generator) -> None:
-        out.copy_(old.index_select(axis, g))
+        gather(old, axis, g, out)
 
     def along(self, old: torch.Tensor, axis: int, g: torch.Tensor, out: torch.Tensor, generator) -> None:
-        out.copy_(old.index_select(axis, g))
+        gather(old, axis, g, out)
 
     def consumes(self, old: torch.Tensor, axis: int, g: torch.Tensor, out: torch.Tensor, generator) -> None:
+        gather(old, axis, g, out)
         counts = torch.bincount(g, minlength=old.shape[axis]).to(old.dtype)
-        out.copy_(old.index_select(axis, g) / _along(counts.index_select(0, g), axis, old.dim()))
+        out.mul_(_along(counts.reciprocal().index_select(0, g), axis, old.dim()))
 
 
 class Zero(Policy):
@@ -64,10 +65,9 @@ class Zero(Policy):
     name = "zero"
 
     def produces(self, old, axis, g, out, generator):
-        n = old.shape[axis]
-        out.narrow(axis, 0, n).copy_(old)
-        new = old.index_select(axis, g[n:])
-        out.narrow(axis, n, len(g) - n).copy_(new + _noise(new, generator))
+        gather(old, axis, g, out)
+        new = out.narrow(axis, old.shape[axis], len(g) - old.shape[axis])
+        new.add_(_noise(new, generator))
 
     def consumes(self, old, axis, g, out, generator):
         n = old.shape[axis]
@@ -104,11 +104,8 @@ class Sparkling(Zero):
         return "sparkling keeps activation RMS, not the function (it is meant to break symmetry)"
 
     def consumes(self, old, axis, g, out, generator):
-        n, n_new = old.shape[axis], len(g)
-        scale = math.sqrt(n / n_new)
-        out.narrow(axis, 0, n).copy_(old * scale)
-        new = old.index_select(axis, g[n:])
-        out.narrow(axis, n, n_new - n).copy_((new + _noise(new, generator)) * scale)
+        self.produces(old, axis, g, out, generator)  # noisy copies for the new columns
+        out.mul_(math.sqrt(old.shape[axis] / len(g)))
 
 
 POLICIES = {p.name: p for p in (Zero(), Clone(), Net2Net(), Sparkling())}
@@ -121,6 +118,24 @@ def policy(name: "str | Policy") -> Policy:
     if name not in POLICIES:
         raise ValueError(f"unknown init policy {name!r}; choose one of {', '.join(POLICIES)}")
     return POLICIES[name]
+
+
+def gather(old: torch.Tensor, axis: int, index: torch.Tensor, out: torch.Tensor, max_runs: int = 16) -> None:
+    """``out = old.index_select(axis, index)`` without temporaries where the index runs consecutively.
+
+    Old units keep their places (one run) and uniform clones are whole blocks, so most growth is a few
+    slice copies; only a scattered remainder is gathered.
+    """
+    breaks = torch.nonzero(index[1:] - index[:-1] != 1).flatten().tolist()
+    starts = [0] + [b + 1 for b in breaks]
+    ends = starts[1:] + [len(index)]
+    if len(starts) > max_runs:  # scattered: copy the leading run, gather the rest
+        first = ends[0]
+        out.narrow(axis, 0, first).copy_(old.narrow(axis, int(index[0]), first))
+        out.narrow(axis, first, len(index) - first).copy_(old.index_select(axis, index[first:]))
+        return
+    for start, end in zip(starts, ends):
+        out.narrow(axis, start, end - start).copy_(old.narrow(axis, int(index[start]), end - start))
 
 
 def _noise(like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
