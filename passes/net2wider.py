@@ -51,10 +51,14 @@ class Widen:
     def name(self) -> str:
         return f"widen({self.at if isinstance(self.at, str) else ', '.join(self.at)})"
 
+    def select(self, graph: Graph) -> list[tuple[str, object]]:
+        """(site name, group) pairs this pass grows."""
+        return _groups_produced_by(graph, self.at)
+
     def plan(self, graph: Graph) -> Plan:
         chosen = policy(self.init)
         sites, groups, reasons = [], [], []
-        for site, group in _groups_produced_by(graph, self.at):
+        for site, group in self.select(graph):
             sites.append(site)
             if any(group is seen for seen, _ in groups):
                 continue

@@ -1,0 +1,70 @@
+"""``widen_mlp``: grow the MLP intermediate size ``p -> p'`` of transformer blocks (Gesmundo & Maile, 1).
+
+Algebra: the MLP is ``y = W_out act(W_in x + b_in) + b_out`` (SwiGLU: ``act(W_gate x) * (W_up x)``).
+Its intermediate axis is one dimension group: rows of ``W_in`` (``W_gate``, ``W_up``) and ``b_in``
+produce it, columns of ``W_out`` consume it, and only element-wise ops run along it. With ``init="zero"``
+the ``p' - p`` new columns of ``W_out`` are zero, so the new units never reach ``y`` and the block
+computes the same function for any activation; ``"clone"`` and ``"net2net"`` replicate units and divide
+``W_out``'s columns (also exact); ``"sparkling"`` rescales for mid-training growth (approximate).
+
+The MLP is found from the analysis, not from module names: a group with producers and consumers inside
+one numbered block (``...layers.3...``), no op that mixes values along it (no norm, softmax or sum), not
+split into heads and not concatenated. That finds ``fc -> GELU -> proj``, SwiGLU's gate/up -> down,
+GPT-2's ``Conv1D`` pair and BERT's intermediate/output alike. ``layers`` restricts it to some blocks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from rewrite.graph import Graph
+
+from .net2wider import Widen
+from .policies import Policy, policy
+
+_BLOCK = re.compile(r"^(.*?\.\d+)\.")
+
+
+@dataclasses.dataclass
+class WidenMLP(Widen):
+    layers: list[int] | None = None
+
+    @property
+    def name(self) -> str:
+        where = "" if self.layers is None else f" layers={self.layers}"
+        growth = f"size={self.size}" if self.size is not None else f"factor={self.factor}"
+        return f"widen_mlp({growth}{where})"
+
+    def select(self, graph: Graph):
+        found = []
+        for group in graph.dim_groups():
+            block = _block_of(group)
+            if block is None or group.compositions or group.reductions:
+                continue
+            if not group.role("produces") or not group.role("consumes"):
+                continue
+            if self.layers is not None and int(block.rpartition(".")[2]) not in self.layers:
+                continue
+            found.append((block, group))
+        return found
+
+
+def _block_of(group) -> str | None:
+    """The numbered block every parameter member of the group lives in, or None."""
+    blocks = {m.group(1) if (m := _BLOCK.match(member.tensor)) else None for member in group.members}
+    return blocks.pop() if len(blocks) == 1 and None not in blocks else None
+
+
+def widen_mlp(
+    size: int | None = None,
+    factor: float | None = None,
+    init: "str | Policy" = "zero",
+    *,
+    layers: list[int] | None = None,
+    exact: bool = True,
+    seed: int = 0,
+) -> WidenMLP:
+    """Grow every block's MLP intermediate size to ``size`` or by ``factor`` (``layers``: only these blocks)."""
+    policy(init)
+    return WidenMLP("", size, factor, init, exact, seed, layers)
