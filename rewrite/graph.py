@@ -63,8 +63,8 @@ class Graph:
         self.example_kwargs = dict(example_kwargs or {})
 
     # -- running -----------------------------------------------------------------------------
-    def _inputs(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        """The caller's inputs plus the fixed ones, as the GraphModule takes them."""
+    def call_inputs(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """The caller's inputs plus the fixed ones, as the GraphModule takes them (in signature order)."""
         for name, value in self.fixed_kwargs.items():
             if name in kwargs and not _same_constant(kwargs[name], value):
                 raise InputError(
@@ -74,17 +74,17 @@ class Graph:
         params = inspect.signature(self.module.forward).parameters
         takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
         merged = {**self.fixed_kwargs, **kwargs}
-        return tuple(args), {
-            k: v for k, v in merged.items() if takes_any or k in params or k not in self.fixed_kwargs
-        }
+        order = {name: i for i, name in enumerate(params)}
+        keep = [k for k in merged if takes_any or k in params or k not in self.fixed_kwargs]
+        return tuple(args), {k: merged[k] for k in sorted(keep, key=lambda k: order.get(k, len(order)))}
 
     def __call__(self, *args, **kwargs):
-        args, kwargs = self._inputs(args, kwargs)
+        args, kwargs = self.call_inputs(args, kwargs)
         return self.module(*args, **kwargs)
 
     def run(self, *args, **kwargs) -> tuple[Any, dict[str, Any]]:
         """Interpret the graph; returns (output, {node name: value}) for every node."""
-        args, kwargs = self._inputs(args, kwargs)
+        args, kwargs = self.call_inputs(args, kwargs)
         return run_graph(self.module, args, kwargs)
 
     def propagate_shapes(self, *args, **kwargs) -> Any:

@@ -86,7 +86,7 @@ def export_onnx(
         args = (args,)
     kwargs = dict(kwargs or {})
     if isinstance(module, Graph):
-        kwargs = {**module.fixed_kwargs, **kwargs}
+        args, kwargs = module.call_inputs(args, kwargs)
         fn, name = module.module, module.source_class
     elif isinstance(module, torch.nn.Module):
         kwargs = {**accepted_kwargs(module, kwargs), **kwargs}

