@@ -20,6 +20,8 @@ import dataclasses
 import fnmatch
 import math
 
+import torch
+
 from rewrite.errors import GrowthError, NotExactError
 from rewrite.graph import Graph
 from rewrite.grow import check_resize, resize
@@ -77,7 +79,10 @@ class Widen:
         return Plan(sites, groups, not reasons, reasons[0] if reasons else None)
 
     def run(self, graph: Graph, plan: Plan) -> Graph:
-        return resize(graph, plan.groups, policy(self.init), seed=self.seed)
+        chosen = policy(self.init)
+        generator = torch.Generator().manual_seed(self.seed)
+        layouts = {group: chosen.layout(group.size, size, generator) for group, size in plan.groups}
+        return resize(graph, layouts, chosen, seed=self.seed)
 
 
 def widen(

@@ -1,7 +1,8 @@
 """Init policies for width growth: how a grown axis's new slices are filled, role by role.
 
 A group of coupled axes grows from ``n`` to ``n'`` units. A policy first picks a replication map
-``g: [n'] -> [n]`` (``g(j) = j`` for old units), then fills each member by its role:
+``g: [n'] -> [n]`` (``g(j) = j`` for old units; axes made of others inherit it, see ``rewrite.layout``),
+then fills each member by its role:
 
     role        zero (Gesmundo & Maile)    clone (uniform x k)          net2net (Net2WiderNet)        sparkling
     produces    rows via g, + noise        rows repeated: W[g(j)]       rows via g: W[g(j)]           rows via g, + noise
@@ -23,6 +24,7 @@ import math
 
 import torch
 
+from rewrite.layout import Layout, appended
 from rewrite.ops import REDUCTION_INVARIANCE
 
 NOISE = 1e-2  # relative scale of the symmetry-breaking noise on new producer rows
@@ -32,9 +34,12 @@ class Policy:
     name = ""
 
     def mapping(self, n: int, n_new: int, generator: torch.Generator) -> torch.Tensor:
-        """``g``: for every new unit, the old unit it starts from (old units map to themselves)."""
-        extra = torch.randint(0, n, (n_new - n,), generator=generator)
-        return torch.cat([torch.arange(n), extra])
+        """For each of the ``n_new - n`` new units, the old unit it starts from."""
+        return torch.randint(0, n, (n_new - n,), generator=generator)
+
+    def layout(self, n: int, n_new: int, generator: torch.Generator) -> Layout:
+        """Old units in place, new ones appended per ``mapping``."""
+        return appended(n, self.mapping(n, n_new, generator))
 
     def check(self, n: int, n_new: int) -> str | None:
         """Why this growth is impossible with the policy (None when it is possible)."""
@@ -47,16 +52,16 @@ class Policy:
                 return f"{_describe(kind)} over the grown axis (node {node}) is not preserved by {self.name}"
         return None
 
-    def produces(self, old: torch.Tensor, axis: int, g: torch.Tensor, out: torch.Tensor, generator) -> None:
-        gather(old, axis, g, out)
+    def produces(self, old: torch.Tensor, axis: int, layout: Layout, out: torch.Tensor, generator) -> None:
+        gather(old, axis, layout.source, out)
 
-    def along(self, old: torch.Tensor, axis: int, g: torch.Tensor, out: torch.Tensor, generator) -> None:
-        gather(old, axis, g, out)
+    def along(self, old: torch.Tensor, axis: int, layout: Layout, out: torch.Tensor, generator) -> None:
+        gather(old, axis, layout.source, out)
 
-    def consumes(self, old: torch.Tensor, axis: int, g: torch.Tensor, out: torch.Tensor, generator) -> None:
-        gather(old, axis, g, out)
-        counts = torch.bincount(g, minlength=old.shape[axis]).to(old.dtype)
-        out.mul_(_along(counts.reciprocal().index_select(0, g), axis, old.dim()))
+    def consumes(self, old: torch.Tensor, axis: int, layout: Layout, out: torch.Tensor, generator) -> None:
+        gather(old, axis, layout.source, out)
+        counts = torch.bincount(layout.source, minlength=old.shape[axis]).to(old.dtype)
+        out.mul_(_along(counts.reciprocal().index_select(0, layout.source), axis, old.dim()))
 
 
 class Zero(Policy):
@@ -64,15 +69,22 @@ class Zero(Policy):
 
     name = "zero"
 
-    def produces(self, old, axis, g, out, generator):
-        gather(old, axis, g, out)
-        new = out.narrow(axis, old.shape[axis], len(g) - old.shape[axis])
-        new.add_(_noise(new, generator))
+    def produces(self, old, axis, layout, out, generator):
+        gather(old, axis, layout.source, out)
+        new = layout.new_positions()
+        if layout.prefix:
+            rows = out.narrow(axis, layout.old_size, len(new))
+            rows.add_(_noise(rows, generator))
+        else:
+            out.index_add_(axis, new, _noise(out.index_select(axis, new), generator))
 
-    def consumes(self, old, axis, g, out, generator):
-        n = old.shape[axis]
-        out.narrow(axis, 0, n).copy_(old)
-        out.narrow(axis, n, len(g) - n).zero_()
+    def consumes(self, old, axis, layout, out, generator):
+        if layout.prefix:
+            out.narrow(axis, 0, layout.old_size).copy_(old)
+            out.narrow(axis, layout.old_size, layout.new_size - layout.old_size).zero_()
+        else:
+            out.zero_()
+            out.index_copy_(axis, layout.old_positions, old)
 
 
 class Clone(Policy):
@@ -81,7 +93,7 @@ class Clone(Policy):
     name = "clone"
 
     def mapping(self, n, n_new, generator):
-        return torch.arange(n_new) % n
+        return torch.arange(n, n_new) % n
 
     def check(self, n, n_new):
         return super().check(n, n_new) or (
@@ -103,9 +115,9 @@ class Sparkling(Zero):
     def exact(self, reductions):
         return "sparkling keeps activation RMS, not the function (it is meant to break symmetry)"
 
-    def consumes(self, old, axis, g, out, generator):
-        self.produces(old, axis, g, out, generator)  # noisy copies for the new columns
-        out.mul_(math.sqrt(old.shape[axis] / len(g)))
+    def consumes(self, old, axis, layout, out, generator):
+        self.produces(old, axis, layout, out, generator)  # noisy copies for the new columns
+        out.mul_(math.sqrt(layout.old_size / layout.new_size))
 
 
 POLICIES = {p.name: p for p in (Zero(), Clone(), Net2Net(), Sparkling())}

@@ -45,7 +45,21 @@ class Member:
         return f"{self.tensor}[{self.axis}]"
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
+class Composition:
+    """An axis made of others at a node: ``factor`` (view into heads x head_dim, outer part first),
+    ``concat`` (cat/split, parts in order), ``slice``, ``repeat`` or ``select``."""
+
+    how: str
+    node: str
+    whole: "DimGroup"
+    parts: list["DimGroup"]
+
+    def side(self, group: "DimGroup") -> str:
+        return "whole" if group is self.whole else "part"
+
+
+@dataclasses.dataclass(eq=False)
 class DimGroup:
     """A set of coupled axes of one size."""
 
@@ -55,7 +69,7 @@ class DimGroup:
     activations: list[Axis]  # node axes
     reductions: list[tuple[str, str]]  # (kind, node) of ops that mix values along the axis
     encoded_by: list[str]  # nodes whose literal sizes encode the axis (views into heads, repeats)
-    compositions: list[tuple[str, str, str]]  # (how, node, "whole" or "part")
+    compositions: list[Composition]  # how this axis is made of, or makes, other groups
 
     @property
     def growable(self) -> bool:
@@ -76,12 +90,23 @@ class DimGroup:
         if self.encoded_by:
             lines.append(f"  {'encoded:':<10}{', '.join(self.encoded_by)}")
         if self.compositions:
-            shown = sorted({f"{how} {side} at {node}" for how, node, side in self.compositions})
+            shown = sorted({f"{c.how} {c.side(self)} at {c.node}" for c in self.compositions})
             lines.append(f"  {'composes:':<10}{', '.join(shown[:6])}{' ...' if len(shown) > 6 else ''}")
         return "\n".join(lines)
 
 
-def analyse(graph: "Graph") -> list[DimGroup]:
+@dataclasses.dataclass
+class DimAnalysis:
+    """The groups of a graph and, for every ``(ref, axis)``, the group it belongs to."""
+
+    groups: list[DimGroup]
+    axis_group: dict[Axis, DimGroup]
+
+    def group_of(self, ref: str, axis: int) -> DimGroup:
+        return self.axis_group[(ref, axis)]
+
+
+def analyse(graph: "Graph") -> DimAnalysis:
     """All dimension groups of the graph, growable (parameter-touching) ones first.
 
     Tensors the graph never reads (a stale buffer) are left out.
@@ -105,7 +130,7 @@ def analyse(graph: "Graph") -> list[DimGroup]:
     ordered = sorted(groups.values(), key=lambda g: (not g.growable, _first_position(g, graph)))
     for new_id, group in enumerate(ordered):
         group.id = new_id
-    return ordered
+    return DimAnalysis(ordered, {axis: groups[index] for axis, index in component.items() if index in groups})
 
 
 def _size(shapes: dict, axis: Axis) -> int:
@@ -129,11 +154,12 @@ def _groups(dims: nx.Graph, component: dict, facts: Facts, shapes: dict) -> dict
     for axis, kind, node in facts.reductions:
         groups[component[axis]].reductions.append((kind, node))
     for whole, parts, how, node in facts.compositions:
-        groups[component[whole]].compositions.append((how, node, "whole"))
-        for part in parts:
-            groups[component[part]].compositions.append((how, node, "part"))
-            if how in ("factor", "repeat") and node not in groups[component[part]].encoded_by:
-                groups[component[part]].encoded_by.append(node)
+        composition = Composition(how, node, groups[component[whole]], [groups[component[p]] for p in parts])
+        for group in dict.fromkeys([composition.whole, *composition.parts]):
+            group.compositions.append(composition)
+        for part in composition.parts:
+            if how in ("factor", "repeat") and node not in part.encoded_by:
+                part.encoded_by.append(node)
     for group in groups.values():
         group.members.sort(key=lambda m: (m.tensor, m.axis))
         group.reductions = sorted(set(group.reductions))

@@ -229,12 +229,16 @@ class Graph:
         batch, sequence and other activation-only axes. Raises ``UnsupportedOpError`` naming the op
         and node when an op whose semantics are unknown touches a growable axis.
         """
+        groups = self.dim_analysis().groups
+        return groups if all_groups else [g for g in groups if g.growable]
+
+    def dim_analysis(self):
+        """The full dimension analysis (groups and the group of every axis), computed once."""
         from .dims import analyse
 
-        if getattr(self, "_dim_groups", None) is None:
-            self._dim_groups = analyse(self)  # a Graph is not edited after tracing; rules build new ones
-        groups = self._dim_groups
-        return groups if all_groups else [g for g in groups if g.growable]
+        if getattr(self, "_dim_analysis", None) is None:
+            self._dim_analysis = analyse(self)  # a Graph is not edited after tracing; rules build new ones
+        return self._dim_analysis
 
     # -- printing ------------------------------------------------------------------------------
     def summary(self) -> str:

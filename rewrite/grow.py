@@ -1,11 +1,11 @@
 """Resizing one dimension group: the engine step every width pass is built on.
 
 ``check_resize`` says, before anything runs, whether a group can grow with a policy and whether the
-result is exact (and if not, why). ``resize`` builds the grown Graph: each grown tensor is allocated
-once and filled by slices by the policy, role by role; everything else is cloned so the grown model owns
+result is exact (and if not, why). ``resize`` builds the grown Graph from a :class:`Layout` per grown
+group: each grown tensor is allocated once and filled by slices by the policy, role by role; everything else is cloned so the grown model owns
 its parameters (training it never touches the original) and tied tensors stay tied; standard modules'
-size attributes and the literal sizes in views and norms follow. The grown graph carries ``node_map``,
-projecting each grown activation back onto the original units (they keep their positions ``[0, n)``), so
+size attributes and the literal sizes in views, norms and splits follow. The grown graph carries
+``node_map``, projecting each grown activation back onto the original units (``old_positions``), so
 ``rewrite.verify`` names the first node a faulty rule breaks.
 """
 
@@ -23,7 +23,8 @@ import torch.utils._pytree as pytree
 from .dims import DimGroup
 from .errors import GrowthError
 from .graph import Graph
-from .ops import canonical_kind, patch_literals, resize_module_attributes
+from .layout import Layout
+from .ops import canonical_kind, patch_literals, patch_split, resize_module_attributes
 
 GROWABLE_ROLES = {"produces", "consumes", "along"}
 
@@ -48,10 +49,12 @@ def _structural_refusal(graph: Graph, group: DimGroup) -> str | None:
             return f"{member} is {'/'.join(sorted(roles - GROWABLE_ROLES))} along the axis"
         if {"produces", "consumes"} <= roles:
             return f"{member} both produces and consumes the axis (a tied weight)"
-    for how, node, _ in group.compositions:
-        what = {"factor": "split into heads or merged", "concat": "concatenated or split"}.get(how, f"{how}d")
+    for composition in group.compositions:
+        what = {"factor": "split into heads or merged", "concat": "concatenated or split"}.get(
+            composition.how, f"{composition.how}d"
+        )
         return (
-            f"the axis is {what} at node {node}; growing it needs a head-aware rule "
+            f"the axis is {what} at node {composition.node}; growing it needs a head-aware rule "
             f"(add_heads / widen_heads, not available yet)"
         )
     boundary = _boundary_nodes(graph)
@@ -71,24 +74,23 @@ def _boundary_nodes(graph: Graph) -> dict[str, str]:
     return nodes
 
 
-def resize(graph: Graph, groups: list[tuple[DimGroup, int]], policy, seed: int = 0) -> Graph:
-    """A new Graph in which every ``(group, new size)`` has grown, filled by ``policy``."""
+def resize(graph: Graph, layouts: dict[DimGroup, Layout], policy, seed: int = 0) -> Graph:
+    """A new Graph in which every group in ``layouts`` has grown to its layout, filled by ``policy``."""
     generator = torch.Generator().manual_seed(seed)
-    plans: dict[str, list] = defaultdict(list)  # tensor -> [(axis, role, mapping)]
-    for group, new_size in groups:
-        mapping = policy.mapping(group.size, new_size, generator)
+    plans: dict[str, list] = defaultdict(list)  # tensor -> [(axis, role, layout)]
+    for group, layout in layouts.items():
         for member in group.members:
-            plans[member.tensor].append((member.axis, member.role_names[0], mapping))
+            plans[member.tensor].append((member.axis, member.role_names[0], layout))
     memo = {}
     for name, steps in plans.items():
         old = _tensor(graph.module, name)
         grown = old.detach()
-        for axis, role, mapping in steps:
+        for axis, role, layout in steps:
             shape = list(grown.shape)
-            shape[axis] = len(mapping)
+            shape[axis] = layout.new_size
             out = torch.empty(shape, dtype=grown.dtype, device=grown.device)
             with torch.no_grad():
-                getattr(policy, role)(grown, axis, mapping, out, generator)
+                getattr(policy, role)(grown, axis, layout, out, generator)
             grown = out
         memo[id(old)] = torch.nn.Parameter(grown, old.requires_grad) if isinstance(old, torch.nn.Parameter) else grown
     with warnings.catch_warnings():  # deepcopy of export's pytree specs warns about a deprecated alias
@@ -96,7 +98,7 @@ def resize(graph: Graph, groups: list[tuple[DimGroup, int]], policy, seed: int =
         module = copy.deepcopy(graph.module, memo)
     for sub in module.modules():
         resize_module_attributes(sub)
-    node_map = _patch_nodes(graph, module, groups)
+    node_map = _patch_nodes(graph, module, layouts)
     module.recompile()
     grown = Graph(
         module,
@@ -116,22 +118,36 @@ def resize(graph: Graph, groups: list[tuple[DimGroup, int]], policy, seed: int =
     return grown
 
 
-def _patch_nodes(graph: Graph, module: torch.fx.GraphModule, groups) -> dict:
-    grown_axes: dict[str, dict[int, tuple[int, int]]] = defaultdict(dict)
-    for group, new_size in groups:
+def _patch_nodes(graph: Graph, module: torch.fx.GraphModule, layouts: dict[DimGroup, Layout]) -> dict:
+    """Rewrite literal sizes of grown axes; return the projection of every grown node onto old units."""
+    grown_axes: dict[str, dict[int, Layout]] = defaultdict(dict)
+    for group, layout in layouts.items():
         for ref, axis in group.activations:
-            if "#" not in ref:
-                grown_axes[ref[2:]][axis] = (group.size, new_size)
+            grown_axes[ref[2:]][axis] = layout
+    splits: dict[str, dict[int, dict[int, Layout]]] = defaultdict(dict)  # split node -> element -> axes
     for node in module.graph.nodes:
-        if node.name in grown_axes and node.op in ("call_function", "call_method"):
-            patch_literals(node, canonical_kind(graph, graph.node(node.name)), grown_axes[node.name])
-    return {name: (name, _narrow(axes)) for name, axes in grown_axes.items()}
+        if node.op not in ("call_function", "call_method"):
+            continue
+        kind = canonical_kind(graph, graph.node(node.name))
+        if node.name in grown_axes:
+            axes = grown_axes[node.name]
+            patch_literals(node, kind, {axis: (layout.old_size, layout.new_size) for axis, layout in axes.items()})
+        if kind == "split":
+            for name, axes in grown_axes.items():
+                base, _, index = name.partition("#")
+                if base == node.name and index:
+                    splits[node.name][int(index)] = axes
+            if splits.get(node.name):
+                patch_split(node, splits[node.name])
+    return {name: (name, _project(axes)) for name, axes in grown_axes.items() if "#" not in name}
 
 
-def _narrow(axes: dict[int, tuple[int, int]]):
+def _project(axes: dict[int, Layout]):
     def project(value):
-        for axis, (old, _) in axes.items():
-            value = value.narrow(axis, 0, old)
+        for axis, layout in axes.items():
+            value = value.narrow(axis, 0, layout.old_size) if layout.prefix else value.index_select(
+                axis, layout.old_positions
+            )
         return value
 
     return project

@@ -694,3 +694,27 @@ def patch_literals(node: torch.fx.Node, kind: str, grown: dict[int, tuple[int, i
             changed = True
     if changed:
         node.args = rebuild(sizes)
+
+
+def patch_split(node: torch.fx.Node, parts: dict[int, dict[int, "object"]]) -> None:
+    """Rewrite a split's sizes when its parts grew along the split axis.
+
+    ``parts`` maps an element index to {axis: layout} of that element's grown axes.
+    """
+    if len(node.args) < 2:
+        return
+    rank = len(node.meta["tensor_meta"][0].shape)
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    dim = dim + rank if dim < 0 else dim
+    grown = {i: axes[dim] for i, axes in parts.items() if dim in axes}
+    sizes = node.args[1]
+    if isinstance(sizes, int):
+        new = {layout.new_size for layout in grown.values()}
+        if grown and len(new) == 1 and {layout.old_size for layout in grown.values()} == {sizes}:
+            node.args = (node.args[0], new.pop(), *node.args[2:])
+    elif isinstance(sizes, (list, tuple)):
+        resized = list(sizes)
+        for index, layout in grown.items():
+            if index < len(resized) and resized[index] == layout.old_size:
+                resized[index] = layout.new_size
+        node.args = (node.args[0], type(sizes)(resized), *node.args[2:])

@@ -105,7 +105,7 @@ def test_llama_residual_rmsnorm_swiglu_and_attention(name, prefix):
     mlp = group_of(graph, gate, 0)  # SwiGLU: gate and up produce one axis, down consumes it
     assert {str(m) for m in mlp.members} == {f"{gate}[0]", f"{up}[0]", f"{down}[1]"}
     assert group_of(graph, q, 0).size == 32 and group_of(graph, k, 0).size == 16  # 4 heads, 2 KV heads
-    assert any(how == "factor" for how, _, _ in group_of(graph, q, 0).compositions)  # view into heads
+    assert any(c.how == "factor" for c in group_of(graph, q, 0).compositions)  # view into heads
     head_dim = [
         g for g in graph.dim_groups(all_groups=True) if any(k == "attention_scale" for k, _ in g.reductions)
     ]

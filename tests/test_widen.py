@@ -151,8 +151,8 @@ class ForgetsToDivide(Net2Net):
 
     name = "net2net"
 
-    def consumes(self, old, axis, g, out, generator):
-        out.copy_(old.index_select(axis, g))
+    def consumes(self, old, axis, layout, out, generator):
+        out.copy_(old.index_select(axis, layout.source))
 
 
 def test_a_faulty_rule_is_caught_at_the_first_node_it_breaks():
