@@ -3,6 +3,7 @@
 * ``net2wider`` (``passes.widen``): Net2WiderNet for any traced model: grow one module's output units and
   everything coupled to them.
 * ``mlp`` (``passes.widen_mlp``): transformer MLP intermediate size, found from the analysis.
+* ``heads`` (``passes.add_heads``): more attention heads, grouped-query attention included.
 * ``policies``: the init policies ``zero``, ``clone``, ``net2net``, ``sparkling`` (subclass ``Policy`` for
   your own and pass the object as ``init=``).
 
@@ -10,7 +11,18 @@ Use them through ``rewrite.apply(model, [passes.widen("fc1", factor=2)], args)``
 """
 
 from .policies import POLICIES, Policy, policy
+from .heads import AddHeads, add_heads
 from .mlp import WidenMLP, widen_mlp
 from .net2wider import Widen, widen
 
-__all__ = ["POLICIES", "Policy", "Widen", "WidenMLP", "policy", "widen", "widen_mlp"]
+__all__ = [
+    "POLICIES",
+    "AddHeads",
+    "Policy",
+    "Widen",
+    "WidenMLP",
+    "add_heads",
+    "policy",
+    "widen",
+    "widen_mlp",
+]

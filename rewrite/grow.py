@@ -35,12 +35,14 @@ class ResizeCheck:
     not_exact: str | None  # why the result would not be exact (None: exact)
 
 
-def check_resize(graph: Graph, group: DimGroup, new_size: int, policy) -> ResizeCheck:
-    refusal = policy.check(group.size, new_size) or _structural_refusal(graph, group)
+def check_resize(graph: Graph, group: DimGroup, new_size: int, policy, handled: tuple[str, ...] = ()) -> ResizeCheck:
+    """Can ``group`` grow to ``new_size`` with ``policy``, and exactly? ``handled``: compositions the caller
+    resizes consistently itself (``factor``/``concat`` for head-aware rules)."""
+    refusal = policy.check(group.size, new_size) or _structural_refusal(graph, group, handled)
     return ResizeCheck(refusal, None if refusal else policy.exact(group.reductions))
 
 
-def _structural_refusal(graph: Graph, group: DimGroup) -> str | None:
+def _structural_refusal(graph: Graph, group: DimGroup, handled: tuple[str, ...]) -> str | None:
     for member in group.members:
         roles = set(member.role_names)
         if not roles:
@@ -50,6 +52,8 @@ def _structural_refusal(graph: Graph, group: DimGroup) -> str | None:
         if {"produces", "consumes"} <= roles:
             return f"{member} both produces and consumes the axis (a tied weight)"
     for composition in group.compositions:
+        if composition.how in handled:
+            continue
         what = {"factor": "split into heads or merged", "concat": "concatenated or split"}.get(
             composition.how, f"{composition.how}d"
         )

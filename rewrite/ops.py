@@ -443,7 +443,7 @@ def getitem(facts: Facts, call: Call) -> None:
     source, index = call.operands[0], call.node.args[1]
     name = call.node.name
     if not call.is_tensor(source):  # tuple element: the element's ref is "<source>#i"
-        element = f"{call.node.args[0].name}#{index}"
+        element = f"n:{call.node.args[0].name}#{index}"
         if element in call.shapes:
             for axis in range(len(call.shapes[element])):
                 facts.equal((element, axis), (call.out, axis), name)

@@ -194,3 +194,11 @@ def test_property_mlp_groups_are_exactly_the_layer_boundaries(widths, bias):
         if bias:
             expected[f"{2 * i}.bias[0]"] = ["along"]
         assert group.size == widths[i + 1] and roles(group) == expected
+
+
+def test_fused_qkv_split_parts_are_coupled_to_their_users():
+    _, graph = traced("hf-gpt2")
+    fused = group_of(graph, "transformer.h.0.attn.c_attn.weight", 1)
+    (split,) = [c for c in fused.compositions if c.how == "concat"]
+    assert split.whole is fused and [p.size for p in split.parts] == [32, 32, 32]
+    assert all(any(c.how == "factor" for c in part.compositions) for part in split.parts)  # each into heads

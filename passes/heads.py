@@ -1,0 +1,230 @@
+"""``add_heads``: more attention heads with the head size unchanged (Gesmundo & Maile, transformation 2).
+
+Algebra: attention is ``y = W_O [head_1; ...; head_E]`` with ``head_e = softmax(q_e k_e^T / sqrt(k)) v_e``
+and ``q_e = W_Q^e x`` etc. A new head ``E+1`` gets rows of ``W_Q, W_K, W_V`` (anything: the policy's noisy
+or replicated copies of an existing head) and its slice of ``W_O``'s columns; with ``init="zero"`` that
+slice is **zero**, so ``y`` is unchanged. ``"clone"`` (every head k times) and ``"net2net"`` replicate whole
+heads and divide ``W_O``'s columns by the replica count, also exact. The softmax runs over keys, not heads,
+and ``1/sqrt(k)`` does not change, so no op mixes values across the heads axis.
+
+Nothing here names modules. The heads axis is found from the attention op (the query's heads axis of
+``scaled_dot_product_attention``), and sizes propagate through the analysis' compositions: views into
+``heads x head_dim`` grow the q/k/v projections and ``W_O`` by whole heads; GPT-2's fused ``c_attn`` grows
+each of its q|k|v parts; with grouped-query attention the query heads are ``kv_heads x group`` (the
+``repeat_kv`` expand), the group size is kept and whole KV heads are added, so ``n`` must be a multiple of
+the query/KV ratio. Literal sizes (view shapes, split sizes) follow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+import torch
+
+from rewrite.dims import DimGroup
+from rewrite.errors import GrowthError, NotExactError
+from rewrite.graph import Graph
+from rewrite.grow import check_resize, resize
+from rewrite.layout import Layout, concat, factor, identity
+from rewrite.ops import canonical_kind
+from rewrite.plan import Plan
+
+from .policies import Policy, policy
+
+_BLOCK = re.compile(r"^(.*?\.\d+)\.")
+DERIVED = ("factor", "concat")
+
+
+@dataclasses.dataclass
+class AddHeads:
+    n: int
+    init: "str | Policy" = "zero"
+    layers: list[int] | None = None
+    exact: bool = True
+    seed: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"add_heads({self.n}{'' if self.layers is None else f', layers={self.layers}'})"
+
+    def plan(self, graph: Graph) -> Plan:
+        chosen = policy(self.init)
+        sites, sizes, reasons = [], {}, []
+        for site, heads in self.select(graph):
+            sites.append(site)
+            grown = propagate(heads, heads.size + self.n, site)
+            for group, size in grown.items():
+                check = check_resize(graph, group, size, _AnyGrowth(chosen), DERIVED)
+                if check.refusal:
+                    raise GrowthError(f"add_heads at {site}: {check.refusal}")
+                if check.not_exact:
+                    reasons.append(check.not_exact)
+            for base in bases(grown):
+                refusal = chosen.check(base.size, grown[base])
+                if refusal:
+                    what = "query heads" if base is heads else "key-value heads of the grouped-query attention"
+                    raise GrowthError(f"add_heads at {site}: {refusal} ({what}: {base.size} -> {grown[base]})")
+            sizes.update(grown)
+        if reasons and self.exact:
+            raise NotExactError(f"{self.name} with init={chosen.name!r} is not exact: {reasons[0]}")
+        return Plan(sites, list(sizes.items()), not reasons, reasons[0] if reasons else None)
+
+    def select(self, graph: Graph) -> list[tuple[str, DimGroup]]:
+        """(attention module, query heads group) for every scaled_dot_product_attention."""
+        analysis = graph.dim_analysis()
+        found, seen = [], set()
+        for node in graph.compute_nodes():
+            if canonical_kind(graph, node) != "sdpa":
+                continue
+            query = node.args[0]
+            rank = len(graph.shape(query))
+            heads = analysis.group_of(f"n:{query.name}", rank - 3)
+            if id(heads) in seen:
+                continue
+            seen.add(id(heads))
+            site = _site(heads) or graph.owner(node) or node.name
+            block = _BLOCK.match(site + ".")
+            if self.layers is not None and (block is None or int(block.group(1).rpartition(".")[2]) not in self.layers):
+                continue
+            found.append((site, heads))
+        return found
+
+    def run(self, graph: Graph, plan: Plan) -> Graph:
+        chosen = policy(self.init)
+        generator = torch.Generator().manual_seed(self.seed)
+        return resize(graph, layouts(dict(plan.groups), chosen, generator), chosen, seed=self.seed)
+
+
+class _AnyGrowth(Policy):
+    """Structural and exactness checks of a policy without its size rule (heads sizes are checked on bases)."""
+
+    def __init__(self, inner: Policy):
+        self.inner = inner
+        self.name = inner.name
+
+    def check(self, n, n_new):
+        return None if n_new > n else f"new size {n_new} is not larger than {n}"
+
+    def exact(self, reductions):
+        return self.inner.exact(reductions)
+
+
+def propagate(start: DimGroup, size: int, site: str) -> dict[DimGroup, int]:
+    """New sizes of every group a resized group forces through factor and concat compositions."""
+    sizes = {start: size}
+    changed = True
+    while changed:
+        changed = False
+        for group in list(sizes):
+            for comp in group.compositions:
+                if comp.how not in DERIVED:
+                    raise GrowthError(
+                        f"add_heads at {site}: the axis is {comp.how}d at node {comp.node}, which this rule "
+                        f"cannot resize"
+                    )
+                new = [sizes.get(p, p.size) for p in comp.parts]
+                whole = math.prod(new) if comp.how == "factor" else sum(new)
+                if any(p in sizes for p in comp.parts):
+                    if comp.whole in sizes and sizes[comp.whole] != whole:
+                        raise GrowthError(f"add_heads at {site}: inconsistent sizes at node {comp.node}")
+                    if comp.whole not in sizes:
+                        sizes[comp.whole] = whole
+                        changed = True
+                elif comp.whole in sizes:
+                    changed |= _absorb(comp, sizes, site)
+    return sizes
+
+
+def _absorb(comp, sizes: dict, site: str) -> bool:
+    """A whole grew: the one part that is not a pure broadcast axis (the repeat_kv group) takes it."""
+    candidates = [p for p in comp.parts if p.members or len(p.compositions) > 1]
+    if comp.how != "factor" or len(candidates) != 1:
+        raise GrowthError(f"add_heads at {site}: cannot tell which axis of node {comp.node} takes the growth")
+    part = candidates[0]
+    others = math.prod(p.size for p in comp.parts if p is not part)
+    if sizes[comp.whole] % others:
+        raise GrowthError(
+            f"add_heads at {site}: grouped-query attention shares each key-value head among {others} query "
+            f"heads; the number of heads added must be a multiple of {others}"
+        )
+    sizes[part] = sizes[comp.whole] // others
+    return True
+
+
+def bases(sizes: dict[DimGroup, int]) -> list[DimGroup]:
+    """Grown groups whose layout comes from the policy: those not made of other grown groups."""
+    return [
+        g for g in sizes
+        if not any(c.whole is g and c.how in DERIVED and any(p in sizes for p in c.parts) for c in g.compositions)
+    ]
+
+
+def layouts(sizes: dict[DimGroup, int], chosen: Policy, generator) -> dict[DimGroup, Layout]:
+    """A layout for every grown group: policy layouts for bases, derived ones for the rest.
+
+    Bases that are the same part of one whole (the key heads and the value heads that repeat_kv expands
+    into the same query heads) share one layout, so every new query head reads keys and values of one
+    source head.
+    """
+    result = {}
+    representative = _siblings(bases(sizes), sizes)
+    for group, first in representative.items():
+        if first not in result:
+            result[first] = chosen.layout(first.size, sizes[first], generator)
+        result[group] = result[first]
+    pending = [g for g in sizes if g not in result]
+    while pending:
+        for group in pending:
+            for comp in group.compositions:
+                if comp.whole is group and comp.how in DERIVED and all(p in result or p not in sizes for p in comp.parts):
+                    parts = [result.get(p) or identity(p.size) for p in comp.parts]
+                    result[group] = factor(parts) if comp.how == "factor" else concat(parts)
+                    break
+        still = [g for g in pending if g not in result]
+        if len(still) == len(pending):
+            raise GrowthError("add_heads: circular compositions between grown axes")
+        pending = still
+    return result
+
+
+def _siblings(groups: list[DimGroup], sizes: dict[DimGroup, int]) -> dict[DimGroup, DimGroup]:
+    """Each base mapped to the first base it must share a layout with (same part of one grown whole)."""
+    parent = {g: g for g in groups}
+
+    def find(g):
+        while parent[g] is not g:
+            g = parent[g]
+        return g
+
+    first_at: dict[tuple, DimGroup] = {}
+    for group in groups:
+        for comp in group.compositions:
+            if comp.how in DERIVED and group in comp.parts and comp.whole in sizes:
+                key = (id(comp.whole), comp.parts.index(group))
+                if key in first_at:
+                    parent[find(group)] = find(first_at[key])
+                else:
+                    first_at[key] = group
+    return {g: find(g) for g in groups}
+
+
+def _site(heads: DimGroup) -> str | None:
+    """The attention module: common owner of the projections the heads axis is made into."""
+    owners = set()
+    for comp in heads.compositions:
+        for group in (comp.whole, *comp.parts):
+            for member in group.role("produces") + group.role("consumes"):
+                owners.add(member.tensor.rpartition(".")[0].rpartition(".")[0])
+    return min(owners, key=len) if owners else None
+
+
+def add_heads(
+    n: int, init: "str | Policy" = "zero", *, layers: list[int] | None = None, exact: bool = True, seed: int = 0
+) -> AddHeads:
+    """Add ``n`` attention heads (head size unchanged) to every attention, or to those in ``layers``."""
+    if not isinstance(n, int) or n < 1:
+        raise GrowthError(f"add_heads needs a positive number of heads; got {n!r}")
+    policy(init)
+    return AddHeads(n, init, layers, exact, seed)
