@@ -4,6 +4,7 @@
   everything coupled to them.
 * ``mlp`` (``passes.widen_mlp``): transformer MLP intermediate size, found from the analysis.
 * ``heads`` (``passes.add_heads``): more attention heads, grouped-query attention included.
+* ``head_size`` (``passes.widen_heads``): key/query size (temperature-corrected) and value size of heads.
 * ``policies``: the init policies ``zero``, ``clone``, ``net2net``, ``sparkling`` (subclass ``Policy`` for
   your own and pass the object as ``init=``).
 
@@ -11,6 +12,7 @@ Use them through ``rewrite.apply(model, [passes.widen("fc1", factor=2)], args)``
 """
 
 from .policies import POLICIES, Policy, policy
+from .head_size import WidenHeads, widen_heads
 from .heads import AddHeads, add_heads
 from .mlp import WidenMLP, widen_mlp
 from .net2wider import Widen, widen
@@ -20,9 +22,11 @@ __all__ = [
     "AddHeads",
     "Policy",
     "Widen",
+    "WidenHeads",
     "WidenMLP",
     "add_heads",
     "policy",
     "widen",
+    "widen_heads",
     "widen_mlp",
 ]

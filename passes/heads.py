@@ -85,10 +85,8 @@ class AddHeads:
                 continue
             seen.add(id(heads))
             site = _site(heads) or graph.owner(node) or node.name
-            block = _BLOCK.match(site + ".")
-            if self.layers is not None and (block is None or int(block.group(1).rpartition(".")[2]) not in self.layers):
-                continue
-            found.append((site, heads))
+            if in_layers(site, self.layers):
+                found.append((site, heads))
         return found
 
     def run(self, graph: Graph, plan: Plan) -> Graph:
@@ -111,7 +109,7 @@ class _AnyGrowth(Policy):
         return self.inner.exact(reductions)
 
 
-def propagate(start: DimGroup, size: int, site: str) -> dict[DimGroup, int]:
+def propagate(start: DimGroup, size: int, site: str, rule: str = "add_heads") -> dict[DimGroup, int]:
     """New sizes of every group a resized group forces through factor and concat compositions."""
     sizes = {start: size}
     changed = True
@@ -121,32 +119,32 @@ def propagate(start: DimGroup, size: int, site: str) -> dict[DimGroup, int]:
             for comp in group.compositions:
                 if comp.how not in DERIVED:
                     raise GrowthError(
-                        f"add_heads at {site}: the axis is {comp.how}d at node {comp.node}, which this rule "
+                        f"{rule} at {site}: the axis is {comp.how}d at node {comp.node}, which this rule "
                         f"cannot resize"
                     )
                 new = [sizes.get(p, p.size) for p in comp.parts]
                 whole = math.prod(new) if comp.how == "factor" else sum(new)
                 if any(p in sizes for p in comp.parts):
                     if comp.whole in sizes and sizes[comp.whole] != whole:
-                        raise GrowthError(f"add_heads at {site}: inconsistent sizes at node {comp.node}")
+                        raise GrowthError(f"{rule} at {site}: inconsistent sizes at node {comp.node}")
                     if comp.whole not in sizes:
                         sizes[comp.whole] = whole
                         changed = True
                 elif comp.whole in sizes:
-                    changed |= _absorb(comp, sizes, site)
+                    changed |= _absorb(comp, sizes, f"{rule} at {site}")
     return sizes
 
 
-def _absorb(comp, sizes: dict, site: str) -> bool:
+def _absorb(comp, sizes: dict, where: str) -> bool:
     """A whole grew: the one part that is not a pure broadcast axis (the repeat_kv group) takes it."""
     candidates = [p for p in comp.parts if p.members or len(p.compositions) > 1]
     if comp.how != "factor" or len(candidates) != 1:
-        raise GrowthError(f"add_heads at {site}: cannot tell which axis of node {comp.node} takes the growth")
+        raise GrowthError(f"{where}: cannot tell which axis of node {comp.node} takes the growth")
     part = candidates[0]
     others = math.prod(p.size for p in comp.parts if p is not part)
     if sizes[comp.whole] % others:
         raise GrowthError(
-            f"add_heads at {site}: grouped-query attention shares each key-value head among {others} query "
+            f"{where}: grouped-query attention shares each key-value head among {others} query "
             f"heads; the number of heads added must be a multiple of {others}"
         )
     sizes[part] = sizes[comp.whole] // others
@@ -208,6 +206,14 @@ def _siblings(groups: list[DimGroup], sizes: dict[DimGroup, int]) -> dict[DimGro
                 else:
                     first_at[key] = group
     return {g: find(g) for g in groups}
+
+
+def in_layers(site: str, layers: list[int] | None) -> bool:
+    """Is the module ``site`` inside one of the numbered blocks ``layers`` (all, when None)?"""
+    if layers is None:
+        return True
+    block = _BLOCK.match(site + ".")
+    return block is not None and int(block.group(1).rpartition(".")[2]) in layers
 
 
 def _site(heads: DimGroup) -> str | None:

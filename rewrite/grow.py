@@ -78,23 +78,25 @@ def _boundary_nodes(graph: Graph) -> dict[str, str]:
     return nodes
 
 
-def resize(graph: Graph, layouts: dict[DimGroup, Layout], policy, seed: int = 0) -> Graph:
-    """A new Graph in which every group in ``layouts`` has grown to its layout, filled by ``policy``."""
+def resize(graph: Graph, layouts: dict[DimGroup, Layout], policy, seed: int = 0, overrides=None) -> Graph:
+    """A new Graph in which every group in ``layouts`` has grown to its layout, filled by ``policy``
+    (``overrides``: another policy for some groups, e.g. the key side when the key size grows)."""
     generator = torch.Generator().manual_seed(seed)
-    plans: dict[str, list] = defaultdict(list)  # tensor -> [(axis, role, layout)]
+    plans: dict[str, list] = defaultdict(list)  # tensor -> [(axis, role, layout, policy)]
     for group, layout in layouts.items():
+        chosen = (overrides or {}).get(group, policy)
         for member in group.members:
-            plans[member.tensor].append((member.axis, member.role_names[0], layout))
+            plans[member.tensor].append((member.axis, member.role_names[0], layout, chosen))
     memo = {}
     for name, steps in plans.items():
         old = _tensor(graph.module, name)
         grown = old.detach()
-        for axis, role, layout in steps:
+        for axis, role, layout, chosen in steps:
             shape = list(grown.shape)
             shape[axis] = layout.new_size
             out = torch.empty(shape, dtype=grown.dtype, device=grown.device)
             with torch.no_grad():
-                getattr(policy, role)(grown, axis, layout, out, generator)
+                getattr(chosen, role)(grown, axis, layout, out, generator)
             grown = out
         memo[id(old)] = torch.nn.Parameter(grown, old.requires_grad) if isinstance(old, torch.nn.Parameter) else grown
     with warnings.catch_warnings():  # deepcopy of export's pytree specs warns about a deprecated alias

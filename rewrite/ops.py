@@ -696,25 +696,25 @@ def patch_literals(node: torch.fx.Node, kind: str, grown: dict[int, tuple[int, i
         node.args = rebuild(sizes)
 
 
-def patch_split(node: torch.fx.Node, parts: dict[int, dict[int, "object"]]) -> None:
-    """Rewrite a split's sizes when its parts grew along the split axis.
+def patch_split(node: torch.fx.Node, parts: dict[int, "object"]) -> None:
+    """Rewrite a split's sizes when some of its parts grew along the split axis.
 
-    ``parts`` maps an element index to {axis: layout} of that element's grown axes.
+    ``parts`` maps an element index to {axis: layout} of that element's grown axes. An equal split
+    (``split(x, 32)``) whose parts no longer share one size becomes ``split_with_sizes``.
     """
     if len(node.args) < 2:
         return
-    rank = len(node.meta["tensor_meta"][0].shape)
+    metas = node.meta["tensor_meta"]
+    rank = len(metas[0].shape)
     dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
     dim = dim + rank if dim < 0 else dim
-    grown = {i: axes[dim] for i, axes in parts.items() if dim in axes}
-    sizes = node.args[1]
-    if isinstance(sizes, int):
-        new = {layout.new_size for layout in grown.values()}
-        if grown and len(new) == 1 and {layout.old_size for layout in grown.values()} == {sizes}:
-            node.args = (node.args[0], new.pop(), *node.args[2:])
-    elif isinstance(sizes, (list, tuple)):
-        resized = list(sizes)
-        for index, layout in grown.items():
-            if index < len(resized) and resized[index] == layout.old_size:
-                resized[index] = layout.new_size
-        node.args = (node.args[0], type(sizes)(resized), *node.args[2:])
+    sizes = [meta.shape[dim] for meta in metas]
+    for index, axes in parts.items():
+        if dim in axes and sizes[index] == axes[dim].old_size:
+            sizes[index] = axes[dim].new_size
+    if isinstance(node.args[1], int) and len(set(sizes)) == 1 and sum(sizes) % sizes[0] == 0:
+        node.args = (node.args[0], sizes[0], *node.args[2:])
+        return
+    if node.target is torch.ops.aten.split.Tensor:
+        node.target = torch.ops.aten.split_with_sizes.default
+    node.args = (node.args[0], list(sizes), *node.args[2:])

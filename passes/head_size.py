@@ -1,0 +1,197 @@
+"""``widen_heads``: grow the key/query size ``k -> k'`` and the value size ``v -> v'`` of every head
+(Gesmundo & Maile, transformations 3 and 4).
+
+Value size. ``head_e = softmax(.) v_e`` with ``v_e = W_V^e x``; the output is ``W_O [head_1; ...]``. New value
+dims get rows of ``W_V`` (the policy's copies) and ``W_O``'s matching columns; with ``init="zero"`` those are
+**zero**, so the output is unchanged (``clone``/``net2net`` replicate dims and divide ``W_O``: also exact).
+
+Key/query size. Scores are ``q_e . k_e / sqrt(k)``. New query dims are anything (noisy copies), new key dims
+are **zero**, so ``q'.k' = q.k``. If the attention uses its default temperature ``1/sqrt(d)`` (no ``scale=``),
+it becomes ``1/sqrt(k')``, and the old key rows (and biases) are scaled by ``sqrt(k'/k)`` to cancel it; if the
+graph passes an explicit ``scale=`` (Hugging Face does), the temperature is unchanged and keys are not
+scaled. Only ``init="zero"`` is exact here (replicating dims would count them twice in the dot product).
+Refused with the reason: rotary position embeddings on the head dim (their frequencies depend on
+``head_dim``, so a native module could not stay exact), and a fused q|k projection (GPT-2's ``c_attn``), whose
+query and key rows would need different fills (not supported yet; the value size of a fused projection is).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.fx
+
+from rewrite.dims import DimGroup
+from rewrite.errors import GrowthError, NotExactError
+from rewrite.graph import Graph
+from rewrite.grow import check_resize, resize
+from rewrite.layout import Layout
+from rewrite.ops import canonical_kind
+from rewrite.plan import Plan
+
+from .heads import DERIVED, _AnyGrowth, _site, in_layers, layouts, propagate
+from .policies import Policy, Zero, policy
+
+
+@dataclasses.dataclass
+class _Attention:
+    site: str
+    node: torch.fx.Node
+    qk: DimGroup  # the query/key head dim
+    v: DimGroup  # the value head dim
+    implicit_scale: bool
+
+
+class KeyScaled(Zero):
+    """Key rows and biases: old ones scaled by ``scale`` (the temperature correction), new ones zero."""
+
+    def __init__(self, scale: float):
+        self.scale = scale
+
+    def produces(self, old, axis, layout: Layout, out, generator):
+        out.zero_()
+        out.index_copy_(axis, layout.old_positions, old * self.scale)
+
+    along = produces
+
+
+@dataclasses.dataclass
+class WidenHeads:
+    qk: int | None = None
+    v: int | None = None
+    init: "str | Policy" = "zero"
+    layers: list[int] | None = None
+    exact: bool = True
+    seed: int = 0
+
+    @property
+    def name(self) -> str:
+        sizes = ", ".join(f"{k}={v}" for k, v in (("qk", self.qk), ("v", self.v)) if v is not None)
+        return f"widen_heads({sizes})"
+
+    def attentions(self, graph: Graph) -> list[_Attention]:
+        analysis = graph.dim_analysis()
+        found, seen = [], set()
+        for node in graph.compute_nodes():
+            if canonical_kind(graph, node) != "sdpa":
+                continue
+            q, _, v = node.args[:3]
+            rank = len(graph.shape(q))
+            qk = analysis.group_of(f"n:{q.name}", rank - 1)
+            heads = analysis.group_of(f"n:{q.name}", rank - 3)
+            value = analysis.group_of(f"n:{v.name}", rank - 1)
+            if (id(qk), id(value)) in seen:  # RoPE tables couple the key/query dims of every layer
+                continue
+            seen.add((id(qk), id(value)))
+            site = _site(heads) or graph.owner(node) or node.name
+            if not in_layers(site, self.layers):
+                continue
+            implicit = node.kwargs.get("scale") is None and (len(node.args) < 7 or node.args[6] is None)
+            found.append(_Attention(site, node, qk, value, implicit))
+        return found
+
+    def plan(self, graph: Graph) -> Plan:
+        chosen = policy(self.init)
+        sites, sizes, reasons = [], {}, []
+        for attention in self.attentions(graph):
+            sites.append(attention.site)
+            grown = {}
+            if self.qk is not None:
+                _refuse_qk(graph, attention)
+                own = propagate(attention.qk, self.qk, attention.site, "widen_heads")
+                _key_side(attention, own)  # refuses a fused q|k projection before anything runs
+                grown.update(own)
+                if chosen.name != "zero":
+                    reasons.append(
+                        f"the attention scores q.k over a {chosen.name}-grown key/query size count replicated "
+                        f"dims twice; init='zero' (new keys zero) is exact"
+                    )
+            if self.v is not None:
+                grown.update(propagate(attention.v, self.v, attention.site, "widen_heads"))
+            for group, size in grown.items():
+                if group is attention.qk:
+                    continue  # its only reduction is the attention temperature, handled above
+                check = check_resize(graph, group, size, _AnyGrowth(chosen), DERIVED)
+                if check.refusal:
+                    raise GrowthError(f"widen_heads at {attention.site}: {check.refusal}")
+                if check.not_exact:
+                    reasons.append(check.not_exact)
+            sizes.update(grown)
+        if reasons and self.exact:
+            raise NotExactError(f"{self.name} with init={chosen.name!r} is not exact: {reasons[0]}")
+        plan = Plan(sites, list(sizes.items()), not reasons, reasons[0] if reasons else None)
+        return plan
+
+    def run(self, graph: Graph, plan: Plan) -> Graph:
+        chosen = policy(self.init)
+        generator = torch.Generator().manual_seed(self.seed)
+        sizes = dict(plan.groups)
+        overrides = {}
+        if self.qk is not None:
+            for attention in self.attentions(graph):
+                scale = math.sqrt(self.qk / attention.qk.size) if attention.implicit_scale else 1.0
+                own = propagate(attention.qk, self.qk, attention.site, "widen_heads")
+                for group in _key_side(attention, own):
+                    overrides[group] = KeyScaled(scale)
+        return resize(graph, layouts(sizes, chosen, generator), chosen, seed=self.seed, overrides=overrides)
+
+
+def _refuse_qk(graph: Graph, attention: _Attention) -> None:
+    group = attention.qk
+    others = [c for c in group.compositions if c.how not in DERIVED or group is c.whole]
+    if group.members or others:
+        where = others[0].node if others else group.members[0].tensor
+        raise GrowthError(
+            f"widen_heads(qk) at {attention.site}: rotary position embeddings act on the key/query head dim "
+            f"({where}); their frequencies depend on head_dim, so growing it cannot stay exact"
+        )
+
+
+def _ancestors(node: torch.fx.Node) -> set[str]:
+    seen, todo = set(), [node]
+    while todo:
+        current = todo.pop()
+        if current.name in seen:
+            continue
+        seen.add(current.name)
+        todo.extend(current.all_input_nodes)
+    return seen
+
+
+def _key_side(attention: _Attention, sizes: dict[DimGroup, int]) -> list[DimGroup]:
+    """Of the groups this attention's key/query growth resizes, those on the key path; a group feeding
+    both queries and keys (a fused projection) is refused."""
+    q, k = attention.node.args[:2]
+    q_side, k_side = _ancestors(q), _ancestors(k)
+    keys = []
+    for group in sizes:
+        if group is attention.qk or not group.members:
+            continue
+        names = {ref[2:].split("#")[0] for ref, _ in group.activations}
+        to_keys, to_queries = bool(names & k_side), bool(names & q_side)
+        if to_keys and to_queries:
+            raise GrowthError(
+                f"widen_heads(qk) at {attention.site}: queries and keys come from one fused projection "
+                f"({group.members[0].tensor}); growing their size needs separate fills (not supported yet)"
+            )
+        if to_keys:
+            keys.append(group)
+    return keys
+
+
+def widen_heads(
+    qk: int | None = None,
+    v: int | None = None,
+    init: "str | Policy" = "zero",
+    *,
+    layers: list[int] | None = None,
+    exact: bool = True,
+    seed: int = 0,
+) -> WidenHeads:
+    """Grow every head's key/query size to ``qk`` and/or its value size to ``v``."""
+    if qk is None and v is None:
+        raise GrowthError("widen_heads needs qk= (key/query size) and/or v= (value size)")
+    policy(init)
+    return WidenHeads(qk, v, init, layers, exact, seed)
