@@ -5,6 +5,7 @@
 * ``mlp`` (``passes.widen_mlp``): transformer MLP intermediate size, found from the analysis.
 * ``heads`` (``passes.add_heads``): more attention heads, grouped-query attention included.
 * ``head_size`` (``passes.widen_heads``): key/query size (temperature-corrected) and value size of heads.
+* ``hidden`` (``passes.widen_hidden``): the residual stream, with RMSNorm gain and epsilon corrected.
 * ``policies``: the init policies ``zero``, ``clone``, ``net2net``, ``sparkling`` (subclass ``Policy`` for
   your own and pass the object as ``init=``).
 
@@ -14,6 +15,7 @@ Use them through ``rewrite.apply(model, [passes.widen("fc1", factor=2)], args)``
 from .policies import POLICIES, Policy, policy
 from .head_size import WidenHeads, widen_heads
 from .heads import AddHeads, add_heads
+from .hidden import WidenHidden, widen_hidden
 from .mlp import WidenMLP, widen_mlp
 from .net2wider import Widen, widen
 
@@ -23,10 +25,12 @@ __all__ = [
     "Policy",
     "Widen",
     "WidenHeads",
+    "WidenHidden",
     "WidenMLP",
     "add_heads",
     "policy",
     "widen",
     "widen_heads",
+    "widen_hidden",
     "widen_mlp",
 ]

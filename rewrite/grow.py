@@ -35,21 +35,24 @@ class ResizeCheck:
     not_exact: str | None  # why the result would not be exact (None: exact)
 
 
-def check_resize(graph: Graph, group: DimGroup, new_size: int, policy, handled: tuple[str, ...] = ()) -> ResizeCheck:
+def check_resize(
+    graph: Graph, group: DimGroup, new_size: int, policy, handled: tuple[str, ...] = (), tied: bool = False
+) -> ResizeCheck:
     """Can ``group`` grow to ``new_size`` with ``policy``, and exactly? ``handled``: compositions the caller
-    resizes consistently itself (``factor``/``concat`` for head-aware rules)."""
-    refusal = policy.check(group.size, new_size) or _structural_refusal(graph, group, handled)
+    resizes consistently itself (``factor``/``concat`` for head-aware rules); ``tied``: the caller fills a
+    weight that both produces and consumes the axis consistently (zero new columns serve both uses)."""
+    refusal = policy.check(group.size, new_size) or _structural_refusal(graph, group, handled, tied)
     return ResizeCheck(refusal, None if refusal else policy.exact(group.reductions))
 
 
-def _structural_refusal(graph: Graph, group: DimGroup, handled: tuple[str, ...]) -> str | None:
+def _structural_refusal(graph: Graph, group: DimGroup, handled: tuple[str, ...], tied: bool) -> str | None:
     for member in group.members:
         roles = set(member.role_names)
         if not roles:
             return f"{member} is reached only through ops that carry no role (e.g. indexed experts)"
         if roles - GROWABLE_ROLES:
             return f"{member} is {'/'.join(sorted(roles - GROWABLE_ROLES))} along the axis"
-        if {"produces", "consumes"} <= roles:
+        if {"produces", "consumes"} <= roles and not tied:
             return f"{member} both produces and consumes the axis (a tied weight)"
     for composition in group.compositions:
         if composition.how in handled:
@@ -78,15 +81,20 @@ def _boundary_nodes(graph: Graph) -> dict[str, str]:
     return nodes
 
 
-def resize(graph: Graph, layouts: dict[DimGroup, Layout], policy, seed: int = 0, overrides=None) -> Graph:
-    """A new Graph in which every group in ``layouts`` has grown to its layout, filled by ``policy``
-    (``overrides``: another policy for some groups, e.g. the key side when the key size grows)."""
+def resize(
+    graph: Graph, layouts: dict[DimGroup, Layout], policy, seed: int = 0, overrides=None, finish=None
+) -> Graph:
+    """A new Graph in which every group in ``layouts`` has grown to its layout, filled by ``policy``.
+
+    ``overrides`` maps a group or a tensor name to another policy (the key side when the key size grows,
+    a norm gain); ``finish(module)`` edits the new GraphModule before it is compiled (an epsilon)."""
     generator = torch.Generator().manual_seed(seed)
     plans: dict[str, list] = defaultdict(list)  # tensor -> [(axis, role, layout, policy)]
     for group, layout in layouts.items():
-        chosen = (overrides or {}).get(group, policy)
         for member in group.members:
-            plans[member.tensor].append((member.axis, member.role_names[0], layout, chosen))
+            chosen = (overrides or {}).get(member.tensor) or (overrides or {}).get(group, policy)
+            role = "produces" if {"produces", "consumes"} <= set(member.role_names) else member.role_names[0]
+            plans[member.tensor].append((member.axis, role, layout, chosen))
     memo = {}
     for name, steps in plans.items():
         old = _tensor(graph.module, name)
@@ -104,6 +112,8 @@ def resize(graph: Graph, layouts: dict[DimGroup, Layout], policy, seed: int = 0,
         module = copy.deepcopy(graph.module, memo)
     for sub in module.modules():
         resize_module_attributes(sub)
+    if finish is not None:
+        finish(module)
     node_map = _patch_nodes(graph, module, layouts)
     module.recompile()
     grown = Graph(

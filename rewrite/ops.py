@@ -718,3 +718,36 @@ def patch_split(node: torch.fx.Node, parts: dict[int, "object"]) -> None:
     if node.target is torch.ops.aten.split.Tensor:
         node.target = torch.ops.aten.split_with_sizes.default
     node.args = (node.args[0], list(sizes), *node.args[2:])
+
+
+# -- RMSNorm written out by hand (Hugging Face's LlamaRMSNorm and its many copies) -----------------
+def rms_epsilon(mean_node: torch.fx.Node) -> tuple[torch.fx.Node, int] | None:
+    """For ``mean(x.pow(2), -1, keepdim=True)`` followed by ``+ eps`` and ``rsqrt``: the ``add`` node and the
+    index of its ``eps`` argument; None when the mean is not the denominator of an RMSNorm."""
+    source = mean_node.args[0] if mean_node.args else None
+    if not isinstance(source, torch.fx.Node) or _name(source) not in ("pow", "square", "mul"):
+        return None
+    users = real_users(mean_node)
+    if len(users) != 1:
+        return None
+    (add,) = users
+    if _name(add) != "add" or len(real_users(add)) != 1 or _name(real_users(add)[0]) != "rsqrt":
+        return None
+    for index, value in enumerate(add.args):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return add, index
+    return None
+
+
+def real_users(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The users of a node that compute something (not torch.export's metadata assertions)."""
+    return [user for user in node.users if not _name(user).startswith("_assert")]
+
+
+def _name(node: torch.fx.Node) -> str:
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return target._opname
+    if node.op == "call_method":
+        return str(target)
+    return ARITHMETIC.get(target) if target in ARITHMETIC else getattr(target, "__name__", str(target))

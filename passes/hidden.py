@@ -1,0 +1,198 @@
+"""``widen_hidden``: grow the residual stream ``h -> h'`` (Gesmundo & Maile, transformation 5; HyperCloning).
+
+The residual stream is one dimension group: token (and position) embedding columns, every projection that
+writes into it (``W_O``, the MLP output, their biases) and every one that reads it (``W_Q, W_K, W_V``, the MLP
+input, the output head), and the gains of every norm on it. It is found from the analysis: the group an
+embedding produces.
+
+``init="zero"``: new residual dims stay **zero**. Producers' new entries are zero; readers' new columns are
+anything (noisy copies, so they learn). An RMSNorm over ``[x, 0]`` sees ``mean(x^2) * h/h'``, so its gain is
+scaled by ``sqrt(h/h')`` and its epsilon by ``h/h'`` (``nn.RMSNorm``, ``aten.rms_norm`` and the hand-written
+``x * rsqrt(mean(x^2) + eps) * w`` alike): exact. A LayerNorm over a zero-padded axis moves the mean: refused,
+with ``clone`` suggested. A tied embedding/output head works (zero new columns serve both uses).
+
+``init="clone"`` (uniform x k): embeddings and producers repeat their columns, readers' columns are divided by
+k, norm gains and biases repeat; means and variances are unchanged, so LayerNorm and RMSNorm stay exact with
+their epsilon. A tied embedding/head is refused (it would need the final norm divided by k; not done yet).
+``net2net`` is never exact here (non-uniform replication under a norm).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.fx
+
+from rewrite.errors import GrowthError, NotExactError
+from rewrite.graph import Graph
+from rewrite.grow import check_resize, resize
+from rewrite.ops import canonical_kind, real_users, rms_epsilon
+from rewrite.plan import Plan
+
+from .net2wider import Widen, new_size
+from .policies import Policy, Zero, gather, policy
+
+NORMS = ("rms_norm", "layer_norm")
+
+
+class ResidualZero(Zero):
+    """New residual dims stay zero: producers' and biases' new entries zero, readers' new columns noisy."""
+
+    def produces(self, old, axis, layout, out, generator):
+        out.zero_()
+        out.narrow(axis, 0, layout.old_size).copy_(old)
+
+    along = produces
+
+    def consumes(self, old, axis, layout, out, generator):
+        Zero.produces(self, old, axis, layout, out, generator)
+
+
+class ScaledGain(Policy):
+    """An RMSNorm gain over the padded axis: old entries times ``scale``, new ones copied (they see zeros)."""
+
+    name = "zero"
+
+    def __init__(self, scale: float):
+        self.scale = scale
+
+    def along(self, old, axis, layout, out, generator):
+        gather(old, axis, layout.source, out)
+        out.narrow(axis, 0, layout.old_size).mul_(self.scale)
+
+
+@dataclasses.dataclass
+class WidenHidden(Widen):
+    @property
+    def name(self) -> str:
+        return f"widen_hidden({f'size={self.size}' if self.size is not None else f'factor={self.factor}'})"
+
+    def select(self, graph: Graph):
+        found = []
+        for group in graph.dim_groups():
+            for member in group.role("produces"):
+                nodes = [node for role, node in member.roles if role == "produces"]
+                if any(canonical_kind(graph, graph.node(n)) == "embedding" for n in nodes):
+                    found.append((member.tensor.rpartition(".")[0], group))
+                    break
+        return found
+
+    def plan(self, graph: Graph) -> Plan:
+        chosen = policy(self.init)
+        sites, groups, reasons = [], [], []
+        for site, group in self.select(graph):
+            target = new_size(group.size, self.size, self.factor)
+            tied = [m for m in group.members if {"produces", "consumes"} <= set(m.role_names)]
+            if tied and chosen.name != "zero":
+                raise GrowthError(
+                    f"widen_hidden with init={chosen.name!r}: {tied[0]} is a tied embedding and output head; "
+                    f"use init='zero' (keeping the tie under cloning needs the final norm divided, not done yet)"
+                )
+            check = check_resize(graph, group, target, chosen, tied=chosen.name == "zero")
+            if check.refusal:
+                raise GrowthError(f"widen_hidden: {check.refusal}")
+            reason = _zero_exactness(graph, group) if chosen.name == "zero" else check.not_exact
+            if reason and self.exact:
+                hint = "init='clone' would be exact" if chosen.name != "clone" and "LayerNorm" in reason else ""
+                raise NotExactError(f"{self.name} with init={chosen.name!r} is not exact: {reason}. {hint}".strip())
+            sites.append(site)
+            groups.append((group, target))
+            if reason:
+                reasons.append(reason)
+        return Plan(sites, groups, not reasons, reasons[0] if reasons else None)
+
+    def run(self, graph: Graph, plan: Plan) -> Graph:
+        chosen = policy(self.init)
+        generator = torch.Generator().manual_seed(self.seed)
+        layouts = {group: chosen.layout(group.size, size, generator) for group, size in plan.groups}
+        if chosen.name != "zero":
+            return resize(graph, layouts, chosen, seed=self.seed)
+        overrides, epsilons = {}, []
+        for group, size in plan.groups:
+            ratio = group.size / size
+            for kind, node_name in group.reductions:
+                node = graph.node(node_name)
+                epsilons.append((node_name, kind, ratio))
+                gain = _gain_of(graph, node, kind, group)
+                if gain is not None:
+                    overrides[gain] = ScaledGain(math.sqrt(ratio))
+            for member in group.members:
+                overrides.setdefault(member.tensor, None)
+            overrides = {k: v for k, v in overrides.items() if v is not None}
+            overrides[group] = ResidualZero()
+        return resize(graph, layouts, chosen, seed=self.seed, overrides=overrides,
+                      finish=lambda module: _scale_epsilons(graph, module, epsilons))
+
+
+def _zero_exactness(graph: Graph, group) -> str | None:
+    """Why zero-padding this residual group is not exact (None when every op on it can be corrected)."""
+    for kind, node_name in group.reductions:
+        node = graph.node(node_name)
+        if kind == "layer_norm":
+            return f"LayerNorm over a zero-padded residual stream (node {node_name}) moves the mean"
+        if kind == "rms_norm":
+            continue
+        if kind == "mean" and rms_epsilon(node) is not None:
+            continue
+        return f"a {kind} over the residual stream (node {node_name}) changes when it is zero-padded"
+    return None
+
+
+def _gain_of(graph: Graph, node: torch.fx.Node, kind: str, group) -> str | None:
+    """The gain tensor of the RMSNorm whose reduction is ``node``."""
+    if kind == "rms_norm":
+        if node.op == "call_module":
+            return f"{node.target}.weight" if getattr(graph.module.get_submodule(node.target), "weight", None) is not None else None
+        weight = node.args[2] if len(node.args) > 2 else None
+        return str(weight.target) if isinstance(weight, torch.fx.Node) and weight.op == "get_attr" else None
+    # hand-written: mean -> add eps -> rsqrt -> mul(x, .) [-> to] -> mul(weight, .)
+    rsqrt = real_users(rms_epsilon(node)[0])[0]
+    current = real_users(rsqrt)[0]
+    for _ in range(4):
+        for arg in current.args:
+            if isinstance(arg, torch.fx.Node) and arg.op == "get_attr":
+                name = str(arg.target)
+                if any(m.tensor == name for m in group.members):
+                    return name
+        users = real_users(current)
+        if len(users) != 1:
+            return None
+        current = users[0]
+    return None
+
+
+def _scale_epsilons(graph: Graph, module: torch.fx.GraphModule, epsilons) -> None:
+    """eps -> eps * h/h' for every RMSNorm on the grown axis (module attribute or graph literal)."""
+    nodes = {n.name: n for n in module.graph.nodes}
+    for node_name, kind, ratio in epsilons:
+        node = nodes[node_name]
+        if kind == "rms_norm" and node.op == "call_module":
+            norm = module.get_submodule(node.target)
+            eps = norm.eps if norm.eps is not None else torch.finfo(norm.weight.dtype).eps
+            norm.eps = eps * ratio
+        elif kind == "rms_norm":
+            args = list(node.args)
+            eps = args[3] if len(args) > 3 and args[3] is not None else torch.finfo(torch.float32).eps
+            args += [None] * (4 - len(args))
+            args[3] = eps * ratio
+            node.args = tuple(args)
+        elif kind == "mean":
+            add, index = rms_epsilon(node)
+            args = list(add.args)
+            args[index] = args[index] * ratio
+            add.args = tuple(args)
+
+
+def widen_hidden(
+    size: int | None = None,
+    factor: float | None = None,
+    init: "str | Policy" = "zero",
+    *,
+    exact: bool = True,
+    seed: int = 0,
+) -> WidenHidden:
+    """Grow the residual stream (hidden size) to ``size`` or by ``factor``."""
+    policy(init)
+    return WidenHidden("", size, factor, init, exact, seed)
