@@ -36,6 +36,9 @@ class WidenMLP(Widen):
         growth = f"size={self.size}" if self.size is not None else f"factor={self.factor}"
         return f"widen_mlp({growth}{where})"
 
+    def where(self, site: str) -> str:
+        return f"widen_mlp at {site}"
+
     def select(self, graph: Graph):
         found = []
         for group in graph.dim_groups():

@@ -53,6 +53,10 @@ class Widen:
     def name(self) -> str:
         return f"widen({self.at if isinstance(self.at, str) else ', '.join(self.at)})"
 
+    def where(self, site: str) -> str:
+        """How errors name this pass at one site."""
+        return f"widen({site})"
+
     def select(self, graph: Graph) -> list[tuple[str, object]]:
         """(site name, group) pairs this pass grows."""
         return _groups_produced_by(graph, self.at)
@@ -67,10 +71,10 @@ class Widen:
             target = new_size(group.size, self.size, self.factor)
             check = check_resize(graph, group, target, chosen)
             if check.refusal:
-                raise GrowthError(f"widen({site}): {check.refusal}")
+                raise GrowthError(f"{self.where(site)}: {check.refusal}")
             if check.not_exact and self.exact:
                 raise NotExactError(
-                    f"widen({site}) with init={chosen.name!r} is not exact: {check.not_exact}. "
+                    f"{self.where(site)} with init={chosen.name!r} is not exact: {check.not_exact}. "
                     f"{_suggestion(graph, group, target, chosen.name)}"
                 )
             groups.append((group, target))
