@@ -41,8 +41,8 @@ class ResidualZero(Zero):
     """New residual dims stay zero: producers' and biases' new entries zero, readers' new columns noisy."""
 
     def produces(self, old, axis, layout, out, generator):
-        out.zero_()
         out.narrow(axis, 0, layout.old_size).copy_(old)
+        out.narrow(axis, layout.old_size, layout.new_size - layout.old_size).zero_()
 
     along = produces
 

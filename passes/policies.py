@@ -73,10 +73,11 @@ class Zero(Policy):
         gather(old, axis, layout.source, out)
         new = layout.new_positions()
         if layout.prefix:
-            rows = out.narrow(axis, layout.old_size, len(new))
-            rows.add_(_noise(rows, generator))
+            add_noise(out.narrow(axis, layout.old_size, len(new)), old, generator)
         else:
-            out.index_add_(axis, new, _noise(out.index_select(axis, new), generator))
+            rows = out.index_select(axis, new)
+            add_noise(rows, old, generator)
+            out.index_copy_(axis, new, rows)
 
     def consumes(self, old, axis, layout, out, generator):
         if layout.prefix:
@@ -150,10 +151,13 @@ def gather(old: torch.Tensor, axis: int, index: torch.Tensor, out: torch.Tensor,
         out.narrow(axis, start, end - start).copy_(old.narrow(axis, int(index[start]), end - start))
 
 
-def _noise(like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    scale = like.detach().float().std() if like.numel() > 1 else like.detach().float().abs().mean()
-    scale = float(scale) if torch.isfinite(torch.as_tensor(scale)) and float(scale) > 0 else 1.0
-    return (torch.randn(like.shape, generator=generator) * NOISE * scale).to(like.dtype)
+def add_noise(target: torch.Tensor, like: torch.Tensor, generator: torch.Generator) -> None:
+    """``target += N(0, (NOISE * std(like))^2)``, in place; the scale is estimated on a sample of ``like``."""
+    sample = like.detach().reshape(-1)[:65536].float()
+    scale = float(sample.std()) if sample.numel() > 1 else float(sample.abs().mean()) if sample.numel() else 1.0
+    scale = scale if math.isfinite(scale) and scale > 0 else 1.0
+    noise = torch.randn(target.shape, generator=generator, dtype=target.dtype)
+    target.add_(noise, alpha=NOISE * scale)
 
 
 def _along(values: torch.Tensor, axis: int, rank: int) -> torch.Tensor:

@@ -89,10 +89,12 @@ def apply(model: torch.nn.Module | Graph, passes: list, args=(), kwargs: dict | 
             records.append(PassRecord(growth.name, None, before, before))
             continue
         current = growth.run(current, plan)
+        current.disposable = True  # made here and replaced by the next pass: its tensors may move on
         record = PassRecord(growth.name, plan, before, current.num_parameters)
         if verify:
             record.verification = _check(original, current, args, kwargs, growth.name, plan)
         records.append(record)
+    current.disposable = False
     return Grown(GrownModule(current), current, GrowthReport(records))
 
 

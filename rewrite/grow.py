@@ -87,7 +87,8 @@ def resize(
     """A new Graph in which every group in ``layouts`` has grown to its layout, filled by ``policy``.
 
     ``overrides`` maps a group or a tensor name to another policy (the key side when the key size grows,
-    a norm gain); ``finish(module)`` edits the new GraphModule before it is compiled (an epsilon)."""
+    a norm gain); ``finish(module)`` edits the new GraphModule before it is compiled (an epsilon). Untouched
+    tensors are cloned, unless ``graph.disposable`` (an intermediate of ``apply``) lets them move."""
     generator = torch.Generator().manual_seed(seed)
     plans: dict[str, list] = defaultdict(list)  # tensor -> [(axis, role, layout, policy)]
     for group, layout in layouts.items():
@@ -107,6 +108,9 @@ def resize(
                 getattr(chosen, role)(grown, axis, layout, out, generator)
             grown = out
         memo[id(old)] = torch.nn.Parameter(grown, old.requires_grad) if isinstance(old, torch.nn.Parameter) else grown
+    if getattr(graph, "disposable", False):  # an intermediate of apply(): untouched tensors move, not copy
+        for tensor in (*graph.module.parameters(), *graph.module.buffers()):
+            memo.setdefault(id(tensor), tensor)
     with warnings.catch_warnings():  # deepcopy of export's pytree specs warns about a deprecated alias
         warnings.simplefilter("ignore", FutureWarning)
         module = copy.deepcopy(graph.module, memo)
