@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 
 from .dims import DimGroup
 
@@ -15,6 +16,7 @@ class Plan:
     reason: str | None = None  # why it is not exact
 
     def describe(self) -> str:
-        growth = ", ".join(f"{g.size} -> {n}" for g, n in self.groups)
+        counts = Counter((g.size, n) for g, n in self.groups)
+        growth = ", ".join(f"{old} -> {new}" + (f" (x{c})" if c > 1 else "") for (old, new), c in counts.items())
         verdict = "exact" if self.exact else f"approximate ({self.reason})"
         return f"{', '.join(self.sites) or 'nothing'}: {growth or 'no growth'}; {verdict}"

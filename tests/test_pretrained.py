@@ -62,3 +62,15 @@ def test_grown_minilm_exports_to_onnx(tmp_path):
     grown = rewrite.apply(graph, [passes.widen_mlp(factor=1.5)], args, kwargs)
     report = rewrite.export_onnx(grown.graph, args, tmp_path / "minilm.onnx", kwargs)
     assert report.ok and report.max_rel_error <= 1e-5
+
+
+@pytest.mark.parametrize("steps, added", [
+    ([passes.add_heads(4)], 6 * 4 * 32 * (3 * 385 + 384)),  # 4 heads of 32: q, k, v rows (+bias), W_O columns
+    ([passes.widen_heads(qk=48, v=40)], 6 * 12 * (16 * 2 * 385 + 8 * (385 + 384))),
+])
+def test_minilm_attention_grows_exactly(steps, added):
+    model, graph, args, kwargs = minilm()
+    grown = rewrite.apply(graph, steps, args, kwargs)
+    record = grown.report.passes[0]
+    assert record.verification.max_rel_error <= 1e-5
+    assert record.parameters_after - record.parameters_before == added
