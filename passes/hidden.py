@@ -13,7 +13,9 @@ with ``clone`` suggested. A tied embedding/output head works (zero new columns s
 
 ``init="clone"`` (uniform x k): embeddings and producers repeat their columns, readers' columns are divided by
 k, norm gains and biases repeat; means and variances are unchanged, so LayerNorm and RMSNorm stay exact with
-their epsilon. A tied embedding/head is refused (it would need the final norm divided by k; not done yet).
+their epsilon. A tied embedding/head keeps its tie: its columns repeat (what the embedding needs), and the
+head's extra factor k is taken out of the norm that feeds it, whose gain and bias are divided by k. That norm
+is found by walking back from the head through ops that do not mix features, each used only on that path.
 ``net2net`` is never exact here (non-uniform replication under a norm).
 """
 
@@ -48,6 +50,19 @@ class ResidualZero(Zero):
 
     def consumes(self, old, axis, layout, out, generator):
         Zero.produces(self, old, axis, layout, out, generator)
+
+
+class DividedClone(Policy):
+    """The norm that feeds a tied head under cloning: gain and bias repeated, all divided by ``k``."""
+
+    name = "clone"
+
+    def __init__(self, k: int):
+        self.k = k
+
+    def along(self, old, axis, layout, out, generator):
+        gather(old, axis, layout.source, out)
+        out.div_(self.k)
 
 
 class ScaledGain(Policy):
@@ -85,12 +100,14 @@ class WidenHidden(Widen):
         for site, group in self.select(graph):
             target = new_size(group.size, self.size, self.factor)
             tied = [m for m in group.members if {"produces", "consumes"} <= set(m.role_names)]
-            if tied and chosen.name != "zero":
+            if tied and chosen.name not in ("zero", "clone"):
                 raise GrowthError(
                     f"widen_hidden with init={chosen.name!r}: {tied[0]} is a tied embedding and output head; "
-                    f"use init='zero' (keeping the tie under cloning needs the final norm divided, not done yet)"
+                    f"use init='zero' or 'clone'"
                 )
-            check = check_resize(graph, group, target, chosen, tied=chosen.name == "zero")
+            for member in tied if chosen.name == "clone" else []:
+                _head_norm(graph, group, member)  # refuses when the head is not fed by a norm alone
+            check = check_resize(graph, group, target, chosen, tied=bool(tied))
             if check.refusal:
                 raise GrowthError(f"widen_hidden: {check.refusal}")
             reason = _zero_exactness(graph, group) if chosen.name == "zero" else check.not_exact
@@ -107,6 +124,14 @@ class WidenHidden(Widen):
         chosen = policy(self.init)
         generator = torch.Generator().manual_seed(self.seed)
         layouts = {group: chosen.layout(group.size, size, generator) for group, size in plan.groups}
+        if chosen.name == "clone":
+            overrides = {}
+            for group, size in plan.groups:
+                for member in group.members:
+                    if {"produces", "consumes"} <= set(member.role_names):
+                        for tensor in _head_norm(graph, group, member):
+                            overrides[tensor] = DividedClone(size // group.size)
+            return resize(graph, layouts, chosen, seed=self.seed, overrides=overrides)
         if chosen.name != "zero":
             return resize(graph, layouts, chosen, seed=self.seed)
         overrides, epsilons = {}, []
@@ -124,6 +149,35 @@ class WidenHidden(Widen):
             overrides[group] = ResidualZero()
         return resize(graph, layouts, chosen, seed=self.seed, overrides=overrides,
                       finish=lambda module: _scale_epsilons(graph, module, epsilons))
+
+
+# Ops that do not mix values across features: a norm's output may pass through them to the head.
+_TRANSPARENT = {"view", "slice", "select", "narrow", "to", "contiguous", "dropout", "identity", "clone", "alias",
+                "_to_copy", "getitem", "unsqueeze", "squeeze", "expand"}
+
+
+def _head_norm(graph: Graph, group, member) -> list[str]:
+    """Gain and bias of the norm that alone feeds the tied head ``member``; refuses when there is none."""
+    heads = [graph.node(node) for role, node in member.roles if role == "consumes"]
+    for head in heads:
+        current = head.args[0]
+        while isinstance(current, torch.fx.Node):
+            kind = canonical_kind(graph, current)
+            if len(real_users(current)) != 1:
+                break
+            if kind in NORMS:
+                names = [m.tensor for m in group.members if any(n == current.name for _, n in m.roles)]
+                if names:
+                    return names
+                break
+            if kind not in _TRANSPARENT:
+                break
+            current = current.args[0]
+        raise GrowthError(
+            f"widen_hidden with init='clone': the tied head {member} is not fed by a norm alone (reached "
+            f"{getattr(current, 'name', current)}), so the replicated columns cannot be compensated; use init='zero'"
+        )
+    return []
 
 
 def _zero_exactness(graph: Graph, group) -> str | None:

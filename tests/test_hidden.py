@@ -59,17 +59,55 @@ def test_layernorm_residual_refuses_zero_and_suggests_clone(name):
         rewrite.apply(graph, [passes.widen_hidden(factor=2)], built.args)
 
 
-@pytest.mark.parametrize("name, tensor", [("gpt", "tok.weight"), ("hf-gpt2", "transformer.wte.weight")])
-def test_tied_embedding_under_clone_is_refused_with_the_reason(name, tensor):
+@pytest.mark.parametrize("name, tied, norm", [("gpt", "tok.weight", "ln_f"),
+                                               ("hf-gpt2", "transformer.wte.weight", "transformer.ln_f")])
+def test_tied_embedding_under_clone_keeps_the_tie_and_divides_the_final_norm(name, tied, norm):
     built, graph = traced(name)
-    with pytest.raises(rewrite.GrowthError, match=f"{tensor}\\[1\\] is a tied embedding and output head"):
-        rewrite.apply(graph, [passes.widen_hidden(factor=2, init="clone")], built.args)
+    grown = rewrite.apply(graph, [passes.widen_hidden(factor=2, init="clone")], built.args)
+    assert grown.report.passes[0].verification.max_rel_error <= 1e-5
+    module = grown.graph.module
+    head = "head.weight" if name == "gpt" else "lm_head.weight"
+    assert module.get_parameter(head) is module.get_parameter(tied)  # still one tensor
+    torch.testing.assert_close(module.get_parameter(tied), graph.module.get_parameter(tied).repeat(1, 2))
+    old_gain = graph.module.get_parameter(f"{norm}.weight")
+    torch.testing.assert_close(module.get_parameter(f"{norm}.weight"), old_gain.repeat(2) / 2)
+
+
+class TiedWithoutFinalNorm(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(16, 8)
+        self.norm = torch.nn.RMSNorm(8)
+        self.fc = torch.nn.Linear(8, 8)
+        self.head = torch.nn.Linear(8, 16, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        x = x + self.fc(self.norm(x))
+        return self.head(x)  # no norm in front of the tied head
+
+
+def test_tied_head_without_a_norm_in_front_refuses_clone_but_grows_with_zero():
+    ids = torch.randint(0, 16, (2, 5))
+    with pytest.raises(rewrite.GrowthError, match="tied head embed.weight\\[1\\] is not fed by a norm alone"):
+        rewrite.apply(TiedWithoutFinalNorm(), [passes.widen_hidden(factor=2, init="clone")], (ids,))
+    grown = rewrite.apply(TiedWithoutFinalNorm(), [passes.widen_hidden(factor=2)], (ids,))
+    assert grown.report.passes[0].verification.max_rel_error <= 1e-5
 
 
 def test_residual_that_is_the_model_output_is_refused():
     built, graph = traced("hf-bert")
     with pytest.raises(rewrite.GrowthError, match="is an output of the model"):
         rewrite.apply(graph, [passes.widen_hidden(factor=2)], built.args)
+
+
+def test_every_width_transformation_on_gpt2_composes_exactly():
+    built, graph = traced("hf-gpt2")
+    steps = [passes.widen_mlp(factor=2), passes.add_heads(2), passes.widen_heads(v=12),
+             passes.widen_hidden(factor=2, init="clone")]
+    grown = rewrite.apply(graph, steps, built.args)
+    assert all(r.exact and r.verification.max_rel_error <= 1e-5 for r in grown.report.passes)
 
 
 def test_every_width_transformation_composes_exactly_and_exports(tmp_path):
