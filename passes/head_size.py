@@ -31,7 +31,9 @@ from rewrite.layout import Layout
 from rewrite.ops import canonical_kind
 from rewrite.plan import Plan
 
-from .heads import DERIVED, _AnyGrowth, _site, in_layers, layouts, propagate
+from rewrite.propagate import DERIVED, layouts, propagate
+
+from .heads import _AnyGrowth, _site, in_layers
 from .policies import Policy, Zero, policy
 
 

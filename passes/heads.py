@@ -18,7 +18,6 @@ the query/KV ratio. Literal sizes (view shapes, split sizes) follow.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 
 import torch
@@ -27,14 +26,13 @@ from rewrite.dims import DimGroup
 from rewrite.errors import GrowthError, NotExactError
 from rewrite.graph import Graph
 from rewrite.grow import check_resize, resize
-from rewrite.layout import Layout, concat, factor, identity
 from rewrite.ops import canonical_kind
 from rewrite.plan import Plan
+from rewrite.propagate import DERIVED, bases, layouts, propagate
 
 from .policies import Policy, policy
 
 _BLOCK = re.compile(r"^(.*?\.\d+)\.")
-DERIVED = ("factor", "concat")
 
 
 @dataclasses.dataclass
@@ -54,7 +52,7 @@ class AddHeads:
         sites, sizes, reasons = [], {}, []
         for site, heads in self.select(graph):
             sites.append(site)
-            grown = propagate(heads, heads.size + self.n, site)
+            grown = propagate(heads, heads.size + self.n, site, "add_heads")
             for group, size in grown.items():
                 check = check_resize(graph, group, size, _AnyGrowth(chosen), DERIVED)
                 if check.refusal:
@@ -107,105 +105,6 @@ class _AnyGrowth(Policy):
 
     def exact(self, reductions):
         return self.inner.exact(reductions)
-
-
-def propagate(start: DimGroup, size: int, site: str, rule: str = "add_heads") -> dict[DimGroup, int]:
-    """New sizes of every group a resized group forces through factor and concat compositions."""
-    sizes = {start: size}
-    changed = True
-    while changed:
-        changed = False
-        for group in list(sizes):
-            for comp in group.compositions:
-                if comp.how not in DERIVED:
-                    raise GrowthError(
-                        f"{rule} at {site}: the axis is {comp.how}d at node {comp.node}, which this rule "
-                        f"cannot resize"
-                    )
-                new = [sizes.get(p, p.size) for p in comp.parts]
-                whole = math.prod(new) if comp.how == "factor" else sum(new)
-                if any(p in sizes for p in comp.parts):
-                    if comp.whole in sizes and sizes[comp.whole] != whole:
-                        raise GrowthError(f"{rule} at {site}: inconsistent sizes at node {comp.node}")
-                    if comp.whole not in sizes:
-                        sizes[comp.whole] = whole
-                        changed = True
-                elif comp.whole in sizes:
-                    changed |= _absorb(comp, sizes, f"{rule} at {site}")
-    return sizes
-
-
-def _absorb(comp, sizes: dict, where: str) -> bool:
-    """A whole grew: the one part that is not a pure broadcast axis (the repeat_kv group) takes it."""
-    candidates = [p for p in comp.parts if p.members or len(p.compositions) > 1]
-    if comp.how != "factor" or len(candidates) != 1:
-        raise GrowthError(f"{where}: cannot tell which axis of node {comp.node} takes the growth")
-    part = candidates[0]
-    others = math.prod(p.size for p in comp.parts if p is not part)
-    if sizes[comp.whole] % others:
-        raise GrowthError(
-            f"{where}: grouped-query attention shares each key-value head among {others} query "
-            f"heads; the number of heads added must be a multiple of {others}"
-        )
-    sizes[part] = sizes[comp.whole] // others
-    return True
-
-
-def bases(sizes: dict[DimGroup, int]) -> list[DimGroup]:
-    """Grown groups whose layout comes from the policy: those not made of other grown groups."""
-    return [
-        g for g in sizes
-        if not any(c.whole is g and c.how in DERIVED and any(p in sizes for p in c.parts) for c in g.compositions)
-    ]
-
-
-def layouts(sizes: dict[DimGroup, int], chosen: Policy, generator) -> dict[DimGroup, Layout]:
-    """A layout for every grown group: policy layouts for bases, derived ones for the rest.
-
-    Bases that are the same part of one whole (the key heads and the value heads that repeat_kv expands
-    into the same query heads) share one layout, so every new query head reads keys and values of one
-    source head.
-    """
-    result = {}
-    representative = _siblings(bases(sizes), sizes)
-    for group, first in representative.items():
-        if first not in result:
-            result[first] = chosen.layout(first.size, sizes[first], generator)
-        result[group] = result[first]
-    pending = [g for g in sizes if g not in result]
-    while pending:
-        for group in pending:
-            for comp in group.compositions:
-                if comp.whole is group and comp.how in DERIVED and all(p in result or p not in sizes for p in comp.parts):
-                    parts = [result.get(p) or identity(p.size) for p in comp.parts]
-                    result[group] = factor(parts) if comp.how == "factor" else concat(parts)
-                    break
-        still = [g for g in pending if g not in result]
-        if len(still) == len(pending):
-            raise GrowthError("add_heads: circular compositions between grown axes")
-        pending = still
-    return result
-
-
-def _siblings(groups: list[DimGroup], sizes: dict[DimGroup, int]) -> dict[DimGroup, DimGroup]:
-    """Each base mapped to the first base it must share a layout with (same part of one grown whole)."""
-    parent = {g: g for g in groups}
-
-    def find(g):
-        while parent[g] is not g:
-            g = parent[g]
-        return g
-
-    first_at: dict[tuple, DimGroup] = {}
-    for group in groups:
-        for comp in group.compositions:
-            if comp.how in DERIVED and group in comp.parts and comp.whole in sizes:
-                key = (id(comp.whole), comp.parts.index(group))
-                if key in first_at:
-                    parent[find(group)] = find(first_at[key])
-                else:
-                    first_at[key] = group
-    return {g: find(g) for g in groups}
 
 
 def in_layers(site: str, layers: list[int] | None) -> bool:

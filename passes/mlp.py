@@ -9,8 +9,11 @@ computes the same function for any activation; ``"clone"`` and ``"net2net"`` rep
 
 The MLP is found from the analysis, not from module names: a group with producers and consumers inside
 one numbered block (``...layers.3...``), no op that mixes values along it (no norm, softmax or sum), not
-split into heads and not concatenated. That finds ``fc -> GELU -> proj``, SwiGLU's gate/up -> down,
-GPT-2's ``Conv1D`` pair and BERT's intermediate/output alike. ``layers`` restricts it to some blocks.
+split into heads. That finds ``fc -> GELU -> proj``, SwiGLU's gate/up -> down, GPT-2's ``Conv1D`` pair and
+BERT's intermediate/output alike. A fused gate|up projection that ``chunk`` splits (Mixtral's experts) is a
+``concat`` of the intermediate axis with itself: it grows by the same number of units per part, new units
+appended to each part. Batched experts (``bmm`` of weights selected by expert index) are found the same
+way, one group per block covering every expert. ``layers`` restricts it to some blocks.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ _BLOCK = re.compile(r"^(.*?\.\d+)\.")
 @dataclasses.dataclass
 class WidenMLP(Widen):
     layers: list[int] | None = None
+    propagates = ("concat",)
 
     @property
     def name(self) -> str:
@@ -43,9 +47,12 @@ class WidenMLP(Widen):
         found = []
         for group in graph.dim_groups():
             block = _block_of(group)
-            if block is None or group.compositions or group.reductions:
+            if block is None or group.reductions:
                 continue
-            if not group.role("produces") or not group.role("consumes"):
+            if any(c.how != "concat" or c.whole is group for c in group.compositions):
+                continue  # split into heads, or itself a fused whole (found through its parts instead)
+            fused = [c.whole for c in group.compositions]  # gate|up projections that chunk splits
+            if not (group.role("produces") or any(w.role("produces") for w in fused)) or not group.role("consumes"):
                 continue
             if self.layers is not None and int(block.rpartition(".")[2]) not in self.layers:
                 continue

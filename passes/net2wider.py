@@ -26,6 +26,7 @@ from rewrite.errors import GrowthError, NotExactError
 from rewrite.graph import Graph
 from rewrite.grow import check_resize, resize
 from rewrite.plan import Plan
+from rewrite.propagate import layouts, propagate
 
 from .policies import POLICIES, Policy, policy
 
@@ -48,6 +49,7 @@ class Widen:
     init: "str | Policy" = "net2net"
     exact: bool = True
     seed: int = 0
+    propagates = ()  # compositions this pass grows through (widen_mlp: fused gate|up projections)
 
     @property
     def name(self) -> str:
@@ -69,24 +71,26 @@ class Widen:
             if any(group is seen for seen, _ in groups):
                 continue
             target = new_size(group.size, self.size, self.factor)
-            check = check_resize(graph, group, target, chosen)
-            if check.refusal:
-                raise GrowthError(f"{self.where(site)}: {check.refusal}")
-            if check.not_exact and self.exact:
-                raise NotExactError(
-                    f"{self.where(site)} with init={chosen.name!r} is not exact: {check.not_exact}. "
-                    f"{_suggestion(graph, group, target, chosen.name)}"
-                )
-            groups.append((group, target))
-            if check.not_exact:
-                reasons.append(check.not_exact)
+            through = bool(group.compositions) and all(c.how in self.propagates for c in group.compositions)
+            grown = propagate(group, target, site, self.name) if through else {group: target}
+            for each, size in grown.items():
+                check = check_resize(graph, each, size, chosen, self.propagates)
+                if check.refusal:
+                    raise GrowthError(f"{self.where(site)}: {check.refusal}")
+                if check.not_exact and self.exact:
+                    raise NotExactError(
+                        f"{self.where(site)} with init={chosen.name!r} is not exact: {check.not_exact}. "
+                        f"{_suggestion(graph, each, size, chosen.name)}"
+                    )
+                groups.append((each, size))
+                if check.not_exact:
+                    reasons.append(check.not_exact)
         return Plan(sites, groups, not reasons, reasons[0] if reasons else None)
 
     def run(self, graph: Graph, plan: Plan) -> Graph:
         chosen = policy(self.init)
         generator = torch.Generator().manual_seed(self.seed)
-        layouts = {group: chosen.layout(group.size, size, generator) for group, size in plan.groups}
-        return resize(graph, layouts, chosen, seed=self.seed)
+        return resize(graph, layouts(dict(plan.groups), chosen, generator), chosen, seed=self.seed)
 
 
 def widen(

@@ -135,6 +135,16 @@ class Facts:
         self.compositions: list[tuple[Axis, list[Axis], str, str]] = []
         self.opaque: list[tuple[str, str, list[Axis]]] = []
         self.axes: set[Axis] = set()
+        self.derived: dict[str, tuple[str, dict[int, int]]] = {}  # ref -> (parameter, {axis: parameter axis})
+
+    def parameter_axis(self, ref: str, axis: int) -> Axis | None:
+        """The parameter axis a ref's axis is, directly or through a selection of experts."""
+        if ref.startswith("p:"):
+            return (ref, axis)
+        if ref in self.derived:
+            parameter, axes = self.derived[ref]
+            return (parameter, axes[axis]) if axis in axes else None
+        return None
 
     def equal(self, a: Axis, b: Axis, node: str) -> None:
         self.axes.update((a, b))
@@ -215,7 +225,8 @@ def addmm(facts: Facts, call: Call) -> None:
 
 
 def matmul(facts: Facts, call: Call) -> None:
-    """(..., n, k) @ (..., k, m) -> (..., n, m); batch axes broadcast. A parameter on the right is [in, out]."""
+    """(..., n, k) @ (..., k, m) -> (..., n, m); batch axes broadcast. A weight (or one selected from a stack
+    of experts) on the left is [out, in], on the right [in, out]."""
     a, b = call.operands[:2]
     name = call.node.name
     sa, sb, so = call.shape(a), call.shape(b), call.out_shape
@@ -224,14 +235,17 @@ def matmul(facts: Facts, call: Call) -> None:
     facts.equal((a, len(sa) - 1), (b, len(sb) - 2), name)
     facts.equal((a, len(sa) - 2), (call.out, len(so) - 2), name)
     facts.equal((b, len(sb) - 1), (call.out, len(so) - 1), name)
+    # a weight on the left is [out, in] (W @ x, as batched experts apply theirs); on the right [in, out]
+    for ref, shape, consumes, produces in ((a, sa, -1, -2), (b, sb, -2, -1)):
+        for offset, role in ((consumes, "consumes"), (produces, "produces")):
+            axis = facts.parameter_axis(ref, len(shape) + offset)
+            if axis is not None:
+                facts.role(axis, role, name)
     for ref, shape in ((a, sa), (b, sb)):
         offset = len(so) - len(shape)
         for axis in range(len(shape) - 2):
             if shape[axis] != 1:
                 facts.equal((ref, axis), (call.out, offset + axis), name)
-    if b.startswith("p:"):
-        facts.role((b, len(sb) - 2), "consumes", name)
-        facts.role((b, len(sb) - 1), "produces", name)
 
 
 def conv(facts: Facts, call: Call) -> None:
@@ -518,6 +532,9 @@ def index(facts: Facts, call: Call) -> None:
     facts.compose((x, d), [(idx, a) for a in range(idx_rank)], "select", name)
     if x.startswith("p:"):
         facts.role((x, d), "indexed", name)
+        kept = {axis: axis for axis in range(d)}
+        kept.update({axis - 1 + idx_rank: axis for axis in range(d + 1, len(shape))})
+        facts.derived[call.out] = (x, kept)
 
 
 def repeat(facts: Facts, call: Call) -> None:
@@ -702,7 +719,7 @@ def patch_split(node: torch.fx.Node, parts: dict[int, "object"]) -> None:
     ``parts`` maps an element index to {axis: layout} of that element's grown axes. An equal split
     (``split(x, 32)``) whose parts no longer share one size becomes ``split_with_sizes``.
     """
-    if len(node.args) < 2:
+    if len(node.args) < 2 or _name(node) == "chunk":  # chunk(x, n) names a count: equal growth keeps it valid
         return
     metas = node.meta["tensor_meta"]
     rank = len(metas[0].shape)

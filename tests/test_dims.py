@@ -119,6 +119,10 @@ def test_mixtral_router_and_experts():
     assert ("softmax", "softmax") in router.reductions
     experts = group_of(graph, "model.layers.0.mlp.experts.gate_up_proj", 0)
     assert roles(experts)["model.layers.0.mlp.experts.gate_up_proj[0]"] == ["indexed"]
+    # batched experts apply W[expert] @ x: the selected weight's roles reach the stacked parameter
+    residual = roles(group_of(graph, "model.embed_tokens.weight", 1))
+    assert residual["model.layers.0.mlp.experts.gate_up_proj[2]"] == ["consumes"]
+    assert residual["model.layers.0.mlp.experts.down_proj[1]"] == ["produces"]
 
 
 def test_integer_index_buffers_are_not_growable():

@@ -1,6 +1,7 @@
 """passes.widen_mlp: the MLP intermediate size of every block, found from the dimension analysis."""
 
 import pytest
+import torch
 from conftest import traced
 
 import passes
@@ -14,6 +15,7 @@ TRANSFORMERS = [
     ("hf-llama", 48, 32 * 3, 2),
     ("hf-qwen2", 48, 32 * 3, 2),
     ("hf-bert", 64, 32 + 1 + 32, 2),
+    ("hf-mixtral", 48, 4 * 32 * 3, 2),  # 4 batched experts, fused gate|up rows split by chunk, down columns
 ]
 
 
@@ -24,7 +26,8 @@ def test_widen_mlp_is_exact_on_every_block(name, p, per_unit, blocks, init):
     grown = rewrite.apply(graph, [passes.widen_mlp(factor=2, init=init)], built.args, built.kwargs)
     (record,) = grown.report.passes
     assert len(record.plan.sites) == blocks
-    assert all(size == 2 * p for _, size in record.plan.groups)
+    assert all(size == 2 * group.size for group, size in record.plan.groups)  # fused gate|up wholes too
+    assert p in {group.size for group, _ in record.plan.groups}
     assert record.parameters_after - record.parameters_before == blocks * p * per_unit
     assert record.verification.max_rel_error <= 1e-5
 
@@ -35,6 +38,20 @@ def test_layers_restricts_the_blocks():
     assert grown.report.passes[0].plan.sites == ["model.layers.1"]
     assert grown.graph.module.get_submodule("model.layers.1.mlp.down_proj").weight.shape[1] == 80
     assert grown.graph.module.get_submodule("model.layers.0.mlp.down_proj").weight.shape[1] == 48
+
+
+def test_fused_gate_up_grows_each_part_with_one_layout():
+    built, graph = traced("hf-mixtral")
+    grown = rewrite.apply(graph, [passes.widen_mlp(size=56, init="net2net")], built.args)
+    fused = grown.graph.module.get_parameter("model.layers.0.mlp.experts.gate_up_proj")
+    old = graph.module.get_parameter("model.layers.0.mlp.experts.gate_up_proj")
+    assert fused.shape == (4, 112, 32)
+    torch.testing.assert_close(fused[:, :48], old[:, :48])  # gate rows keep their places
+    torch.testing.assert_close(fused[:, 56:104], old[:, 48:])  # up rows moved behind the grown gate part
+    for j in range(8):  # new unit j: its gate row and its up row copy one and the same old unit
+        (source,) = [s for s in range(48) if torch.equal(fused[:, 48 + j], old[:, s])]
+        assert torch.equal(fused[:, 104 + j], old[:, 48 + source])
+    assert grown.report.passes[0].verification.max_rel_error <= 1e-5
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn"])
