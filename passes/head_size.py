@@ -33,8 +33,8 @@ from rewrite.plan import Plan
 
 from rewrite.propagate import DERIVED, layouts, propagate
 
-from .heads import _AnyGrowth, _site, in_layers
-from .policies import Policy, Zero, policy
+from .heads import attention_site, in_layers
+from .policies import AnySize, Policy, Zero, policy
 
 
 @dataclasses.dataclass
@@ -87,7 +87,7 @@ class WidenHeads:
             if (id(qk), id(value)) in seen:  # RoPE tables couple the key/query dims of every layer
                 continue
             seen.add((id(qk), id(value)))
-            site = _site(heads) or graph.owner(node) or node.name
+            site = attention_site(heads) or graph.owner(node) or node.name
             if not in_layers(site, self.layers):
                 continue
             implicit = node.kwargs.get("scale") is None and (len(node.args) < 7 or node.args[6] is None)
@@ -115,7 +115,7 @@ class WidenHeads:
             for group, size in grown.items():
                 if group is attention.qk:
                     continue  # its only reduction is the attention temperature, handled above
-                check = check_resize(graph, group, size, _AnyGrowth(chosen), DERIVED)
+                check = check_resize(graph, group, size, AnySize(chosen), DERIVED)
                 if check.refusal:
                     raise GrowthError(f"widen_heads at {attention.site}: {check.refusal}")
                 if check.not_exact:

@@ -30,7 +30,7 @@ from rewrite.ops import canonical_kind
 from rewrite.plan import Plan
 from rewrite.propagate import DERIVED, bases, layouts, propagate
 
-from .policies import Policy, policy
+from .policies import AnySize, Policy, policy
 
 _BLOCK = re.compile(r"^(.*?\.\d+)\.")
 
@@ -54,7 +54,7 @@ class AddHeads:
             sites.append(site)
             grown = propagate(heads, heads.size + self.n, site, "add_heads")
             for group, size in grown.items():
-                check = check_resize(graph, group, size, _AnyGrowth(chosen), DERIVED)
+                check = check_resize(graph, group, size, AnySize(chosen), DERIVED)
                 if check.refusal:
                     raise GrowthError(f"add_heads at {site}: {check.refusal}")
                 if check.not_exact:
@@ -82,7 +82,7 @@ class AddHeads:
             if id(heads) in seen:
                 continue
             seen.add(id(heads))
-            site = _site(heads) or graph.owner(node) or node.name
+            site = attention_site(heads) or graph.owner(node) or node.name
             if in_layers(site, self.layers):
                 found.append((site, heads))
         return found
@@ -93,20 +93,6 @@ class AddHeads:
         return resize(graph, layouts(dict(plan.groups), chosen, generator), chosen, seed=self.seed)
 
 
-class _AnyGrowth(Policy):
-    """Structural and exactness checks of a policy without its size rule (heads sizes are checked on bases)."""
-
-    def __init__(self, inner: Policy):
-        self.inner = inner
-        self.name = inner.name
-
-    def check(self, n, n_new):
-        return None if n_new > n else f"new size {n_new} is not larger than {n}"
-
-    def exact(self, reductions):
-        return self.inner.exact(reductions)
-
-
 def in_layers(site: str, layers: list[int] | None) -> bool:
     """Is the module ``site`` inside one of the numbered blocks ``layers`` (all, when None)?"""
     if layers is None:
@@ -115,7 +101,7 @@ def in_layers(site: str, layers: list[int] | None) -> bool:
     return block is not None and int(block.group(1).rpartition(".")[2]) in layers
 
 
-def _site(heads: DimGroup) -> str | None:
+def attention_site(heads: DimGroup) -> str | None:
     """The attention module: common owner of the projections the heads axis is made into."""
     owners = set()
     for comp in heads.compositions:

@@ -52,30 +52,16 @@ class ResidualZero(Zero):
         Zero.produces(self, old, axis, layout, out, generator)
 
 
-class DividedClone(Policy):
-    """The norm that feeds a tied head under cloning: gain and bias repeated, all divided by ``k``."""
-
-    name = "clone"
-
-    def __init__(self, k: int):
-        self.k = k
-
-    def along(self, old, axis, layout, out, generator):
-        gather(old, axis, layout.source, out)
-        out.div_(self.k)
-
-
 class ScaledGain(Policy):
-    """An RMSNorm gain over the padded axis: old entries times ``scale``, new ones copied (they see zeros)."""
+    """A norm's gain (and bias) copied through the layout, then scaled: only the old entries (an RMSNorm over
+    a zero-padded axis, whose new entries see zeros) or all of them (the norm feeding a tied head, cloned)."""
 
-    name = "zero"
-
-    def __init__(self, scale: float):
-        self.scale = scale
+    def __init__(self, name: str, scale: float, old_only: bool):
+        self.name, self.scale, self.old_only = name, scale, old_only
 
     def along(self, old, axis, layout, out, generator):
         gather(old, axis, layout.source, out)
-        out.narrow(axis, 0, layout.old_size).mul_(self.scale)
+        (out.narrow(axis, 0, layout.old_size) if self.old_only else out).mul_(self.scale)
 
 
 @dataclasses.dataclass
@@ -130,7 +116,7 @@ class WidenHidden(Widen):
                 for member in group.members:
                     if {"produces", "consumes"} <= set(member.role_names):
                         for tensor in _head_norm(graph, group, member):
-                            overrides[tensor] = DividedClone(size // group.size)
+                            overrides[tensor] = ScaledGain("clone", group.size / size, old_only=False)
             return resize(graph, layouts, chosen, seed=self.seed, overrides=overrides)
         if chosen.name != "zero":
             return resize(graph, layouts, chosen, seed=self.seed)
@@ -139,13 +125,12 @@ class WidenHidden(Widen):
             ratio = group.size / size
             for kind, node_name in group.reductions:
                 node = graph.node(node_name)
+                if not (kind == "rms_norm" or (kind == "mean" and rms_epsilon(node))):
+                    continue  # not correctable: the plan already says approximate and why
                 epsilons.append((node_name, kind, ratio))
                 gain = _gain_of(graph, node, kind, group)
                 if gain is not None:
-                    overrides[gain] = ScaledGain(math.sqrt(ratio))
-            for member in group.members:
-                overrides.setdefault(member.tensor, None)
-            overrides = {k: v for k, v in overrides.items() if v is not None}
+                    overrides[gain] = ScaledGain("zero", math.sqrt(ratio), old_only=True)
             overrides[group] = ResidualZero()
         return resize(graph, layouts, chosen, seed=self.seed, overrides=overrides,
                       finish=lambda module: _scale_epsilons(graph, module, epsilons))

@@ -59,6 +59,14 @@ def test_layernorm_residual_refuses_zero_and_suggests_clone(name):
         rewrite.apply(graph, [passes.widen_hidden(factor=2)], built.args)
 
 
+def test_layernorm_residual_with_exact_false_grows_approximately_and_is_measured():
+    built, graph = traced("hf-gpt2")
+    grown = rewrite.apply(graph, [passes.widen_hidden(factor=2, exact=False)], built.args)
+    record = grown.report.passes[0]
+    assert record.exact is False and "LayerNorm" in record.plan.reason
+    assert record.verification.max_abs_error > 0
+
+
 @pytest.mark.parametrize("name, tied, norm", [("gpt", "tok.weight", "ln_f"),
                                                ("hf-gpt2", "transformer.wte.weight", "transformer.ln_f")])
 def test_tied_embedding_under_clone_keeps_the_tie_and_divides_the_final_norm(name, tied, norm):
