@@ -10,9 +10,10 @@ are **zero**, so ``q'.k' = q.k``. If the attention uses its default temperature 
 it becomes ``1/sqrt(k')``, and the old key rows (and biases) are scaled by ``sqrt(k'/k)`` to cancel it; if the
 graph passes an explicit ``scale=`` (Hugging Face does), the temperature is unchanged and keys are not
 scaled. Only ``init="zero"`` is exact here (replicating dims would count them twice in the dot product).
-Refused with the reason: rotary position embeddings on the head dim (their frequencies depend on
-``head_dim``, so a native module could not stay exact), and a fused q|k projection (GPT-2's ``c_attn``), whose
-query and key rows would need different fills (not supported yet; the value size of a fused projection is).
+A fused q|k|v projection (GPT-2's ``c_attn``) is filled part by part: its key rows as keys, its query rows
+by the policy, its value rows unchanged. Refused with the reason: rotary position embeddings on the head
+dim (their frequencies depend on ``head_dim``, so a native module could not stay exact), and a projection
+feeding queries and keys that is not split into separate parts.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from rewrite.dims import DimGroup
 from rewrite.errors import GrowthError, NotExactError
 from rewrite.graph import Graph
 from rewrite.grow import check_resize, resize
-from rewrite.layout import Layout
+from rewrite.layout import Layout, identity
 from rewrite.ops import canonical_kind
 from rewrite.plan import Plan
 
@@ -57,6 +58,26 @@ class KeyScaled(Zero):
         out.index_copy_(axis, layout.old_positions, old * self.scale)
 
     along = produces
+
+
+class Segmented(Policy):
+    """A fused projection (q|k|v rows end to end): each part's rows filled by that part's own policy."""
+
+    def __init__(self, name: str, segments: list[tuple[int, int, int, Layout, Policy]]):
+        self.name = name
+        self.segments = segments  # (old offset, new offset, old size, part layout, part policy)
+
+    def _each(self, role, old, axis, layout, out, generator):
+        for old_at, new_at, size, part, chosen in self.segments:
+            getattr(chosen, role)(
+                old.narrow(axis, old_at, size), axis, part, out.narrow(axis, new_at, part.new_size), generator
+            )
+
+    def produces(self, old, axis, layout, out, generator):
+        self._each("produces", old, axis, layout, out, generator)
+
+    def along(self, old, axis, layout, out, generator):
+        self._each("along", old, axis, layout, out, generator)
 
 
 @dataclasses.dataclass
@@ -103,7 +124,7 @@ class WidenHeads:
             if self.qk is not None:
                 _refuse_qk(graph, attention)
                 own = propagate(attention.qk, self.qk, attention.site, "widen_heads")
-                _key_side(attention, own)  # refuses a fused q|k projection before anything runs
+                _fused_parts(attention, own)  # refuses a fused projection it cannot split before anything runs
                 grown.update(own)
                 if chosen.name != "zero":
                     reasons.append(
@@ -130,14 +151,25 @@ class WidenHeads:
         chosen = policy(self.init)
         generator = torch.Generator().manual_seed(self.seed)
         sizes = dict(plan.groups)
+        grown = layouts(sizes, chosen, generator)
         overrides = {}
         if self.qk is not None:
             for attention in self.attentions(graph):
                 scale = math.sqrt(self.qk / attention.qk.size) if attention.implicit_scale else 1.0
                 own = propagate(attention.qk, self.qk, attention.site, "widen_heads")
-                for group in _key_side(attention, own):
-                    overrides[group] = KeyScaled(scale)
-        return resize(graph, layouts(sizes, chosen, generator), chosen, seed=self.seed, overrides=overrides)
+                sides = _sides(attention, own)
+                for group, side in sides.items():
+                    if side == "key" and group.members:
+                        overrides[group] = KeyScaled(scale)
+                for whole, parts in _fused_parts(attention, own).items():
+                    segments, old_at, new_at = [], 0, 0
+                    for part in parts:
+                        layout = grown.get(part) or identity(part.size)
+                        part_policy = KeyScaled(scale) if sides.get(part) == "key" else chosen
+                        segments.append((old_at, new_at, part.size, layout, part_policy))
+                        old_at, new_at = old_at + part.size, new_at + layout.new_size
+                    overrides[whole] = Segmented(chosen.name, segments)
+        return resize(graph, grown, chosen, seed=self.seed, overrides=overrides)
 
 
 def _refuse_qk(graph: Graph, attention: _Attention) -> None:
@@ -162,25 +194,38 @@ def _ancestors(node: torch.fx.Node) -> set[str]:
     return seen
 
 
-def _key_side(attention: _Attention, sizes: dict[DimGroup, int]) -> list[DimGroup]:
-    """Of the groups this attention's key/query growth resizes, those on the key path; a group feeding
-    both queries and keys (a fused projection) is refused."""
+def _sides(attention: _Attention, sizes: dict[DimGroup, int]) -> dict[DimGroup, str]:
+    """For each group the key/query growth resizes: on the path to the keys only ("key"), the queries
+    only ("query"), or both ("both": a fused projection)."""
     q, k = attention.node.args[:2]
     q_side, k_side = _ancestors(q), _ancestors(k)
-    keys = []
+    sides = {}
     for group in sizes:
-        if group is attention.qk or not group.members:
+        if group is attention.qk:
             continue
-        names = {ref[2:].split("#")[0] for ref, _ in group.activations}
+        names = {ref[2:] for ref, _ in group.activations if "#" not in ref}  # a split's own node feeds all parts
         to_keys, to_queries = bool(names & k_side), bool(names & q_side)
-        if to_keys and to_queries:
+        sides[group] = "both" if to_keys and to_queries else "key" if to_keys else "query" if to_queries else ""
+    return sides
+
+
+def _fused_parts(attention: _Attention, sizes: dict[DimGroup, int]) -> dict[DimGroup, list[DimGroup]]:
+    """Each grown group feeding both queries and keys, with the parts it is split into (q | k | v).
+
+    Refused when such a group is not a concatenation whose parts each feed one side."""
+    sides = _sides(attention, sizes)
+    fused = {}
+    for group, side in sides.items():
+        if side != "both" or not group.members:
+            continue
+        splits = [c for c in group.compositions if c.how == "concat" and c.whole is group]
+        if len(splits) != 1 or any(sides.get(p, "") == "both" for p in splits[0].parts):
             raise GrowthError(
-                f"widen_heads(qk) at {attention.site}: queries and keys come from one fused projection "
-                f"({group.members[0].tensor}); growing their size needs separate fills (not supported yet)"
+                f"widen_heads(qk) at {attention.site}: queries and keys come from one projection "
+                f"({group.members[0].tensor}) that is not split into separate parts"
             )
-        if to_keys:
-            keys.append(group)
-    return keys
+        fused[group] = splits[0].parts
+    return fused
 
 
 def widen_heads(

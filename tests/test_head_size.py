@@ -60,12 +60,25 @@ def test_key_query_and_value_sizes_together_and_in_some_layers():
 @pytest.mark.parametrize("name, reason", [
     ("llama", "rotary position embeddings act on the key/query head dim"),
     ("hf-llama", "rotary position embeddings act on the key/query head dim"),
-    ("hf-gpt2", "queries and keys come from one fused projection"),
 ])
 def test_key_query_growth_refusals(name, reason):
     built, graph = traced(name)
     with pytest.raises(rewrite.GrowthError, match=reason):
         rewrite.apply(graph, [passes.widen_heads(qk=12)], built.args)
+
+
+def test_fused_qkv_projection_is_filled_part_by_part():
+    built, graph = traced("hf-gpt2")
+    grown = rewrite.apply(graph, [passes.widen_heads(qk=12, v=10)], built.args)
+    assert grown.report.passes[0].verification.max_rel_error <= 1e-5
+    old = graph.module.get_parameter("transformer.h.0.attn.c_attn.weight")  # Conv1D [in, q|k|v]
+    new = grown.graph.module.get_parameter("transformer.h.0.attn.c_attn.weight")
+    assert new.shape == (32, 4 * 12 + 4 * 12 + 4 * 10)
+    keys_old, keys_new = old[:, 32:64].reshape(32, 4, 8), new[:, 48:96].reshape(32, 4, 12)
+    assert torch.equal(keys_new[..., :8], keys_old)  # explicit scale=: keys are not rescaled
+    assert torch.count_nonzero(keys_new[..., 8:]) == 0  # new key dims zero
+    values_old, values_new = old[:, 64:].reshape(32, 4, 8), new[:, 96:].reshape(32, 4, 10)
+    assert torch.equal(values_new[..., :8], values_old)
 
 
 def test_replicating_key_query_dims_is_not_exact():
