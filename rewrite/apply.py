@@ -99,7 +99,12 @@ def apply(model: torch.nn.Module | Graph, passes: list, args=(), kwargs: dict | 
 
 
 def _check(original: Graph, grown: Graph, args: tuple, kwargs: dict, name: str, plan: Plan) -> Report:
-    report = verify(original, grown, args, kwargs, title=f"after {name}")
+    try:
+        report = verify(original, grown, args, kwargs, title=f"after {name}")
+    except Exception as e:  # noqa: BLE001 - a grown graph that does not run is a bug in a rule: say which
+        from .frontends import first_line
+
+        raise GrowthError(f"the graph grown by {name} does not run: {first_line(e)}") from e
     if not report.ok and plan.exact:
         raise VerificationError(f"{name} was planned exact but changes the outputs", report)
     return report

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import warnings
 from collections import defaultdict
 
 import torch
 import torch.fx
 import torch.utils._pytree as pytree
+from torch.fx.passes.shape_prop import TensorMetadata
 
 from .dims import DimGroup
 from .errors import GrowthError
@@ -128,14 +130,35 @@ def resize(
         example_kwargs=graph.example_kwargs,
         fixed_kwargs=graph.fixed_kwargs,
     )
-    try:
-        grown.propagate_shapes(*graph.example_args, **graph.example_kwargs)
-    except Exception as e:  # noqa: BLE001 - a grown graph that does not run is a bug in a rule
-        from .frontends import first_line
-
-        raise GrowthError(f"the grown graph of {graph.source_class} does not run: {first_line(e)}") from e
+    _grown_metadata(module, layouts)
     grown.node_map = _compose(getattr(graph, "node_map", None), node_map)
     return grown
+
+
+def _grown_metadata(module: torch.fx.GraphModule, layouts: dict[DimGroup, Layout]) -> None:
+    """Every node's shape after growth, from the analysis instead of a forward pass: each grown activation
+    axis takes its group's new size. (``apply`` still runs and verifies the grown graph.)"""
+    sizes: dict[str, dict[int, int]] = defaultdict(dict)
+    for group, layout in layouts.items():
+        for ref, axis in group.activations:
+            sizes[ref[2:]][axis] = layout.new_size
+    for node in module.graph.nodes:
+        meta = node.meta.get("tensor_meta")
+        if isinstance(meta, TensorMetadata):  # a NamedTuple: test it before tuples of metadata
+            node.meta["tensor_meta"] = _resized(meta, sizes.get(node.name, {}))
+        elif isinstance(meta, (tuple, list)):
+            node.meta["tensor_meta"] = type(meta)(
+                _resized(part, sizes.get(f"{node.name}#{i}", {})) if isinstance(part, TensorMetadata) else part
+                for i, part in enumerate(meta)
+            )
+
+
+def _resized(meta: TensorMetadata, axes: dict[int, int]) -> TensorMetadata:
+    if not axes:
+        return meta
+    shape = torch.Size(axes.get(i, size) for i, size in enumerate(meta.shape))
+    stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
+    return meta._replace(shape=shape, stride=stride)
 
 
 def _patch_nodes(graph: Graph, module: torch.fx.GraphModule, layouts: dict[DimGroup, Layout]) -> dict:

@@ -208,3 +208,19 @@ def test_property_exact_plans_verify_refused_plans_say_why(case, data):
         assert record.exact and record.verification.max_rel_error <= 1e-10
         assert grown.graph.module.get_submodule(str(index)).out_features == size
     assert all(torch.equal(v, snapshot[k]) for k, v in model.state_dict().items())
+
+
+def test_a_rewrite_that_breaks_the_graph_is_named_not_a_torch_trace(monkeypatch):
+    import rewrite.grow as grow
+
+    built, graph = traced("mlp")
+    real = grow._patch_nodes
+
+    def break_one_node(graph, module, layouts):  # drop the consumer's growth: its input no longer fits
+        result = real(graph, module, layouts)
+        module.get_submodule("layers.1").weight = torch.nn.Parameter(torch.zeros(32, 32))
+        return result
+
+    monkeypatch.setattr(grow, "_patch_nodes", break_one_node)
+    with pytest.raises(rewrite.GrowthError, match="the graph grown by widen\\(layers.0\\) does not run: RuntimeError"):
+        rewrite.apply(graph, [passes.widen("layers.0", factor=2)], built.args)
