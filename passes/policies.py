@@ -9,7 +9,8 @@ then fills each member by its role:
     along       copied via g               copied via g                 copied via g                  copied via g
     consumes    old columns, new = 0       W[:, g(j)] / k               W[:, g(j)] / count(g(j))      all columns * sqrt(n/n')
 
-``g`` is ``j mod n`` for clone (each unit exactly k = n'/n times), uniform random for net2net and zero.
+``g`` is ``j mod n`` for clone (each unit exactly k = n'/n times) and zero (any source is exact there; blocks
+copy fastest), uniform random for net2net.
 Exact when (known before anything runs, see ``exact``):
 * zero: new units reach the output only through zero columns, so no op may mix values along the axis;
 * clone: any element-wise op, and means/norms along the axis (LayerNorm, RMSNorm keep mean and variance
@@ -68,6 +69,11 @@ class Zero(Policy):
     """Zero fan-in of the consumers for new units; new producer rows are noisy copies (they can learn)."""
 
     name = "zero"
+
+    def mapping(self, n, n_new, generator):
+        # Any source is exact (consumers see zero columns) and the noise breaks symmetry, so new units copy
+        # the old ones in order: whole blocks, copied by slices instead of gathered.
+        return torch.arange(n, n_new) % n
 
     def produces(self, old, axis, layout, out, generator):
         gather(old, axis, layout.source, out)
