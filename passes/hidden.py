@@ -71,13 +71,17 @@ class WidenHidden(Widen):
         return f"widen_hidden({f'size={self.size}' if self.size is not None else f'factor={self.factor}'})"
 
     def select(self, graph: Graph):
+        """(the embeddings that write the residual stream, its group) for every group an embedding produces."""
         found = []
         for group in graph.dim_groups():
-            for member in group.role("produces"):
-                nodes = [node for role, node in member.roles if role == "produces"]
-                if any(canonical_kind(graph, graph.node(n)) == "embedding" for n in nodes):
-                    found.append((member.tensor.rpartition(".")[0], group))
-                    break
+            embeddings = [
+                member.tensor.rpartition(".")[0]
+                for member in group.role("produces")
+                if any(role == "produces" and canonical_kind(graph, graph.node(node)) == "embedding"
+                       for role, node in member.roles)
+            ]
+            if embeddings:
+                found.append((f"residual stream of {', '.join(embeddings)}", group))
         return found
 
     def plan(self, graph: Graph) -> Plan:

@@ -38,7 +38,9 @@ def _parser() -> argparse.ArgumentParser:
         "--groups", action="store_true", help="also print the dimension groups (axes that must grow together)"
     )
 
-    demo = commands.add_parser("demo", help="the main job on a built-in model: trace, summarise, export, verify")
+    demo = commands.add_parser(
+        "demo", help="the main job on a built-in model: trace, grow (width), verify, export to ONNX and check it"
+    )
     demo.add_argument("--model", choices=zoo.NAMES, default=zoo.DEFAULT)
     demo.add_argument("--out", type=Path, default=Path("out/demo"), help="folder for the ONNX file (default out/demo)")
     return parser
@@ -83,7 +85,19 @@ def _inspect(options) -> int:
     return 0
 
 
+DEMO_PLAN = "widen_mlp(factor=2), add_heads(2), widen_hidden(factor=2, init='clone')"
+
+
+def _demo_passes():
+    """The demo's growth plan: MLPs 2x, two more heads per attention, residual stream 2x (uniform clone,
+    which stays exact under LayerNorm and keeps a tied head)."""
+    import passes
+
+    return [passes.widen_mlp(factor=2), passes.add_heads(2), passes.widen_hidden(factor=2, init="clone")]
+
+
 def _demo(options) -> int:
+    from .apply import apply
     from .onnx_export import export_onnx
     from .trace import trace
     from .verify import verify
@@ -97,12 +111,18 @@ def _demo(options) -> int:
     print(graph.summary())
     print(verify(model, graph, args, kwargs, title="== graph vs model"))
     t = time.perf_counter()
-    path = options.out / f"{options.model}.onnx"
-    report = export_onnx(graph, args, path, kwargs)
-    print(f"== exported in {time.perf_counter() - t:.2f} s")
+    grown = apply(graph, _demo_passes(), args, kwargs)
+    print(f"== grown in {time.perf_counter() - t:.2f} s with {DEMO_PLAN} (each pass verified)")
+    print(grown.report)
+    print(verify(model, grown.graph, args, kwargs, title="== grown model vs original model"))
+    t = time.perf_counter()
+    path = options.out / f"{options.model}-grown.onnx"
+    report = export_onnx(grown.graph, args, path, kwargs)
+    print(f"== grown model exported in {time.perf_counter() - t:.2f} s")
     print(report)
-    print(f"== done in {time.perf_counter() - start:.1f} s: {'OK' if report.ok else 'MISMATCH'}")
-    return 0 if report.ok else 1
+    ok = report.ok and grown.report.exact
+    print(f"== done in {time.perf_counter() - start:.1f} s: {'OK' if ok else 'MISMATCH'}")
+    return 0 if ok else 1
 
 
 def main(argv: list[str] | None = None) -> int:

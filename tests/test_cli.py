@@ -62,9 +62,13 @@ def test_inspect_folder_without_config_fails_with_one_line(tmp_path):
     assert result.stderr.strip() == f"growfx: error: {tmp_path} is not a Hugging Face model folder: it has no config.json"
 
 
-def test_demo_traces_exports_and_verifies(tmp_path, capsys):
+def test_demo_grows_verifies_and_exports(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "== graph vs model: OK" in out
+    assert "widen_mlp(factor=2): blocks.0, blocks.1: 64 -> 128 (x2); exact" in out
+    assert "add_heads(2): blocks.0.attn, blocks.1.attn: 4 -> 6 (x2)" in out
+    assert "widen_hidden(factor=2): residual stream of pos, tok: 32 -> 64; exact" in out
+    assert "== grown model vs original model: OK" in out
     assert "onnx export of GPT vs onnxruntime: OK" in out
-    assert (tmp_path / "gpt.onnx").is_file()
+    assert (tmp_path / "gpt-grown.onnx").is_file()
