@@ -198,7 +198,7 @@ class Graph:
             if node.op == "get_attr":
                 info = by_name.get(str(node.target))
                 if info is None:  # a constant tensor the tracer lifted out of the code
-                    value = _attr(self.module, str(node.target))
+                    value = attribute(self.module, str(node.target))
                     if not isinstance(value, torch.Tensor):
                         continue
                     info = TensorInfo(str(node.target), "constant", value.shape, value.dtype, [], [])
@@ -263,7 +263,8 @@ def _same_constant(a, b) -> bool:
         return False
 
 
-def _attr(root: torch.nn.Module, target: str):
+def attribute(root: torch.nn.Module, target: str):
+    """The tensor (or module) at a dotted name: ``blocks.0.fc.weight``."""
     obj = root
     for part in target.split("."):
         obj = getattr(obj, part)

@@ -2,8 +2,8 @@
 
 ``check_resize`` says, before anything runs, whether a group can grow with a policy and whether the
 result is exact (and if not, why). ``resize`` builds the grown Graph from a :class:`Layout` per grown
-group: each grown tensor is allocated once and filled by slices by the policy, role by role; everything else is cloned so the grown model owns
-its parameters (training it never touches the original) and tied tensors stay tied; standard modules'
+group: each grown tensor is allocated once and filled by slices by the policy, role by role; everything
+else is cloned so the grown model owns its parameters (training it never touches the original) and tied tensors stay tied; standard modules'
 size attributes and the literal sizes in views, norms and splits follow. The grown graph carries
 ``node_map``, projecting each grown activation back onto the original units (``old_positions``), so
 ``rewrite.verify`` names the first node a faulty rule breaks.
@@ -23,8 +23,7 @@ import torch.utils._pytree as pytree
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from .dims import DimGroup
-from .errors import GrowthError
-from .graph import Graph
+from .graph import Graph, attribute
 from .layout import Layout
 from .ops import canonical_kind, patch_literals, patch_split, resize_module_attributes
 
@@ -64,7 +63,7 @@ def _structural_refusal(graph: Graph, group: DimGroup, handled: tuple[str, ...],
         )
         return (
             f"the axis is {what} at node {composition.node}; growing it needs a head-aware rule "
-            f"(add_heads / widen_heads, not available yet)"
+            f"(add_heads / widen_heads)"
         )
     boundary = _boundary_nodes(graph)
     for ref, axis in group.activations:
@@ -100,7 +99,7 @@ def resize(
             plans[member.tensor].append((member.axis, role, layout, chosen))
     memo = {}
     for name, steps in plans.items():
-        old = _tensor(graph.module, name)
+        old = attribute(graph.module, name)
         grown = old.detach()
         for axis, role, layout, chosen in steps:
             shape = list(grown.shape)
@@ -120,7 +119,8 @@ def resize(
         resize_module_attributes(sub)
     if finish is not None:
         finish(module)
-    node_map = _patch_nodes(graph, module, layouts)
+    grown_axes = _grown_axes(layouts)
+    node_map = _patch_nodes(graph, module, grown_axes)
     module.recompile()
     grown = Graph(
         module,
@@ -130,18 +130,24 @@ def resize(
         example_kwargs=graph.example_kwargs,
         fixed_kwargs=graph.fixed_kwargs,
     )
-    _grown_metadata(module, layouts)
+    _grown_metadata(module, grown_axes)
     grown.node_map = _compose(getattr(graph, "node_map", None), node_map)
     return grown
 
 
-def _grown_metadata(module: torch.fx.GraphModule, layouts: dict[DimGroup, Layout]) -> None:
-    """Every node's shape after growth, from the analysis instead of a forward pass: each grown activation
-    axis takes its group's new size. (``apply`` still runs and verifies the grown graph.)"""
-    sizes: dict[str, dict[int, int]] = defaultdict(dict)
+def _grown_axes(layouts: dict[DimGroup, Layout]) -> dict[str, dict[int, Layout]]:
+    """Every grown activation: node name (``name#i`` for a tuple element) -> {axis: its group's layout}."""
+    grown: dict[str, dict[int, Layout]] = defaultdict(dict)
     for group, layout in layouts.items():
         for ref, axis in group.activations:
-            sizes[ref[2:]][axis] = layout.new_size
+            grown[ref[2:]][axis] = layout
+    return grown
+
+
+def _grown_metadata(module: torch.fx.GraphModule, grown_axes: dict[str, dict[int, Layout]]) -> None:
+    """Every node's shape after growth, from the analysis instead of a forward pass: each grown activation
+    axis takes its group's new size. (``apply`` still runs and verifies the grown graph.)"""
+    sizes = {name: {axis: layout.new_size for axis, layout in axes.items()} for name, axes in grown_axes.items()}
     for node in module.graph.nodes:
         meta = node.meta.get("tensor_meta")
         if isinstance(meta, TensorMetadata):  # a NamedTuple: test it before tuples of metadata
@@ -161,13 +167,13 @@ def _resized(meta: TensorMetadata, axes: dict[int, int]) -> TensorMetadata:
     return meta._replace(shape=shape, stride=stride)
 
 
-def _patch_nodes(graph: Graph, module: torch.fx.GraphModule, layouts: dict[DimGroup, Layout]) -> dict:
+def _patch_nodes(graph: Graph, module: torch.fx.GraphModule, grown_axes: dict[str, dict[int, Layout]]) -> dict:
     """Rewrite literal sizes of grown axes; return the projection of every grown node onto old units."""
-    grown_axes: dict[str, dict[int, Layout]] = defaultdict(dict)
-    for group, layout in layouts.items():
-        for ref, axis in group.activations:
-            grown_axes[ref[2:]][axis] = layout
-    splits: dict[str, dict[int, dict[int, Layout]]] = defaultdict(dict)  # split node -> element -> axes
+    elements: dict[str, dict[int, dict[int, Layout]]] = defaultdict(dict)  # tuple node -> element -> axes
+    for name, axes in grown_axes.items():
+        base, _, index = name.partition("#")
+        if index:
+            elements[base][int(index)] = axes
     for node in module.graph.nodes:
         if node.op not in ("call_function", "call_method"):
             continue
@@ -175,13 +181,8 @@ def _patch_nodes(graph: Graph, module: torch.fx.GraphModule, layouts: dict[DimGr
         if node.name in grown_axes:
             axes = grown_axes[node.name]
             patch_literals(node, kind, {axis: (layout.old_size, layout.new_size) for axis, layout in axes.items()})
-        if kind == "split":
-            for name, axes in grown_axes.items():
-                base, _, index = name.partition("#")
-                if base == node.name and index:
-                    splits[node.name][int(index)] = axes
-            if splits.get(node.name):
-                patch_split(node, splits[node.name])
+        if kind == "split" and node.name in elements:
+            patch_split(node, elements[node.name])
     return {name: (name, _project(axes)) for name, axes in grown_axes.items() if "#" not in name}
 
 
@@ -209,7 +210,3 @@ def _compose(previous: dict | None, current: dict) -> dict:
             combined[name] = (ref_name, projection)
     return combined
 
-
-def _tensor(module: torch.nn.Module, name: str) -> torch.Tensor:
-    owner, _, attr = name.rpartition(".")
-    return getattr(module.get_submodule(owner) if owner else module, attr)
