@@ -20,10 +20,10 @@ import torch.utils._pytree as pytree
 from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from .errors import InputError
+from .ops import is_bookkeeping
 from .run import run_graph
+from .verify import same_value
 
-# Nodes torch.export adds for its own bookkeeping; they compute nothing the model computes.
-_BOOKKEEPING = {"_guards_fn", "_assert_tensor_metadata", "sym_size", "sym_constrain_range_for_size"}
 
 
 @dataclasses.dataclass
@@ -66,7 +66,7 @@ class Graph:
     def call_inputs(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """The caller's inputs plus the fixed ones, as the GraphModule takes them (in signature order)."""
         for name, value in self.fixed_kwargs.items():
-            if name in kwargs and not _same_constant(kwargs[name], value):
+            if name in kwargs and not same_value(kwargs[name], value):
                 raise InputError(
                     f"the graph of {self.source_class} was traced with {name}={value!r} fixed; "
                     f"got {name}={kwargs[name]!r} (trace again with that value)"
@@ -154,9 +154,9 @@ class Graph:
     def is_bookkeeping(self, node: torch.fx.Node) -> bool:
         """True for nodes torch.export inserts for its own checks (guards, shape asserts)."""
         if node.op == "call_module":
-            return str(node.target) in _BOOKKEEPING
+            return is_bookkeeping(str(node.target))
         if node.op == "call_function":
-            return self.op_kind(node).rpartition(".")[2] in _BOOKKEEPING
+            return is_bookkeeping(self.op_kind(node).rpartition(".")[2])
         return False
 
     def compute_nodes(self) -> list[torch.fx.Node]:
@@ -254,13 +254,6 @@ class Graph:
             f"<Graph of {self.source_class} via {self.frontend}: {len(self.compute_nodes())} ops, "
             f"{self.num_parameters:,} parameters>"
         )
-
-
-def _same_constant(a, b) -> bool:
-    try:
-        return bool(a == b)
-    except Exception:  # noqa: BLE001 - incomparable constants are different constants
-        return False
 
 
 def attribute(root: torch.nn.Module, target: str):

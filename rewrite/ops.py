@@ -66,9 +66,8 @@ ALIASES = {
     "unsqueeze_": "unsqueeze", "squeeze_": "squeeze", "select": "select", "amax": "mean", "sum": "mean",
     "var": "mean", "std": "mean", "mean": "mean", "max": "mean", "min": "mean", "norm": "mean",
     "linalg_vector_norm": "mean", "native_layer_norm": "layer_norm", "embedding": "embedding",
-    "_assert_tensor_metadata": "ignore", "_guards_fn": "ignore", "sym_size": "ignore", "getattr": "ignore",
-    "size": "ignore", "dim": "ignore", "_assert": "ignore", "sym_constrain_range_for_size": "ignore",
-    "_assert_scalar": "ignore", "sym_numel": "ignore", "numel": "ignore", "scalar_tensor": "opaque",
+    "getattr": "ignore", "size": "ignore", "dim": "ignore", "sym_numel": "ignore", "numel": "ignore",
+    "scalar_tensor": "opaque",
     "arange": "opaque", "cumsum": "opaque", "diff": "opaque", "new_ones": "opaque", "new_zeros": "opaque",
     "zeros": "opaque", "ones": "opaque", "full": "opaque", "empty": "opaque",
     "gather": "opaque", "scatter": "opaque", "one_hot": "opaque", "nonzero": "opaque", "where_cond": "opaque",
@@ -78,6 +77,15 @@ ALIASES = {
     "_local_scalar_dense": "ignore", "item": "ignore", "scaled_dot_product_attention": "sdpa",
     "topk": "topk", "_unsafe_index": "opaque", "embedding_bag": "opaque",
 }
+# Nodes torch.export adds for its own checks (guards, shape and metadata assertions): they compute nothing.
+BOOKKEEPING = {"_guards_fn", "_assert_tensor_metadata", "_assert", "_assert_scalar", "sym_size",
+               "sym_constrain_range_for_size"}
+ALIASES.update({name: "ignore" for name in BOOKKEEPING})
+
+
+def is_bookkeeping(name: str) -> bool:
+    """Is an op (by its own name) one of torch.export's checks rather than part of the model?"""
+    return name in BOOKKEEPING or name.startswith("_assert")
 ARITHMETIC = {operator.add: "add", operator.sub: "sub", operator.mul: "mul", operator.truediv: "div",
               operator.floordiv: "floordiv", operator.neg: "neg", operator.pow: "pow", operator.getitem: "getitem",
               operator.eq: "eq", operator.and_: "__and__", operator.or_: "__or__", operator.lt: "lt",
@@ -389,12 +397,6 @@ def permute(facts: Facts, call: Call) -> None:
         facts.equal((x, _norm(in_axis, rank)), (call.out, out_axis), call.node.name)
 
 
-def squeeze_like(facts: Facts, call: Call) -> None:
-    """unsqueeze / squeeze / expand / select-free reshapes that only add or drop size-1 axes."""
-    x = call.operands[0]
-    align_reshape(facts, call.node.name, x, call.shape(x), call.out, call.out_shape)
-
-
 def expand(facts: Facts, call: Call) -> None:
     broadcast(facts, call, [call.operands[0]])
 
@@ -611,7 +613,7 @@ RULES: dict[str, Rule] = {
     **{kind: elementwise for kind in ELEMENTWISE},
     "linear": linear, "addmm": addmm, "matmul": matmul, "conv": conv, "batch_norm": batch_norm,
     "layer_norm": layer_norm, "rms_norm": rms_norm, "embedding": embedding, "pool": pool, "view": view,
-    "transpose": transpose, "permute": permute, "unsqueeze": squeeze_like, "squeeze": squeeze_like,
+    "transpose": transpose, "permute": permute, "unsqueeze": view, "squeeze": view,  # size-1 axes only
     "expand": expand, "mean": reduction, "softmax": softmax, "cat": cat, "split": split, "getitem": getitem,
     "slice": select_or_slice, "select": select_or_slice, "narrow": select_or_slice, "repeat": repeat,
     "sdpa": sdpa, "topk": topk, "index": index, "opaque": opaque, "ignore": ignore,
@@ -758,7 +760,7 @@ def rms_epsilon(mean_node: torch.fx.Node) -> tuple[torch.fx.Node, int] | None:
 
 def real_users(node: torch.fx.Node) -> list[torch.fx.Node]:
     """The users of a node that compute something (not torch.export's metadata assertions)."""
-    return [user for user in node.users if not _name(user).startswith("_assert")]
+    return [user for user in node.users if not is_bookkeeping(_name(user))]
 
 
 def _name(node: torch.fx.Node) -> str:

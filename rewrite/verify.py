@@ -105,7 +105,7 @@ def compare_tensors(
 ) -> Row:
     """Compare one leaf of two outputs."""
     if not isinstance(reference, torch.Tensor) or not isinstance(candidate, torch.Tensor):
-        same = type(reference) is type(candidate) and _equal_leaf(reference, candidate)
+        same = type(reference) is type(candidate) and same_value(reference, candidate)
         note = "" if same else f"{_describe(reference)} != {_describe(candidate)}"
         return Row(name, None, 0.0 if same else float("inf"), 0.0 if same else float("inf"), 0.0, same, note)
     shape = tuple(reference.shape)
@@ -135,7 +135,8 @@ def compare_tensors(
     return Row(name, shape, max_abs, rel, tolerance, ok, "NaN where the reference is finite" if nan_mismatch else "")
 
 
-def _equal_leaf(a: Any, b: Any) -> bool:
+def same_value(a: Any, b: Any) -> bool:
+    """``a == b`` for non-tensor values; values that cannot be compared are different."""
     try:
         return bool(a == b)
     except Exception:  # noqa: BLE001 - an incomparable leaf is a mismatch, not a crash
