@@ -29,22 +29,12 @@ from rewrite.errors import GrowthError, NotExactError
 from rewrite.graph import Graph
 from rewrite.grow import check_resize, resize
 from rewrite.layout import Layout, identity
-from rewrite.ops import canonical_kind
 from rewrite.plan import Plan
 
 from rewrite.propagate import DERIVED, layouts, propagate
 
-from .heads import attention_site, in_layers
+from .heads import Attention, attentions
 from .policies import AnySize, Policy, Zero, policy
-
-
-@dataclasses.dataclass
-class _Attention:
-    site: str
-    node: torch.fx.Node
-    qk: DimGroup  # the query/key head dim
-    v: DimGroup  # the value head dim
-    implicit_scale: bool
 
 
 class KeyScaled(Zero):
@@ -94,26 +84,13 @@ class WidenHeads:
         sizes = ", ".join(f"{k}={v}" for k, v in (("qk", self.qk), ("v", self.v)) if v is not None)
         return f"widen_heads({sizes})"
 
-    def attentions(self, graph: Graph) -> list[_Attention]:
-        analysis = graph.dim_analysis()
-        found, seen = [], set()
-        for node in graph.compute_nodes():
-            if canonical_kind(graph, node) != "sdpa":
-                continue
-            q, _, v = node.args[:3]
-            rank = len(graph.shape(q))
-            qk = analysis.group_of(f"n:{q.name}", rank - 1)
-            heads = analysis.group_of(f"n:{q.name}", rank - 3)
-            value = analysis.group_of(f"n:{v.name}", rank - 1)
-            if (id(qk), id(value)) in seen:  # RoPE tables couple the key/query dims of every layer
-                continue
-            seen.add((id(qk), id(value)))
-            site = attention_site(heads) or graph.owner(node) or node.name
-            if not in_layers(site, self.layers):
-                continue
-            implicit = node.kwargs.get("scale") is None and (len(node.args) < 7 or node.args[6] is None)
-            found.append(_Attention(site, node, qk, value, implicit))
-        return found
+    def attentions(self, graph: Graph) -> list[Attention]:
+        """One attention per (key/query, value) pair of head dims: RoPE tables couple the key/query dims of
+        every layer, so the value dim tells the layers apart."""
+        found = {}
+        for attention in attentions(graph, self.layers):
+            found.setdefault((id(attention.qk), id(attention.v)), attention)
+        return list(found.values())
 
     def plan(self, graph: Graph) -> Plan:
         chosen = policy(self.init)
@@ -172,7 +149,7 @@ class WidenHeads:
         return resize(graph, grown, chosen, seed=self.seed, overrides=overrides)
 
 
-def _refuse_qk(graph: Graph, attention: _Attention) -> None:
+def _refuse_qk(graph: Graph, attention: Attention) -> None:
     group = attention.qk
     others = [c for c in group.compositions if c.how not in DERIVED or group is c.whole]
     if group.members or others:
@@ -194,7 +171,7 @@ def _ancestors(node: torch.fx.Node) -> set[str]:
     return seen
 
 
-def _sides(attention: _Attention, sizes: dict[DimGroup, int]) -> dict[DimGroup, str]:
+def _sides(attention: Attention, sizes: dict[DimGroup, int]) -> dict[DimGroup, str]:
     """For each group the key/query growth resizes: on the path to the keys only ("key"), the queries
     only ("query"), or both ("both": a fused projection)."""
     q, k = attention.node.args[:2]
@@ -209,7 +186,7 @@ def _sides(attention: _Attention, sizes: dict[DimGroup, int]) -> dict[DimGroup, 
     return sides
 
 
-def _fused_parts(attention: _Attention, sizes: dict[DimGroup, int]) -> dict[DimGroup, list[DimGroup]]:
+def _fused_parts(attention: Attention, sizes: dict[DimGroup, int]) -> dict[DimGroup, list[DimGroup]]:
     """Each grown group feeding both queries and keys, with the parts it is split into (q | k | v).
 
     Refused when such a group is not a concatenation whose parts each feed one side."""

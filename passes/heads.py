@@ -25,10 +25,10 @@ import torch
 from rewrite.dims import DimGroup
 from rewrite.errors import GrowthError, NotExactError
 from rewrite.graph import Graph
-from rewrite.grow import check_resize, resize
+from rewrite.grow import check_resize, grow
 from rewrite.ops import canonical_kind
 from rewrite.plan import Plan
-from rewrite.propagate import DERIVED, bases, layouts, propagate
+from rewrite.propagate import DERIVED, bases, propagate
 
 from .policies import AnySize, Policy, policy
 
@@ -71,26 +71,45 @@ class AddHeads:
 
     def select(self, graph: Graph) -> list[tuple[str, DimGroup]]:
         """(attention module, query heads group) for every scaled_dot_product_attention."""
-        analysis = graph.dim_analysis()
-        found, seen = [], set()
-        for node in graph.compute_nodes():
-            if canonical_kind(graph, node) != "sdpa":
-                continue
-            query = node.args[0]
-            rank = len(graph.shape(query))
-            heads = analysis.group_of(f"n:{query.name}", rank - 3)
-            if id(heads) in seen:
-                continue
-            seen.add(id(heads))
-            site = attention_site(heads) or graph.owner(node) or node.name
-            if in_layers(site, self.layers):
-                found.append((site, heads))
-        return found
+        found = {}
+        for attention in attentions(graph, self.layers):
+            found.setdefault(id(attention.heads), (attention.site, attention.heads))
+        return list(found.values())
 
     def run(self, graph: Graph, plan: Plan) -> Graph:
         chosen = policy(self.init)
-        generator = torch.Generator().manual_seed(self.seed)
-        return resize(graph, layouts(dict(plan.groups), chosen, generator), chosen, seed=self.seed)
+        return grow(graph, dict(plan.groups), chosen, self.seed)
+
+
+@dataclasses.dataclass
+class Attention:
+    """One ``scaled_dot_product_attention`` and the axis groups of its query, key and value."""
+
+    site: str  # the attention module
+    node: torch.fx.Node
+    heads: DimGroup  # the query's heads axis
+    qk: DimGroup  # the query/key head dim
+    v: DimGroup  # the value head dim
+    implicit_scale: bool  # no scale= given: the temperature is 1/sqrt(head dim)
+
+
+def attentions(graph: Graph, layers: list[int] | None = None) -> list[Attention]:
+    """Every scaled_dot_product_attention of the graph in the numbered blocks ``layers`` (all when None)."""
+    analysis = graph.dim_analysis()
+    found = []
+    for node in graph.compute_nodes():
+        if canonical_kind(graph, node) != "sdpa":
+            continue
+        q, _, v = node.args[:3]
+        rank = len(graph.shape(q))
+        heads = analysis.group_of(f"n:{q.name}", rank - 3)
+        site = attention_site(heads) or graph.owner(node) or node.name
+        if not in_layers(site, layers):
+            continue
+        implicit = node.kwargs.get("scale") is None and (len(node.args) < 7 or node.args[6] is None)
+        qk = analysis.group_of(f"n:{q.name}", rank - 1)
+        found.append(Attention(site, node, heads, qk, analysis.group_of(f"n:{v.name}", rank - 1), implicit))
+    return found
 
 
 def in_layers(site: str, layers: list[int] | None) -> bool:

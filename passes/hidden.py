@@ -29,7 +29,7 @@ import torch.fx
 
 from rewrite.errors import GrowthError, NotExactError
 from rewrite.graph import Graph
-from rewrite.grow import check_resize, resize
+from rewrite.grow import check_resize, grow
 from rewrite.ops import canonical_kind, real_users, rms_epsilon
 from rewrite.plan import Plan
 
@@ -112,8 +112,7 @@ class WidenHidden(Widen):
 
     def run(self, graph: Graph, plan: Plan) -> Graph:
         chosen = policy(self.init)
-        generator = torch.Generator().manual_seed(self.seed)
-        layouts = {group: chosen.layout(group.size, size, generator) for group, size in plan.groups}
+        sizes = dict(plan.groups)
         if chosen.name == "clone":
             overrides = {}
             for group, size in plan.groups:
@@ -121,23 +120,21 @@ class WidenHidden(Widen):
                     if {"produces", "consumes"} <= set(member.role_names):
                         for tensor in _head_norm(graph, group, member):
                             overrides[tensor] = ScaledGain("clone", group.size / size, old_only=False)
-            return resize(graph, layouts, chosen, seed=self.seed, overrides=overrides)
+            return grow(graph, sizes, chosen, self.seed, overrides)
         if chosen.name != "zero":
-            return resize(graph, layouts, chosen, seed=self.seed)
+            return grow(graph, sizes, chosen, self.seed)
         overrides, epsilons = {}, []
         for group, size in plan.groups:
             ratio = group.size / size
             for kind, node_name in group.reductions:
-                node = graph.node(node_name)
-                if not (kind == "rms_norm" or (kind == "mean" and rms_epsilon(node))):
-                    continue  # not correctable: the plan already says approximate and why
+                if not _correctable_rms(graph, kind, node_name):
+                    continue  # the plan already says approximate and why
                 epsilons.append((node_name, kind, ratio))
-                gain = _gain_of(graph, node, kind, group)
+                gain = _gain_of(graph, graph.node(node_name), kind, group)
                 if gain is not None:
                     overrides[gain] = ScaledGain("zero", math.sqrt(ratio), old_only=True)
             overrides[group] = ResidualZero()
-        return resize(graph, layouts, chosen, seed=self.seed, overrides=overrides,
-                      finish=lambda module: _scale_epsilons(graph, module, epsilons))
+        return grow(graph, sizes, chosen, self.seed, overrides, lambda module: _scale_epsilons(graph, module, epsilons))
 
 
 # Ops that do not mix values across features: a norm's output may pass through them to the head.
@@ -172,15 +169,17 @@ def _head_norm(graph: Graph, group, member) -> list[str]:
 def _zero_exactness(graph: Graph, group) -> str | None:
     """Why zero-padding this residual group is not exact (None when every op on it can be corrected)."""
     for kind, node_name in group.reductions:
-        node = graph.node(node_name)
         if kind == "layer_norm":
             return f"LayerNorm over a zero-padded residual stream (node {node_name}) moves the mean"
-        if kind == "rms_norm":
-            continue
-        if kind == "mean" and rms_epsilon(node) is not None:
-            continue
-        return f"a {kind} over the residual stream (node {node_name}) changes when it is zero-padded"
+        if not _correctable_rms(graph, kind, node_name):
+            return f"a {kind} over the residual stream (node {node_name}) changes when it is zero-padded"
     return None
+
+
+def _correctable_rms(graph: Graph, kind: str, node_name: str) -> bool:
+    """Is this reduction an RMSNorm whose gain and epsilon can absorb zero padding (a module, aten.rms_norm,
+    or the hand-written mean -> + eps -> rsqrt)?"""
+    return kind == "rms_norm" or (kind == "mean" and rms_epsilon(graph.node(node_name)) is not None)
 
 
 def _gain_of(graph: Graph, node: torch.fx.Node, kind: str, group) -> str | None:

@@ -20,13 +20,11 @@ import dataclasses
 import fnmatch
 import math
 
-import torch
-
 from rewrite.errors import GrowthError, NotExactError
 from rewrite.graph import Graph
-from rewrite.grow import check_resize, resize
+from rewrite.grow import check_resize, grow
 from rewrite.plan import Plan
-from rewrite.propagate import layouts, propagate
+from rewrite.propagate import propagate
 
 from .policies import POLICIES, Policy, policy
 
@@ -88,9 +86,7 @@ class Widen:
         return Plan(sites, groups, not reasons, reasons[0] if reasons else None)
 
     def run(self, graph: Graph, plan: Plan) -> Graph:
-        chosen = policy(self.init)
-        generator = torch.Generator().manual_seed(self.seed)
-        return resize(graph, layouts(dict(plan.groups), chosen, generator), chosen, seed=self.seed)
+        return grow(graph, dict(plan.groups), policy(self.init), self.seed)
 
 
 def widen(

@@ -25,6 +25,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 from .dims import DimGroup
 from .graph import Graph, attribute
 from .layout import Layout
+from .propagate import layouts
 from .ops import canonical_kind, patch_literals, patch_split, resize_module_attributes
 
 GROWABLE_ROLES = {"produces", "consumes", "along"}
@@ -80,6 +81,13 @@ def _boundary_nodes(graph: Graph) -> dict[str, str]:
         if isinstance(leaf, torch.fx.Node):
             nodes[leaf.name] = "output"
     return nodes
+
+
+def grow(graph: Graph, sizes: dict[DimGroup, int], policy, seed: int = 0, overrides=None, finish=None) -> Graph:
+    """Grow every group to its new size: the policy lays out the base groups, compositions the rest
+    (``rewrite.propagate.layouts``), then :func:`resize`."""
+    generator = torch.Generator().manual_seed(seed)
+    return resize(graph, layouts(sizes, policy, generator), policy, seed, overrides, finish)
 
 
 def resize(
