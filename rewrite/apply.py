@@ -15,29 +15,44 @@ import torch
 from .errors import GrowthError, VerificationError
 from .graph import Graph
 from .plan import Plan
+from .rules import RuleSet
 from .trace import trace
 from .verify import Report, verify
 
 
 @dataclasses.dataclass
 class PassRecord:
+    """What one pass (or rule) did: where, to which parameters, exact or not, and the measured error."""
+
     name: str
     plan: Plan | None
     parameters_before: int
     parameters_after: int
     verification: Report | None = None
+    refusals: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (site, reason)
+    added: list[str] = dataclasses.field(default_factory=list)  # parameter names new in the grown graph
+    removed: list[str] = dataclasses.field(default_factory=list)
+    resized: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def exact(self) -> bool | None:
         return None if self.plan is None else self.plan.exact
 
     def __str__(self) -> str:
+        refused = "".join(f"\n    refused at {site}: {reason}" for site, reason in self.refusals)
         if self.plan is None:
-            return f"{self.name}: matched nothing"
-        error = "" if self.verification is None else f", max rel error {self.verification.max_rel_error:.2g}"
+            return f"{self.name}: matched nothing{refused}"
+        error = "" if self.verification is None else (
+            f"; measured max abs error {self.verification.max_abs_error:.3g}"
+            f" (max rel {self.verification.max_rel_error:.3g})"
+        )
+        changed = ", ".join(
+            f"{len(names)} {what}" for what, names in
+            (("added", self.added), ("removed", self.removed), ("resized", self.resized)) if names
+        )
         return (
             f"{self.name}: {self.plan.describe()}; parameters {self.parameters_before:,} -> "
-            f"{self.parameters_after:,}{error}"
+            f"{self.parameters_after:,}" + (f" (tensors: {changed})" if changed else "") + f"{error}{refused}"
         )
 
 
@@ -80,22 +95,37 @@ def apply(model: torch.nn.Module | Graph, passes: list, args=(), kwargs: dict | 
     original = model if isinstance(model, Graph) else trace(model, args, kwargs)
     current = original
     records = []
-    for growth in passes:
+    for growth in _flatten(passes):
         before = current.num_parameters
         plan = growth.plan(current)
-        if not plan.groups:
+        if plan.empty:
             if strict:
                 raise GrowthError(f"{growth.name} matched nothing")
-            records.append(PassRecord(growth.name, None, before, before))
+            records.append(PassRecord(growth.name, None, before, before, refusals=plan.refusals))
             continue
+        shapes = {name: info.shape for name, info in current.parameters().items()}
         current = growth.run(current, plan)
         current.disposable = True  # made here and replaced by the next pass: its tensors may move on
-        record = PassRecord(growth.name, plan, before, current.num_parameters)
+        grown_shapes = {name: info.shape for name, info in current.parameters().items()}
+        record = PassRecord(
+            growth.name, plan, before, current.num_parameters, refusals=plan.refusals,
+            added=[n for n in grown_shapes if n not in shapes],
+            removed=[n for n in shapes if n not in grown_shapes],
+            resized=[n for n in grown_shapes if n in shapes and grown_shapes[n] != shapes[n]],
+        )
         if verify:
             record.verification = _check(original, current, args, kwargs, growth.name, plan)
         records.append(record)
     current.disposable = False
     return Grown(GrownModule(current), current, GrowthReport(records))
+
+
+def _flatten(passes) -> list:
+    """Rule sets run as their rules, in order, each recorded on its own."""
+    flat = []
+    for growth in passes:
+        flat.extend(growth) if isinstance(growth, RuleSet) else flat.append(growth)
+    return flat
 
 
 def _check(original: Graph, grown: Graph, args: tuple, kwargs: dict, name: str, plan: Plan) -> Report:

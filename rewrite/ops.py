@@ -770,3 +770,47 @@ def _name(node: torch.fx.Node) -> str:
     if node.op == "call_method":
         return str(target)
     return ARITHMETIC.get(target) if target in ARITHMETIC else getattr(target, "__name__", str(target))
+
+
+# -- structure: what the structural rules (rewrite.blocks, rewrite.edit) need to know about ops ---------
+# Ops that pass their input through unchanged in eval mode (a cast counts: same stream, other dtype).
+TRANSPARENT = {"dropout", "identity", "contiguous", "clone", "detach", "alias", "to", "_to_copy",
+               "lift_fresh_copy", "float", "double", "half", "bfloat16", "type"}
+# Ops that are positively homogeneous of degree one in their (first) tensor operand: f(c x) = c f(x)
+# for c >= 0. Scaling a residual branch can pass through them to the layers that produce it.
+HOMOGENEOUS = TRANSPARENT | {"view", "transpose", "permute", "expand", "unsqueeze", "squeeze", "getitem",
+                             "slice", "select", "narrow", "repeat", "flatten", "relu", "pool"}
+HOMOGENEOUS_REDUCTIONS = {"sum", "mean", "amax", "max"}  # raw op names under the "mean" kind
+# Activations with phi(phi(v)) = phi(v): an identity layer followed by a copy of them changes nothing.
+IDEMPOTENT = {"relu", "relu6", "hardtanh", "identity"}
+ACTIVATIONS = {"relu", "gelu", "silu", "tanh", "sigmoid", "leaky_relu", "elu", "mish", "hardswish",
+               "hardsigmoid", "relu6", "hardtanh", "softplus", "logsigmoid"}
+# Ops whose output is a weight applied to an input plus a bias: scaling both scales the output.
+# Operand positions for the ATen / functional forms: role -> argument index.
+WEIGHTED = {
+    "linear": {"input": 0, "weight": 1, "bias": 2},
+    "conv": {"input": 0, "weight": 1, "bias": 2},
+    "addmm": {"bias": 0, "input": 1, "weight": 2},
+    "embedding": {"weight": 0, "input": 1},
+}
+
+
+def operand(graph, node: torch.fx.Node, role: str):
+    """The ``input`` node, or the name of the ``weight``/``bias`` tensor, of a weighted op in either front-end
+    form (``call_module nn.Linear`` or ``aten.linear`` + ``get_attr``); None where it has none."""
+    kind = canonical_kind(graph, node)
+    if node.op == "call_module":
+        if role == "input":
+            return node.args[0] if node.args else None
+        module = graph.module.get_submodule(node.target)
+        return f"{node.target}.{role}" if getattr(module, role, None) is not None else None
+    positions = WEIGHTED.get(kind)
+    if positions is None or role not in positions:
+        return None
+    index = positions[role]
+    if kind == "embedding" and not isinstance(node.target, torch._ops.OpOverload):
+        index = 1 - index  # F.embedding(input, weight)
+    value = node.args[index] if index < len(node.args) else node.kwargs.get(role)
+    if role == "input":
+        return value
+    return str(value.target) if isinstance(value, torch.fx.Node) and value.op == "get_attr" else None

@@ -1,0 +1,264 @@
+"""``Editor``: the one way rules change a graph's structure and parameters.
+
+A rule's rewrite gets an Editor on a private copy of the graph (the original is never touched; the copy
+owns its parameters). It emits nodes at a cursor (``call``, ``linear``), copies subgraphs with their
+parameters under a new module name (``copy``), rewires users (``replace_uses``), renumbers a layer stack
+(``renumber``), reads and sets tensors by their dotted names (``tensor``, ``set_tensor``,
+``add_parameter``), and folds a scalar into the layers that produce a value (``scale``). New nodes are
+ATen calls with ``get_attr`` parameters, whichever front-end made the graph, so every later pass, the
+verifier and the ONNX exporter read them like any other node. ``finish`` checks the graph and records
+every node's shape on the example inputs.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any, Callable
+
+import torch
+import torch.fx
+
+from .blocks import branch_layers
+from .errors import GrowthError
+from .graph import Graph, attribute
+
+
+class Editor:
+    def __init__(self, graph: Graph):
+        memo = {}
+        for tensor in (*graph.module.parameters(), *graph.module.buffers()):
+            if getattr(graph, "disposable", False):
+                memo[id(tensor)] = tensor  # an intermediate of apply(): its tensors may move
+        with warnings.catch_warnings():  # deepcopy of export's pytree specs warns about a deprecated alias
+            warnings.simplefilter("ignore", FutureWarning)
+            self.module: torch.fx.GraphModule = copy.deepcopy(graph.module, memo)
+        self.source = graph
+        self.graph = Graph(self.module, frontend=graph.frontend, source_class=graph.source_class)
+        self.fx = self.module.graph
+        self._cursor: torch.fx.Node | None = None
+        self.copied: dict[str, str] = {}  # new tensor name -> the tensor it was copied from
+
+    # -- nodes -------------------------------------------------------------------------------------
+    def node(self, name: str) -> torch.fx.Node:
+        return self.graph.node(name)
+
+    def at(self, node: torch.fx.Node) -> "Editor":
+        """Emit the next nodes right after ``node`` (each after the one before)."""
+        self._cursor = node
+        return self
+
+    def _emit(self, make: Callable[[], torch.fx.Node], owner: str | None) -> torch.fx.Node:
+        if self._cursor is None:
+            raise GrowthError("Editor.at(node) must place the cursor before nodes are emitted")
+        with self.fx.inserting_after(self._cursor):
+            node = make()
+        if owner is not None:
+            node.meta["nn_module_stack"] = {owner or "root": (owner, "growfx")}
+        self._cursor = node
+        return node
+
+    def call(self, op, *args, owner: str | None = None, **kwargs) -> torch.fx.Node:
+        """A new ``call_function`` node after the cursor (an ATen op: ``torch.ops.aten.relu.default``)."""
+        return self._emit(lambda: self.fx.call_function(op, args, kwargs), owner)
+
+    def get(self, name: str) -> torch.fx.Node:
+        """A ``get_attr`` node reading the tensor ``name``."""
+        return self._emit(lambda: self.fx.get_attr(name), None)
+
+    def linear(self, x: torch.fx.Node, weight: str, bias: str | None = None, owner: str | None = None):
+        """``x @ W.T + b`` with ``W`` (and ``b``) read from the named tensors."""
+        w = self.get(weight)
+        b = self.get(bias) if bias else None
+        return self.call(torch.ops.aten.linear.default, x, w, b, owner=owner)
+
+    def copy(self, nodes: list[torch.fx.Node], inputs: dict, rename: tuple[str, str] | None = None):
+        """Copy ``nodes`` (in order) after the cursor; values in ``inputs`` are replaced by their mapping, and
+        with ``rename=(old, new)`` every module and tensor under ``old`` that the nodes read is copied to the
+        same path under ``new`` (so the copy has its own parameters; tied ones stay tied) and read from
+        there. Returns {original node: copy}; ``copied`` maps each new tensor name to its source."""
+        mapping: dict[torch.fx.Node, torch.fx.Node] = dict(inputs)
+        attrs: dict[str, torch.fx.Node] = {}
+        clones: dict[int, torch.Tensor] = {}
+
+        def arg(value: torch.fx.Node) -> torch.fx.Node:
+            if value in mapping:
+                return mapping[value]
+            if rename is not None and value.op == "get_attr" and _under(str(value.target), rename[0]):
+                target = _renamed(str(value.target), *rename)
+                if target not in attrs:
+                    self._copy_tensor(str(value.target), target, clones)
+                    attrs[target] = self.get(target)
+                return attrs[target]
+            return value
+
+        for node in nodes:
+            if rename is not None and node.op == "call_module" and _under(str(node.target), rename[0]):
+                self._copy_submodule(str(node.target), _renamed(str(node.target), *rename), clones)
+            for value in node.all_input_nodes:
+                arg(value)  # new get_attr nodes go before the copy that reads them
+            new = self._emit(lambda: self.fx.node_copy(node, arg), None)
+            new.meta = dict(node.meta)
+            if rename is not None:
+                if new.op == "call_module" and _under(str(new.target), rename[0]):
+                    new.target = _renamed(str(new.target), *rename)
+                _rename_meta(new, *rename)
+            mapping[node] = new
+        return mapping
+
+    def _copy_tensor(self, old: str, new: str, clones: dict) -> None:
+        tensor = self.tensor(old)
+        if id(tensor) not in clones:
+            clone = tensor.detach().clone()
+            clones[id(tensor)] = torch.nn.Parameter(clone, tensor.requires_grad) if isinstance(
+                tensor, torch.nn.Parameter) else clone
+        parent, _, leaf = new.rpartition(".")
+        holder = self._module_at(parent)
+        if hasattr(holder, leaf):
+            raise GrowthError(f"cannot copy {old} to {new}: the name is taken")
+        if isinstance(clones[id(tensor)], torch.nn.Parameter):
+            holder.register_parameter(leaf, clones[id(tensor)])
+        else:
+            holder.register_buffer(leaf, clones[id(tensor)])
+        self.copied[new] = old
+
+    def _copy_submodule(self, old: str, new: str, clones: dict) -> None:
+        parent, _, leaf = new.rpartition(".")
+        holder = self._module_at(parent)
+        if hasattr(holder, leaf):
+            return
+        source = self.module.get_submodule(old)
+        memo = {id(t): clones[id(t)] for t in (*source.parameters(), *source.buffers()) if id(t) in clones}
+        module = copy.deepcopy(source, memo)
+        for (local, tensor), (_, original) in zip(
+            (*module.named_parameters(), *module.named_buffers()), (*source.named_parameters(), *source.named_buffers())
+        ):
+            clones.setdefault(id(original), tensor)
+            self.copied[f"{new}.{local}"] = f"{old}.{local}"
+        holder.add_module(leaf, module)
+
+    def _module_at(self, path: str) -> torch.nn.Module:
+        """The module at ``path``, creating empty parents as needed."""
+        holder = self.module
+        for part in path.split(".") if path else []:
+            if not hasattr(holder, part):
+                holder.add_module(part, torch.nn.Module())
+            holder = getattr(holder, part)
+        return holder
+
+    def replace_uses(self, old: torch.fx.Node, new: torch.fx.Node, keep: set | None = None) -> None:
+        """Every user of ``old`` reads ``new`` instead, except ``new`` itself and the nodes in ``keep``."""
+        keep = set(keep or ()) | {new}
+        old.replace_all_uses_with(new, delete_user_cb=lambda user: user not in keep)
+
+    def renumber(self, stack: str, start: int, shift: int) -> None:
+        """Move the modules ``stack.j`` (j >= start) to ``stack.(j+shift)``, in the module tree, in the
+        nodes that read them and in their owner metadata, to make room for new layers."""
+        holder = self.module.get_submodule(stack)
+        children = list(holder._modules.items())
+        holder._modules.clear()
+        moved = {}
+        for key, child in children:
+            if key.isdigit() and int(key) >= start:
+                moved[f"{stack}.{key}"] = f"{stack}.{int(key) + shift}"
+                key = str(int(key) + shift)
+            holder._modules[key] = child
+        holder._modules = dict(sorted(holder._modules.items(), key=lambda kv: int(kv[0]) if kv[0].isdigit() else -1))
+        for node in self.fx.nodes:
+            for old, new in moved.items():
+                if node.op in ("call_module", "get_attr") and _under(str(node.target), old):
+                    node.target = _renamed(str(node.target), old, new)
+                    break
+            for old, new in moved.items():
+                if _rename_meta(node, old, new):
+                    break
+
+    # -- tensors -----------------------------------------------------------------------------------
+    def tensor(self, name: str) -> torch.Tensor:
+        return attribute(self.module, name)
+
+    def set_tensor(self, name: str, value: torch.Tensor) -> None:
+        """Replace the tensor ``name`` (a parameter stays a parameter); tied names all see the new one."""
+        old = self.tensor(name)
+        if isinstance(old, torch.nn.Parameter):
+            value = torch.nn.Parameter(value.detach(), old.requires_grad)
+        for module in self.module.modules():
+            for key, tensor in list(module._parameters.items()) + list(module._buffers.items()):
+                if tensor is old:
+                    store = module._parameters if key in module._parameters else module._buffers
+                    store[key] = value
+
+    def add_parameter(self, name: str, value: torch.Tensor) -> str:
+        """A new parameter ``name`` (parent modules are created as needed); returns its name."""
+        parent, _, leaf = name.rpartition(".")
+        holder = self._module_at(parent)
+        if hasattr(holder, leaf):
+            raise GrowthError(f"cannot add parameter {name}: the name is taken")
+        holder.register_parameter(leaf, torch.nn.Parameter(value))
+        return name
+
+    def scale(self, value: torch.fx.Node, factor: float) -> list[str]:
+        """Scale ``value`` by ``factor >= 0`` by scaling the weights and biases of the layers that produce it
+        (``rewrite.blocks.branch_layers``); returns the scaled tensors' names."""
+        if factor < 0:
+            raise GrowthError(f"cannot fold a negative scale {factor} through homogeneous ops")
+        names = []
+        for layer in branch_layers(self.graph, value):
+            for name in (layer.weight, layer.bias):
+                if name is not None and name not in names:
+                    names.append(name)
+        for name in names:
+            self.set_tensor(name, self.tensor(name).detach() * factor)
+        return names
+
+    # -- result ------------------------------------------------------------------------------------
+    def finish(self) -> Graph:
+        """The edited graph, checked, compiled, with every node's shape on the source's example inputs."""
+        try:
+            self.fx.lint()
+        except Exception as e:  # noqa: BLE001 - a rule built a malformed graph: say so, in one line
+            from .frontends import first_line
+
+            raise GrowthError(f"a rewrite left a malformed graph: {first_line(e)}") from e
+        self.module.recompile()
+        source = self.source
+        grown = Graph(
+            self.module,
+            frontend=source.frontend,
+            source_class=source.source_class,
+            example_args=source.example_args,
+            example_kwargs=source.example_kwargs,
+            fixed_kwargs=source.fixed_kwargs,
+        )
+        try:
+            grown.propagate_shapes(*source.example_args, **source.example_kwargs)
+        except Exception as e:  # noqa: BLE001
+            from .frontends import first_line
+
+            raise GrowthError(f"the rewritten graph does not run: {first_line(e)}") from e
+        grown.node_map = getattr(source, "node_map", None)
+        return grown
+
+
+def _under(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def _renamed(name: str, old: str, new: str) -> str:
+    return new + name[len(old):]
+
+
+def _rename_meta(node: torch.fx.Node, old: str, new: str) -> bool:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return False
+    changed = False
+    renamed: dict[str, Any] = {}
+    for key, value in stack.items():
+        path = value[0] if isinstance(value, tuple) else value
+        if isinstance(path, str) and _under(path, old):
+            value = (_renamed(path, old, new), *value[1:]) if isinstance(value, tuple) else _renamed(path, old, new)
+            changed = True
+        renamed[key] = value
+    node.meta["nn_module_stack"] = renamed
+    return changed
