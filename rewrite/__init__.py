@@ -7,9 +7,16 @@ Public surface::
     report = rewrite.export_onnx(graph, args, "m.onnx")  # -> rewrite.Report (torch vs onnxruntime)
     groups = graph.dim_groups()                           # axes that must grow together
     grown = rewrite.apply(model, [passes.widen("fc", factor=2)], args)  # -> rewrite.Grown
+
+    @rewrite.rule(rewrite.op("linear", "proj", module="*attn.o*"))  # your own structural rule
+    def adapter(match, edit): ...                                     # edit: rewrite.Editor
 """
 
-from .apply import Grown, GrowthReport, apply
+from .apply import Grown, GrowthReport, PassRecord, apply
+from .blocks import Block, blocks
+from .edit import Editor
+from .pattern import Match, block, mlp, op, optional, residual
+from .rules import Rule, RuleSet, rule
 from .errors import (
     GrowfxError,
     GrowthError,
@@ -26,6 +33,19 @@ from .trace import trace
 from .verify import Report, Row, verify
 
 __all__ = [
+    "Block",
+    "Editor",
+    "Match",
+    "PassRecord",
+    "Rule",
+    "RuleSet",
+    "block",
+    "blocks",
+    "mlp",
+    "op",
+    "optional",
+    "residual",
+    "rule",
     "DimGroup",
     "Grown",
     "GrowthError",

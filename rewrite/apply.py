@@ -33,6 +33,7 @@ class PassRecord:
     added: list[str] = dataclasses.field(default_factory=list)  # parameter names new in the grown graph
     removed: list[str] = dataclasses.field(default_factory=list)
     resized: list[str] = dataclasses.field(default_factory=list)
+    renamed: list[str] = dataclasses.field(default_factory=list)  # moved by renumbering a layer stack
 
     @property
     def exact(self) -> bool | None:
@@ -48,7 +49,8 @@ class PassRecord:
         )
         changed = ", ".join(
             f"{len(names)} {what}" for what, names in
-            (("added", self.added), ("removed", self.removed), ("resized", self.resized)) if names
+            (("added", self.added), ("removed", self.removed), ("resized", self.resized),
+             ("renamed", self.renamed)) if names
         )
         return (
             f"{self.name}: {self.plan.describe()}; parameters {self.parameters_before:,} -> "
@@ -105,6 +107,9 @@ def apply(model: torch.nn.Module | Graph, passes: list, args=(), kwargs: dict | 
             continue
         shapes = {name: info.shape for name, info in current.parameters().items()}
         current = growth.run(current, plan)
+        moves = getattr(current, "renamed", None) or {}
+        renamed = [name for name in shapes if _moved(name, moves) != name]
+        shapes = {_moved(name, moves): shape for name, shape in shapes.items()}
         current.disposable = True  # made here and replaced by the next pass: its tensors may move on
         grown_shapes = {name: info.shape for name, info in current.parameters().items()}
         record = PassRecord(
@@ -112,12 +117,21 @@ def apply(model: torch.nn.Module | Graph, passes: list, args=(), kwargs: dict | 
             added=[n for n in grown_shapes if n not in shapes],
             removed=[n for n in shapes if n not in grown_shapes],
             resized=[n for n in grown_shapes if n in shapes and grown_shapes[n] != shapes[n]],
+            renamed=renamed,
         )
         if verify:
             record.verification = _check(original, current, args, kwargs, growth.name, plan)
         records.append(record)
     current.disposable = False
     return Grown(GrownModule(current), current, GrowthReport(records))
+
+
+def _moved(name: str, moves: dict[str, str]) -> str:
+    """A parameter's name after its module was moved (``layers.1.x`` -> ``layers.3.x``)."""
+    for old, new in moves.items():
+        if name == old or name.startswith(old + "."):
+            return new + name[len(old):]
+    return name
 
 
 def _flatten(passes) -> list:

@@ -38,6 +38,8 @@ class Editor:
         self.fx = self.module.graph
         self._cursor: torch.fx.Node | None = None
         self.copied: dict[str, str] = {}  # new tensor name -> the tensor it was copied from
+        self.renamed: dict[str, str] = {}  # module of the source graph -> where renumbering moved it
+        self._created: set[str] = set()  # modules made by copies (not in the source graph)
 
     # -- nodes -------------------------------------------------------------------------------------
     def node(self, name: str) -> torch.fx.Node:
@@ -80,6 +82,8 @@ class Editor:
         mapping: dict[torch.fx.Node, torch.fx.Node] = dict(inputs)
         attrs: dict[str, torch.fx.Node] = {}
         clones: dict[int, torch.Tensor] = {}
+        if rename is not None:
+            self._created.add(rename[1])
 
         def arg(value: torch.fx.Node) -> torch.fx.Node:
             if value in mapping:
@@ -151,6 +155,24 @@ class Editor:
         keep = set(keep or ()) | {new}
         old.replace_all_uses_with(new, delete_user_cb=lambda user: user not in keep)
 
+    def erase(self, nodes: list[torch.fx.Node]) -> None:
+        """Remove ``nodes`` (their checks too) and the parameters and modules no node reads any more."""
+        doomed = list(nodes)
+        doomed += [u for n in nodes for u in n.users if self.graph.is_bookkeeping(u) and u not in doomed]
+        order = {n: i for i, n in enumerate(self.fx.nodes)}
+        inputs = {v for n in doomed for v in n.all_input_nodes if v.op == "get_attr"}
+        for node in sorted(doomed, key=order.__getitem__, reverse=True):
+            if any(user not in doomed for user in node.users):
+                raise GrowthError(f"cannot erase {node.name}: {next(iter(node.users)).name} still reads it")
+            self.fx.erase_node(node)
+        for node in inputs:
+            if not node.users:
+                self.fx.erase_node(node)
+                if not any(n.op == "get_attr" and n.target == node.target for n in self.fx.nodes):
+                    parent, _, leaf = str(node.target).rpartition(".")
+                    delattr(self.module.get_submodule(parent) if parent else self.module, leaf)
+        self.module.delete_all_unused_submodules()
+
     def renumber(self, stack: str, start: int, shift: int) -> None:
         """Move the modules ``stack.j`` (j >= start) to ``stack.(j+shift)``, in the module tree, in the
         nodes that read them and in their owner metadata, to make room for new layers."""
@@ -164,6 +186,13 @@ class Editor:
                 key = str(int(key) + shift)
             holder._modules[key] = child
         holder._modules = dict(sorted(holder._modules.items(), key=lambda kv: int(kv[0]) if kv[0].isdigit() else -1))
+        original = {current: source for source, current in self.renamed.items()}
+        for old, new in moved.items():
+            if old in original:
+                self.renamed[original[old]] = new
+            elif old not in self._created:
+                self.renamed[old] = new
+        self._created = {moved.get(name, name) for name in self._created}
         for node in self.fx.nodes:
             for old, new in moved.items():
                 if node.op in ("call_module", "get_attr") and _under(str(node.target), old):
@@ -237,6 +266,7 @@ class Editor:
 
             raise GrowthError(f"the rewritten graph does not run: {first_line(e)}") from e
         grown.node_map = getattr(source, "node_map", None)
+        grown.renamed = dict(self.renamed)
         return grown
 
 

@@ -48,6 +48,8 @@ class Match:
     def site(self) -> str:
         """Where it matched, as a module name."""
         value = self.captures[self.root]
+        if isinstance(value, str):
+            return value
         if isinstance(value, Block):
             return value.name
         node = value[-1] if isinstance(value, list) else value
@@ -59,6 +61,12 @@ class Match:
 
     def bias(self, name: str) -> str | None:
         return operand(self.graph, self.captures[name], "bias")
+
+    def input(self, name: str) -> torch.fx.Node:
+        """The data input of the captured op (``x`` of ``linear(x, W, b)``, whatever the front-end)."""
+        node = self.captures[name]
+        found = operand(self.graph, node, "input")
+        return found if found is not None else node.args[0]
 
     def module(self, name: str) -> str:
         return self.graph.owner(self.captures[name])
@@ -254,7 +262,7 @@ class MLP(Pattern):
                 continue
             captured = _mlp_behind(graph, down)
             if captured is not None:
-                found.append(Match(graph, {**captured, self.name: down}, self.name))
+                found.append(Match(graph, {**captured, self.name: down}, "module"))
         return found
 
 

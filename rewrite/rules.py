@@ -24,6 +24,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
+import torch.fx
+
 from .edit import Editor
 from .errors import GrowthError, NotExactError
 from .graph import Graph
@@ -104,9 +106,14 @@ class Rule:
 
 
 def _position(match: Match, order: dict[str, int]) -> int:
-    value = match.captures[match.root]
-    node = value.stream_out if hasattr(value, "stream_out") else value[-1] if isinstance(value, list) else value
-    return order[node.name]
+    """Where the match ends in the graph: its last captured node."""
+    position = -1
+    for value in match.captures.values():
+        for item in value if isinstance(value, list) else [value]:
+            node = getattr(item, "stream_out", item)
+            if isinstance(node, torch.fx.Node):
+                position = max(position, order[node.name])
+    return position
 
 
 @dataclasses.dataclass
