@@ -25,5 +25,5 @@ class Plan:
         counts = Counter((g.size, n) for g, n in self.groups)
         growth = ", ".join(f"{old} -> {new}" + (f" (x{c})" if c > 1 else "") for (old, new), c in counts.items())
         verdict = "exact" if self.exact else f"approximate ({self.reason})"
-        where = ", ".join(self.sites) or "nothing"
+        where = ", ".join(dict.fromkeys(self.sites)) or "nothing"
         return f"{where}: {growth}; {verdict}" if growth else f"{where}; {verdict}"
