@@ -74,3 +74,20 @@ def test_minilm_attention_grows_exactly(steps, added):
     record = grown.report.passes[0]
     assert record.verification.max_rel_error <= 1e-5
     assert record.parameters_after - record.parameters_before == added
+
+
+def test_minilm_depth_and_experts():
+    """Post-norm BERT: add_layers is refused (and measured on request); upcycling is exact; splitting a
+    layer is measured, and its error equals the one measured independently on sentence embeddings' input."""
+    model, graph, args, kwargs = minilm()
+    with pytest.raises(rewrite.NotExactError, match="post-norm"):
+        rewrite.apply(graph, [passes.add_layers(1)], args, kwargs)
+    grown = rewrite.apply(graph, [passes.upcycle_moe(4, 2), passes.add_layers(1, exact=False),
+                                  passes.split_layers(2, layers=[0])], args, kwargs)
+    upcycle, added, split = grown.report.passes
+    assert upcycle.exact and upcycle.verification.max_rel_error <= 1e-5
+    assert added.exact is False and added.verification.max_abs_error > 1e-3  # LN(x) != x with trained gains
+    assert split.exact is False
+    with torch.no_grad():
+        measured = (grown.module(*args, **kwargs).last_hidden_state - model(*args, **kwargs).last_hidden_state)
+    assert split.verification.max_abs_error == pytest.approx(measured.abs().max().item(), rel=1e-5)
