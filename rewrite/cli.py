@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     demo = commands.add_parser(
-        "demo", help="the main job on a built-in model: trace, grow (width), verify, export to ONNX and check it"
+        "demo", help="the main job on a built-in model: trace, grow (width and depth), verify, export to ONNX and check it"
     )
     demo.add_argument("--model", choices=zoo.NAMES, default=zoo.DEFAULT)
     demo.add_argument("--out", type=Path, default=Path("out/demo"), help="folder for the ONNX file (default out/demo)")
@@ -85,15 +85,16 @@ def _inspect(options) -> int:
     return 0
 
 
-DEMO_PLAN = "widen_mlp(factor=2), add_heads(2), widen_hidden(factor=2, init='clone')"
+DEMO_PLAN = "widen_mlp(factor=2), add_heads(2), widen_hidden(factor=2, init='clone'), add_layers(2)"
 
 
 def _demo_passes():
     """The demo's growth plan: MLPs 2x, two more heads per attention, residual stream 2x (uniform clone,
-    which stays exact under LayerNorm and keeps a tied head)."""
+    which stays exact under LayerNorm and keeps a tied head), two identity blocks at the end."""
     import passes
 
-    return [passes.widen_mlp(factor=2), passes.add_heads(2), passes.widen_hidden(factor=2, init="clone")]
+    return [passes.widen_mlp(factor=2), passes.add_heads(2), passes.widen_hidden(factor=2, init="clone"),
+            passes.add_layers(2)]
 
 
 def _demo(options) -> int:

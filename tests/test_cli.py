@@ -69,6 +69,7 @@ def test_demo_grows_verifies_and_exports(tmp_path, capsys):
     assert "widen_mlp(factor=2): blocks.0, blocks.1: 64 -> 128 (x2); exact" in out
     assert "add_heads(2): blocks.0.attn, blocks.1.attn: 4 -> 6 (x2)" in out
     assert "widen_hidden(factor=2): residual stream of pos, tok: 32 -> 64; exact" in out
+    assert "add_layers(n=2, init='zero'): blocks.1; exact" in out
     assert "== grown model vs original model: OK" in out
     assert "onnx export of GPT vs onnxruntime: OK" in out
     assert (tmp_path / "gpt-grown.onnx").is_file()
