@@ -10,6 +10,8 @@ no BatchNorm, so nothing depends on data statistics. Its parameters are ``<layer
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from rewrite.edit import Editor
@@ -56,7 +58,10 @@ def _insert_identity(match: Match, edit: Editor) -> None:
     edit.replace_uses(act, mapping[act], keep={new})
 
 
+@dataclasses.dataclass
 class Net2Deeper(Rule):
+    after: str = ""  # the layer (module name) the identity layer follows
+
     def plan(self, graph: Graph) -> Plan:
         plan = super().plan(graph)
         if plan.empty and not plan.refusals:
@@ -69,6 +74,5 @@ def net2deeper(after: str, *, exact: bool = True) -> Rule:
     """Insert an identity layer and a copy of the activation after the layer (module name) ``after``."""
     pattern = (op({"linear", "conv"}, "layer", where=lambda g, n: g.owner(n) == after)
                >> optional(op("batch_norm")) >> op(ACTIVATIONS, "act"))
-    rule = Net2Deeper(pattern, _insert_identity, exactness=_idempotent, name=f"net2deeper({after})", exact=exact)
-    rule.after = after
-    return rule
+    return Net2Deeper(pattern, _insert_identity, exactness=_idempotent, name=f"net2deeper({after})", exact=exact,
+                      after=after)

@@ -68,12 +68,14 @@ def test_property_exact_plans_verify_and_refusals_say_why(drawn, data):
     except rewrite.GrowthError as refusal:  # NotExactError included: a reason, never a silent wrong model
         assert str(refusal).strip()
     else:
-        for record in grown.report.passes:
+        exact_so_far = True  # after an approximate pass, the error against the original is that pass's
+        for record in grown.report.passes:  # (apply checks later exact passes against their own input)
             if record.plan is None:
                 continue
-            if record.exact:
+            if record.exact and exact_so_far:
                 assert record.verification.max_rel_error <= 1e-5
-            else:  # split_layers: labelled approximate, with the reason and the measured error
+            elif not record.exact:  # split_layers: labelled approximate, with the reason and the measured error
                 assert "residual splitting" in record.plan.reason and record.verification is not None
+                exact_so_far = False
         assert grown.module(ids).shape == model(ids).shape
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
