@@ -1,9 +1,12 @@
-"""``apply(model, passes, args)``: trace, plan and run growth passes, verify, and report.
+"""``apply(model, passes, args)``: the pass manager. Trace, plan and run growth passes and rules, verify, report.
 
-Every pass states its plan (sites, growth, exact or not and why) before it runs; with ``verify=True``
-the grown graph is compared with the original on the example inputs after each pass, intermediate
-values included through the growth mapping, and a pass claimed exact that fails raises
-``VerificationError`` naming the first diverging node. The original model is never modified.
+Passes (width passes, rules, rule sets flattened into their rules) run in order, each on the result of the
+one before. Every pass states its plan (sites, growth, exact or not and why, refused matches) before it
+runs; with ``verify=True`` the grown graph is compared with the original on the example inputs after each
+pass, intermediate values included through the growth mapping, and a pass claimed exact that fails raises
+``VerificationError`` naming the first diverging node (after an approximate pass, an exact one is checked
+against its own input). The report records, per pass, where it matched, which parameters it added,
+removed, resized or renamed, and the measured error. The original model is never modified.
 """
 
 from __future__ import annotations
