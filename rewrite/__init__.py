@@ -22,12 +22,14 @@ from .errors import (
     GrowthError,
     InputError,
     NotExactError,
+    NotRepresentableError,
     TraceError,
     UnsupportedOpError,
     VerificationError,
 )
 from .dims import DimGroup, Member
 from .graph import Graph, TensorInfo
+from .native import to_native
 from .onnx_export import OnnxModel, export_onnx
 from .trace import trace
 from .verify import Report, Row, verify
@@ -51,6 +53,7 @@ __all__ = [
     "GrowthError",
     "GrowthReport",
     "NotExactError",
+    "NotRepresentableError",
     "VerificationError",
     "apply",
     "Member",
@@ -64,6 +67,7 @@ __all__ = [
     "TraceError",
     "UnsupportedOpError",
     "export_onnx",
+    "to_native",
     "trace",
     "verify",
 ]

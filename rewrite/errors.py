@@ -46,3 +46,7 @@ class VerificationError(GrowfxError):
     def __init__(self, message: str, report):
         self.report = report
         super().__init__(f"{message}\n{report}")
+
+
+class NotRepresentableError(GrowfxError):
+    """The grown function cannot be written as the original model class; the message says why."""

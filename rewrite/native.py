@@ -1,0 +1,194 @@
+"""``to_native``: a grown Hugging Face model back in its own class, with an updated config.
+
+The grown graph keeps Hugging Face's parameter names (new blocks take the next layer indices; scalings and
+norm corrections are already folded into weights), so the native model is the original class built from a
+config whose sizes are read off the grown graph, and loaded with the grown tensors:
+
+* ``num_hidden_layers``: the blocks of the stack (``rewrite.blocks``);
+* ``hidden_size``: the residual stream entering the first block;
+* ``num_attention_heads``, ``head_dim``: the query of each ``scaled_dot_product_attention``; key-value heads
+  keep the original query/KV ratio (the width passes keep it);
+* ``intermediate_size``: the dense MLPs (``rewrite.pattern.mlp``), or Mixtral's expert stacks;
+* norm epsilons: the literal of every RMSNorm / LayerNorm (``widen_hidden`` scales them).
+
+Every one of these must be the same in all layers, or the model is not representable in one config. After
+loading, the native model is run on the example inputs and compared with the grown graph: anything the
+class cannot express (a router from ``upcycle_moe``, a kept RoPE table, an explicit attention temperature)
+shows up as a parameter without a place or as a different output, and raises ``NotRepresentableError``
+with the reason. The graph form stays usable either way.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from .blocks import blocks
+from .errors import NotRepresentableError
+from .graph import Graph
+from .ops import canonical_kind, rms_epsilon
+from .pattern import mlp
+from .verify import verify
+
+EPSILON_FIELDS = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon")
+
+
+def to_native(grown, like: torch.nn.Module) -> torch.nn.Module:
+    """An instance of ``like``'s class with the grown sizes in its config and the grown weights.
+
+    ``grown`` is a ``rewrite.Grown`` (or its Graph); ``like`` the original Hugging Face model."""
+    graph: Graph = getattr(grown, "graph", grown)
+    config = getattr(like, "config", None)
+    if config is None or not hasattr(type(like), "config_class"):
+        raise NotRepresentableError(f"{type(like).__name__} is not a Hugging Face model: use the graph form")
+    updated = copy.deepcopy(config)
+    for field, value in grown_config(graph, like).items():
+        setattr(updated, field, value)
+    try:  # the checks from_pretrained will run on the saved config
+        config = type(config).from_dict(updated.to_dict())
+    except Exception as e:  # noqa: BLE001 - the config's own validator says which sizes disagree
+        raise NotRepresentableError(f"{type(config).__name__} rejects the grown sizes: {_cause(e)}") from e
+    with torch.random.fork_rng():
+        native = type(like)(config).eval()
+    _load(native, graph)
+    report = verify(graph, native, graph.example_args, graph.example_kwargs, title="native vs grown graph")
+    if not report.ok:
+        raise NotRepresentableError(
+            f"{type(like).__name__} with the grown config does not compute the grown function "
+            f"(max abs error {report.max_abs_error:.3g}): the graph holds something the class cannot express, "
+            f"such as a kept rotary table or an explicit attention temperature"
+        )
+    return native
+
+
+def grown_config(graph: Graph, like: torch.nn.Module) -> dict:
+    """The config fields whose values growth changed, read off the grown graph (see the module docstring)."""
+    config = like.config
+    found = blocks(graph)
+    fields: dict = {}
+    if found:
+        fields["num_hidden_layers"] = len(found)
+        fields["hidden_size"] = _one("hidden size", [graph.shape(b.stream_in)[-1] for b in found])
+        fields.update(_per_layer(config, len(found)))
+    heads = [_heads(graph, n) for n in graph.compute_nodes() if canonical_kind(graph, n) == "sdpa"]
+    if heads:
+        query, key_dim, value_dim = _one("attention heads and head size", heads)
+        if key_dim != value_dim:
+            raise NotRepresentableError(
+                f"key/query head size {key_dim} differs from value head size {value_dim}; "
+                f"{type(like).__name__} has one head_dim"
+            )
+        old_heads = getattr(config, "num_attention_heads")
+        fields["num_attention_heads"] = query
+        kv = getattr(config, "num_key_value_heads", None)
+        if kv is not None:
+            if (query * kv) % old_heads:
+                raise NotRepresentableError(f"{query} query heads do not keep the ratio {old_heads}/{kv}")
+            fields["num_key_value_heads"] = query * kv // old_heads
+        if hasattr(config, "head_dim"):
+            fields["head_dim"] = key_dim
+        elif fields.get("hidden_size", config.hidden_size) != query * key_dim:
+            raise NotRepresentableError(
+                f"{query} heads of size {key_dim} do not fill the hidden size "
+                f"{fields.get('hidden_size', config.hidden_size)} and {type(like).__name__} has no head_dim"
+            )
+    sizes = [graph.shape(m["up"][0])[-1] for m in mlp().find(graph)]
+    if sizes:
+        field = "n_inner" if hasattr(config, "n_inner") else "intermediate_size"
+        fields[field] = _one("MLP size", sizes)
+    epsilon = _epsilon(graph)
+    for field in EPSILON_FIELDS:
+        if epsilon is not None and getattr(config, field, None) is not None:
+            fields[field] = epsilon
+    return fields
+
+
+def _per_layer(config, layers: int) -> dict:
+    """Config lists with one entry per layer (``layer_types``, ...), at the new depth: new layers take the
+    entry all old layers share; when old layers differ, which entry a new layer takes is not recorded."""
+    old = config.num_hidden_layers
+    fields = {}
+    for field, value in config.to_dict().items():
+        if isinstance(value, list) and len(value) == old and layers != old:
+            if len({repr(v) for v in value}) != 1:
+                raise NotRepresentableError(f"config.{field} differs between layers; the grown layers' entries "
+                                            f"are not known")
+            fields[field] = [value[0]] * layers
+    return fields
+
+
+def _cause(error: BaseException) -> str:
+    """The innermost message of a chained exception, first line."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return str(error).strip().splitlines()[0]
+
+
+def _one(what: str, values: list):
+    distinct = list(dict.fromkeys(values))
+    if len(distinct) != 1:
+        raise NotRepresentableError(f"the layers differ in {what} ({', '.join(map(str, distinct))}): one config "
+                                    f"cannot hold them")
+    return distinct[0]
+
+
+def _heads(graph: Graph, node) -> tuple[int, int, int]:
+    q, k, v = node.args[:3]
+    return graph.shape(q)[-3], graph.shape(k)[-1], graph.shape(v)[-1]
+
+
+def _epsilon(graph: Graph) -> float | None:
+    """The epsilon every norm of the graph uses (None when there are no norms)."""
+    values = []
+    for node in graph.compute_nodes():
+        kind = canonical_kind(graph, node)
+        if node.op == "call_module" and kind in ("layer_norm", "rms_norm"):
+            values.append(graph.module.get_submodule(node.target).eps)
+        elif kind == "layer_norm":
+            values.append(node.args[4] if len(node.args) > 4 else node.kwargs.get("eps", 1e-5))
+        elif kind == "rms_norm":
+            values.append(node.args[3] if len(node.args) > 3 else node.kwargs.get("eps"))
+        elif kind == "mean" and (found := rms_epsilon(node)) is not None:
+            add, index = found
+            values.append(add.args[index])
+    values = [v for v in values if v is not None]
+    return float(_one("norm epsilon", [round(float(v), 15) for v in values])) if values else None
+
+
+def _load(native: torch.nn.Module, graph: Graph) -> None:
+    state = native.state_dict()
+    grown = {name: tensor for name, tensor in _named_tensors(graph.module)}
+    unplaced = [n for n in grown if n not in state and n not in dict(native.named_buffers())]
+    if unplaced:
+        raise NotRepresentableError(
+            f"{len(unplaced)} grown tensors have no place in {type(native).__name__} "
+            f"(e.g. {', '.join(unplaced[:3])})"
+        )
+    for name, target in state.items():
+        if name not in grown:
+            if _tied(native, name):
+                continue
+            raise NotRepresentableError(f"the grown graph has no tensor for {type(native).__name__}'s {name}")
+        if tuple(grown[name].shape) != tuple(target.shape):
+            raise NotRepresentableError(
+                f"{name} is {tuple(grown[name].shape)} in the grown graph but {tuple(target.shape)} in "
+                f"{type(native).__name__} with the grown config"
+            )
+    with torch.no_grad():
+        for name, target in state.items():
+            if name in grown:
+                target.copy_(grown[name])
+
+
+def _named_tensors(module: torch.nn.Module):
+    yield from module.named_parameters(remove_duplicate=False)
+    yield from module.named_buffers(remove_duplicate=False)
+
+
+def _tied(native: torch.nn.Module, name: str) -> bool:
+    """Is ``name`` the output head tied to the input embeddings (filled through them)?"""
+    output = native.get_output_embeddings() if hasattr(native, "get_output_embeddings") else None
+    inputs = native.get_input_embeddings() if hasattr(native, "get_input_embeddings") else None
+    return output is not None and inputs is not None and output.weight is inputs.weight and name.endswith(
+        "weight") and native.get_submodule(name.rpartition(".")[0]) is output
