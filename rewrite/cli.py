@@ -1,4 +1,5 @@
-"""The ``growfx`` command line: ``inspect`` a model's graph, run the ``demo``.
+"""The ``growfx`` command line: ``inspect`` a model's graph, ``grow`` a model file, list the ``passes``, run the
+``demo``.
 
 Argument errors exit 2 with one line; failures of the work itself (a model that cannot be traced or
 exported) exit 1 with one line naming the problem.
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from . import zoo
 from .errors import GrowfxError
+from .sources import SMOLLM2 as SMOLLM2_NAME
 
 
 class _Parser(argparse.ArgumentParser):
@@ -37,6 +39,22 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument(
         "--groups", action="store_true", help="also print the dimension groups (axes that must grow together)"
     )
+
+    grow = commands.add_parser(
+        "grow", help="grow a model file with passes, verify it, and write it in the same kind (and ONNX)"
+    )
+    grow.add_argument("source", metavar="SRC", help="a Hugging Face folder (config + safetensors), a .gguf file, "
+                      f"a .pt2 archive, a built-in example or {SMOLLM2_NAME!r}")
+    grow.add_argument("--pass", dest="passes", action="append", required=True, metavar="NAME[:KEY=VALUE,...]",
+                      help="a growth pass, e.g. widen_mlp:factor=2 or add_layers:n=4 (repeat; see growfx passes)")
+    grow.add_argument("--out", type=Path, required=True, metavar="DST",
+                      help="where to write the grown model: a folder for Hugging Face sources, a .pt2 file otherwise")
+    grow.add_argument("--onnx", type=Path, metavar="FILE", help="also export the grown model to ONNX and check it")
+    grow.add_argument("--verify", action="store_true",
+                      help="check every pass against the original (and the written model against the grown graph)")
+    grow.add_argument("--force", action="store_true", help="replace DST if it exists")
+
+    commands.add_parser("passes", help="list the growth passes, their parameters and when they are exact")
 
     demo = commands.add_parser(
         "demo", help="the main job on a built-in model: trace, grow (width and depth), verify, export to ONNX and check it"
@@ -126,13 +144,79 @@ def _demo(options) -> int:
     return 0 if ok else 1
 
 
+def _passes(options) -> int:
+    from passes import catalog
+
+    print("passes (use as --pass NAME:KEY=VALUE,...):")
+    for line in catalog.describe():
+        print(f"  {line}")
+    return 0
+
+
+class _Progress:
+    """One line per long step on stderr, with its time."""
+
+    def __init__(self, steps: int):
+        self.steps, self.step, self.start = steps, 0, time.perf_counter()
+
+    def __call__(self, what: str):
+        self.step += 1
+        sys.stderr.write(f"[{self.step}/{self.steps}] {what} ({time.perf_counter() - self.start:.1f} s)\n")
+        sys.stderr.flush()
+
+
+def _grow(options) -> int:
+    from passes import catalog
+
+    from .apply import apply
+    from .native import to_native
+    from .sources import load_source, save_huggingface, save_pt2
+    from .trace import trace
+
+    try:
+        plan = [catalog.build(spec) for spec in options.passes]
+    except catalog.PassSpecError as e:
+        raise _ArgumentError(str(e)) from e
+    if options.out.exists() and not options.force:
+        raise _ArgumentError(f"{options.out} exists (pass --force to replace it)")
+    progress = _Progress(5 + bool(options.onnx))
+    progress(f"loading {options.source}")
+    try:
+        source = load_source(options.source)
+    except GrowfxError as e:  # an unreadable input is an argument error: exit 2
+        raise _ArgumentError(str(e)) from e
+    progress(f"tracing {source.label}")
+    graph = trace(source.model, source.args, source.kwargs)
+    progress(f"growing with {', '.join(p.name for p in plan)}" + (" (verifying each pass)" if options.verify else ""))
+    grown = apply(graph, plan, source.args, source.kwargs, verify=options.verify)
+    print(grown.report)
+    if source.is_huggingface:
+        progress(f"writing the native {type(source.model).__name__} to {options.out}")
+        native = to_native(grown, like=source.model)
+        save_huggingface(native, options.out, source.tokenizer, replace=options.force)
+        config = native.config
+        print(f"wrote {options.out}: {type(native).__name__}, {sum(p.numel() for p in native.parameters()):,} "
+              f"parameters, {config.num_hidden_layers} layers, hidden {config.hidden_size}")
+    else:
+        progress(f"writing a torch.export archive to {options.out}")
+        save_pt2(grown.graph, options.out, replace=options.force)
+        print(f"wrote {options.out}: {grown.graph.num_parameters:,} parameters")
+    if options.onnx:
+        from .onnx_export import export_onnx
+
+        progress(f"exporting ONNX to {options.onnx} and checking it in onnxruntime")
+        print(export_onnx(grown.graph, source.args, options.onnx, source.kwargs))
+    progress("done")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     options = parser.parse_args(argv)
     if options.command is None:
         parser.print_help()
         return 2
-    handlers = {"inspect": _inspect, "demo": _demo}
+    handlers = {"inspect": _inspect, "demo": _demo, "grow": _grow, "passes": _passes}
     try:
         return handlers[options.command](options)
     except _ArgumentError as e:

@@ -25,5 +25,36 @@ class Plan:
         counts = Counter((g.size, n) for g, n in self.groups)
         growth = ", ".join(f"{old} -> {new}" + (f" (x{c})" if c > 1 else "") for (old, new), c in counts.items())
         verdict = "exact" if self.exact else f"approximate ({self.reason})"
-        where = ", ".join(dict.fromkeys(self.sites)) or "nothing"
+        where = ", ".join(compact(list(dict.fromkeys(self.sites)))) or "nothing"
         return f"{where}: {growth}; {verdict}" if growth else f"{where}; {verdict}"
+
+
+def compact(sites: list[str]) -> list[str]:
+    """``model.layers.0.mlp, model.layers.1.mlp, model.layers.2.mlp`` -> ``model.layers.{0-2}.mlp``: runs of
+    three or more consecutive numbers in the last numbered component are written as a range."""
+    out: list[str] = []
+    runs: dict[tuple[str, str], list[int]] = {}
+    order: list[tuple[str, str] | str] = []
+    for site in sites:
+        parts = site.split(".")
+        index = next((i for i in range(len(parts) - 1, -1, -1) if parts[i].isdigit()), None)
+        if index is None:
+            order.append(site)
+            continue
+        key = (".".join(parts[:index]), ".".join(parts[index + 1:]))
+        if key not in runs:
+            runs[key] = []
+            order.append(key)
+        runs[key].append(int(parts[index]))
+    for key in order:
+        if isinstance(key, str):
+            out.append(key)
+            continue
+        numbers = runs[key]
+        prefix, suffix = key
+        tail = f".{suffix}" if suffix else ""
+        if len(numbers) > 2 and numbers == list(range(numbers[0], numbers[-1] + 1)):
+            out.append(f"{prefix}.{{{numbers[0]}-{numbers[-1]}}}{tail}")
+        else:
+            out.extend(f"{prefix}.{n}{tail}" for n in numbers)
+    return out

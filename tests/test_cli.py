@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from rewrite.cli import main
 
@@ -73,3 +74,67 @@ def test_demo_grows_verifies_and_exports(tmp_path, capsys):
     assert "== grown model vs original model: OK" in out
     assert "onnx export of GPT vs onnxruntime: OK" in out
     assert (tmp_path / "gpt-grown.onnx").is_file()
+
+
+def test_grow_writes_a_hugging_face_folder_that_loads_and_grows_again(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    from rewrite import zoo
+
+    out = tmp_path / "grown"
+    assert main(["grow", "hf-llama", "--pass", "widen_mlp:factor=2", "--pass", "add_layers:n=2,init=copy",
+                 "--out", str(out), "--verify", "--onnx", str(tmp_path / "grown.onnx")]) == 0
+    loaded = LlamaForCausalLM.from_pretrained(out).eval()
+    built = zoo.build("hf-llama")
+    assert loaded.config.num_hidden_layers == 4 and loaded.config.intermediate_size == 96
+    torch.testing.assert_close(loaded(*built.args).logits, built.model(*built.args).logits, rtol=1e-5, atol=1e-5)
+    assert (tmp_path / "grown.onnx").is_file()
+    again = tmp_path / "again"
+    assert main(["grow", str(out), "--pass", "widen_hidden:factor=2", "--pass", "add_heads:n=4", "--out", str(again)]) == 0
+    grown = LlamaForCausalLM.from_pretrained(again).eval()
+    assert grown.config.hidden_size == 64
+    torch.testing.assert_close(grown(*built.args).logits, built.model(*built.args).logits, rtol=1e-5, atol=1e-5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again", "grown", "grown.onnx"]  # no temporaries left
+
+
+def test_grow_writes_a_torch_export_archive_for_other_models(tmp_path):
+    out = tmp_path / "gpt.pt2"
+    assert main(["grow", "gpt", "--pass", "add_layers:n=1", "--out", str(out)]) == 0
+    program = torch.export.load(out)
+    args, _ = program.example_inputs
+    from rewrite import zoo
+
+    built = zoo.build("gpt")
+    torch.testing.assert_close(program.module()(*args), built.model(*args), rtol=1e-5, atol=1e-6)
+    assert main(["grow", str(out), "--pass", "widen_mlp:factor=2", "--out", str(tmp_path / "wider.pt2")]) == 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["grow", "gpt", "--pass", "nope", "--out", "x"], "unknown pass 'nope'; choose one of widen, widen_mlp"),
+    (["grow", "gpt", "--pass", "widen_mlp:size=2,foo=1", "--out", "x"], "widen_mlp has no parameter 'foo'"),
+    (["grow", "gpt", "--pass", "upcycle_moe:experts=2", "--out", "x"], "upcycle_moe needs top_k"),
+    (["grow", "/no/such/model", "--pass", "add_layers", "--out", "x"], "'/no/such/model' is not a built-in example"),
+])
+def test_grow_argument_errors_exit_2_with_one_line(argv, message):
+    result = run(*argv)
+    assert result.returncode == 2
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) <= 2  # progress line + error
+
+
+def test_a_failed_grow_leaves_no_output(tmp_path, capsys):
+    out = tmp_path / "moe"
+    assert main(["grow", "hf-llama", "--pass", "upcycle_moe:experts=2,top_k=1", "--out", str(out)]) == 1
+    assert "grown tensors have no place in LlamaForCausalLM" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(SystemExit) as exit_:
+        main(["grow", "gpt", "--pass", "add_layers", "--out", str(tmp_path / "taken")])
+    assert exit_.value.code == 2 and "exists (pass --force to replace it)" in capsys.readouterr().err
+
+def test_passes_lists_every_pass_with_its_exactness(capsys):
+    assert main(["passes"]) == 0
+    out = capsys.readouterr().out
+    for name in ("widen_mlp(size=None, factor=None", "add_layers(n=1, at=None, init='zero'", "upcycle_moe(experts, top_k",
+                 "split_layers(k=2", "net2deeper(after"):
+        assert name in out
+    assert "refused on post-norm (BERT)" in out
