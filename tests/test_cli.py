@@ -64,7 +64,7 @@ def test_inspect_folder_without_config_fails_with_one_line(tmp_path):
 
 
 def test_demo_grows_verifies_and_exports(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path)]) == 0
+    assert main(["demo", "--model", "gpt", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "== graph vs model: OK" in out
     assert "widen_mlp(factor=2): blocks.0, blocks.1: 64 -> 128 (x2); exact" in out
@@ -73,7 +73,8 @@ def test_demo_grows_verifies_and_exports(tmp_path, capsys):
     assert "add_layers(n=2, init='zero'): blocks.1; exact" in out
     assert "== grown model vs original model: OK" in out
     assert "onnx export of GPT vs onnxruntime: OK" in out
-    assert (tmp_path / "gpt-grown.onnx").is_file()
+    assert (tmp_path / "gpt-grown.onnx").is_file() and (tmp_path / "gpt-grown.pt2").is_file()
+    assert "== done in" in out and ": OK" in out
 
 
 def test_grow_writes_a_hugging_face_folder_that_loads_and_grows_again(tmp_path):
