@@ -119,8 +119,7 @@ def _load_gguf(path: Path) -> Source:
                                                      local_files_only=True).eval()
     except Exception as e:  # noqa: BLE001
         raise GrowfxError(f"cannot load {path} as a GGUF language model: {str(e).splitlines()[0]}") from e
-    model.config.quantization_config = None  # dequantised on load: the grown model is plain float32
-    if hasattr(model.config, "quantization_config"):
+    if hasattr(model.config, "quantization_config"):  # dequantised on load: the model is plain float32
         del model.config.quantization_config
     tokenizer = _tokenizer(path.parent, gguf_file=path.name)
     args, kwargs = _language_inputs(model, tokenizer)
