@@ -13,7 +13,6 @@ every node's shape on the example inputs.
 from __future__ import annotations
 
 import copy
-import warnings
 from typing import Any, Callable
 
 import torch
@@ -26,15 +25,9 @@ from .graph import Graph, attribute
 
 class Editor:
     def __init__(self, graph: Graph):
-        memo = {}
-        for tensor in (*graph.module.parameters(), *graph.module.buffers()):
-            if getattr(graph, "disposable", False):
-                memo[id(tensor)] = tensor  # an intermediate of apply(): its tensors may move
-        with warnings.catch_warnings():  # deepcopy of export's pytree specs warns about a deprecated alias
-            warnings.simplefilter("ignore", FutureWarning)
-            self.module: torch.fx.GraphModule = copy.deepcopy(graph.module, memo)
+        self.module: torch.fx.GraphModule = graph.module_copy()
         self.source = graph
-        self.graph = Graph(self.module, frontend=graph.frontend, source_class=graph.source_class)
+        self.graph = graph.with_module(self.module)  # the view rules read while editing
         self.fx = self.module.graph
         self._cursor: torch.fx.Node | None = None
         self.copied: dict[str, str] = {}  # new tensor name -> the tensor it was copied from
@@ -251,14 +244,7 @@ class Editor:
             raise GrowthError(f"a rewrite left a malformed graph: {first_line(e)}") from e
         self.module.recompile()
         source = self.source
-        grown = Graph(
-            self.module,
-            frontend=source.frontend,
-            source_class=source.source_class,
-            example_args=source.example_args,
-            example_kwargs=source.example_kwargs,
-            fixed_kwargs=source.fixed_kwargs,
-        )
+        grown = source.with_module(self.module)
         try:
             grown.propagate_shapes(*source.example_args, **source.example_kwargs)
         except Exception as e:  # noqa: BLE001

@@ -9,8 +9,10 @@ it was traced from; growth passes build new tensors and never write to these.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
+import warnings
 from collections import Counter
 from typing import Any
 
@@ -61,6 +63,29 @@ class Graph:
         self.fixed_kwargs = dict(fixed_kwargs or {})  # inputs the front-end fixed, e.g. use_cache=False
         self.example_args = tuple(example_args)
         self.example_kwargs = dict(example_kwargs or {})
+
+    def module_copy(self, memo: dict | None = None) -> torch.fx.GraphModule:
+        """A deep copy of the GraphModule for a rewrite to edit (``memo`` maps tensors to their replacements).
+        Tensors are cloned, so the result owns its parameters, unless this graph is ``disposable`` (an
+        intermediate of ``rewrite.apply``, replaced by the result): then untouched tensors move."""
+        memo = dict(memo or {})
+        if getattr(self, "disposable", False):
+            for tensor in (*self.module.parameters(), *self.module.buffers()):
+                memo.setdefault(id(tensor), tensor)
+        with warnings.catch_warnings():  # deepcopy of export's pytree specs warns about a deprecated alias
+            warnings.simplefilter("ignore", FutureWarning)
+            return copy.deepcopy(self.module, memo)
+
+    def with_module(self, module: torch.fx.GraphModule) -> "Graph":
+        """A Graph of ``module`` (a rewritten copy of this one) with this graph's origin and example inputs."""
+        return Graph(
+            module,
+            frontend=self.frontend,
+            source_class=self.source_class,
+            example_args=self.example_args,
+            example_kwargs=self.example_kwargs,
+            fixed_kwargs=self.fixed_kwargs,
+        )
 
     # -- running -----------------------------------------------------------------------------
     def call_inputs(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:

@@ -11,10 +11,8 @@ size attributes and the literal sizes in views, norms and splits follow. The gro
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
-import warnings
 from collections import defaultdict
 
 import torch
@@ -117,12 +115,7 @@ def resize(
                 getattr(chosen, role)(grown, axis, layout, out, generator)
             grown = out
         memo[id(old)] = torch.nn.Parameter(grown, old.requires_grad) if isinstance(old, torch.nn.Parameter) else grown
-    if getattr(graph, "disposable", False):  # an intermediate of apply(): untouched tensors move, not copy
-        for tensor in (*graph.module.parameters(), *graph.module.buffers()):
-            memo.setdefault(id(tensor), tensor)
-    with warnings.catch_warnings():  # deepcopy of export's pytree specs warns about a deprecated alias
-        warnings.simplefilter("ignore", FutureWarning)
-        module = copy.deepcopy(graph.module, memo)
+    module = graph.module_copy(memo)
     for sub in module.modules():
         resize_module_attributes(sub)
     if finish is not None:
@@ -130,14 +123,7 @@ def resize(
     grown_axes = _grown_axes(layouts)
     node_map = _patch_nodes(graph, module, grown_axes)
     module.recompile()
-    grown = Graph(
-        module,
-        frontend=graph.frontend,
-        source_class=graph.source_class,
-        example_args=graph.example_args,
-        example_kwargs=graph.example_kwargs,
-        fixed_kwargs=graph.fixed_kwargs,
-    )
+    grown = graph.with_module(module)
     _grown_metadata(module, grown_axes)
     grown.node_map = _compose(getattr(graph, "node_map", None), node_map)
     return grown
