@@ -16,7 +16,6 @@ MLP's compute. Parameters: ``<mlp>.router.weight`` and ``<mlp>.experts.<e>.<orig
 from __future__ import annotations
 
 import operator
-import re
 
 import torch
 
@@ -25,8 +24,9 @@ from rewrite.errors import GrowthError
 from rewrite.pattern import Match, mlp
 from rewrite.rules import Rule
 
+from .heads import in_layers
+
 aten = torch.ops.aten
-_LAYER = re.compile(r"\.(\d+)(\.|$)")
 
 
 def upcycle_moe(experts: int, top_k: int, layers: list[int] | None = None, *, seed: int = 0) -> Rule:
@@ -36,10 +36,8 @@ def upcycle_moe(experts: int, top_k: int, layers: list[int] | None = None, *, se
     if not isinstance(top_k, int) or not 1 <= top_k <= experts:
         raise GrowthError(f"upcycle_moe: top_k must be an integer in [1, experts={experts}], got {top_k!r}")
 
-    def in_layers(matches: list[Match]) -> list[Match]:
-        if layers is None:
-            return matches
-        return [m for m in matches if (found := _LAYER.search(m["module"])) and int(found.group(1)) in layers]
+    def selected(matches: list[Match]) -> list[Match]:
+        return [m for m in matches if in_layers(m["module"], layers)]
 
     def rewrite(match: Match, edit: Editor) -> None:
         module, x, down, nodes = match["module"], match["input"], match["down"], match["nodes"]
@@ -71,4 +69,4 @@ def upcycle_moe(experts: int, top_k: int, layers: list[int] | None = None, *, se
         edit.erase(nodes)
 
     where = "" if layers is None else f", layers={list(layers)}"
-    return Rule(mlp(), rewrite, name=f"upcycle_moe(experts={experts}, top_k={top_k}{where})", select=in_layers)
+    return Rule(mlp(), rewrite, name=f"upcycle_moe(experts={experts}, top_k={top_k}{where})", select=selected)

@@ -99,27 +99,27 @@ def apply(model: torch.nn.Module | Graph, passes: list, args=(), kwargs: dict | 
     kwargs = dict(kwargs or {})
     original = model if isinstance(model, Graph) else trace(model, args, kwargs)
     current = original
+    shapes = _parameter_shapes(current)
     records = []
     for growth in _flatten(passes):
-        before = current.num_parameters
+        before = _count(shapes)
         plan = growth.plan(current)
         if plan.empty:
             if strict:
                 raise GrowthError(f"{growth.name} matched nothing")
             records.append(PassRecord(growth.name, None, before, before, refusals=plan.refusals))
             continue
-        shapes = {name: info.shape for name, info in current.parameters().items()}
         previous, current = current, growth.run(current, plan)
         moves = getattr(current, "renamed", None) or {}
         renamed = [name for name in shapes if _moved(name, moves) != name]
-        shapes = {_moved(name, moves): shape for name, shape in shapes.items()}
+        old_shapes = {_moved(name, moves): shape for name, shape in shapes.items()}
         current.disposable = True  # made here and replaced by the next pass: its tensors may move on
-        grown_shapes = {name: info.shape for name, info in current.parameters().items()}
+        shapes = _parameter_shapes(current)
         record = PassRecord(
-            growth.name, plan, before, current.num_parameters, refusals=plan.refusals,
-            added=[n for n in grown_shapes if n not in shapes],
-            removed=[n for n in shapes if n not in grown_shapes],
-            resized=[n for n in grown_shapes if n in shapes and grown_shapes[n] != shapes[n]],
+            growth.name, plan, before, _count(shapes), refusals=plan.refusals,
+            added=[n for n in shapes if n not in old_shapes],
+            removed=[n for n in old_shapes if n not in shapes],
+            resized=[n for n in shapes if n in old_shapes and shapes[n] != old_shapes[n]],
             renamed=renamed,
         )
         if verify:  # the error against the original; an exact pass after an approximate one is checked
@@ -130,6 +130,15 @@ def apply(model: torch.nn.Module | Graph, passes: list, args=(), kwargs: dict | 
         records.append(record)
     current.disposable = False
     return Grown(GrownModule(current), current, GrowthReport(records))
+
+
+def _parameter_shapes(graph: Graph) -> dict[str, torch.Size]:
+    """Every learnable parameter (tied ones once) with its shape."""
+    return {name: info.shape for name, info in graph.parameters().items()}
+
+
+def _count(shapes: dict[str, torch.Size]) -> int:
+    return sum(shape.numel() for shape in shapes.values())
 
 
 def _moved(name: str, moves: dict[str, str]) -> str:

@@ -159,7 +159,8 @@ def _epsilon(graph: Graph) -> float | None:
 def _load(native: torch.nn.Module, graph: Graph) -> None:
     state = native.state_dict()
     grown = {name: tensor for name, tensor in _named_tensors(graph.module)}
-    unplaced = [n for n in grown if n not in state and n not in dict(native.named_buffers())]
+    buffers = dict(native.named_buffers())  # non-persistent ones (rotary tables) are not in the state dict
+    unplaced = [n for n in grown if n not in state and n not in buffers]
     if unplaced:
         raise NotRepresentableError(
             f"{len(unplaced)} grown tensors have no place in {type(native).__name__} "
