@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(VENV)/bin/growfx demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q --hypothesis-profile=ci $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

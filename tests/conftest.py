@@ -2,6 +2,12 @@ import functools
 import os
 
 import pytest
+import torch
+from hypothesis import settings
+
+# `make test` (and so CI) runs with --hypothesis-profile=ci: the same draws every run, so a
+# red CI is a regression, not a new random example. Plain `pytest` keeps exploring new draws.
+settings.register_profile("ci", derandomize=True, print_blob=True)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -17,6 +23,12 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "slow" in item.keywords:
                 item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same torch RNG state, whatever ran before it."""
+    torch.manual_seed(0)
 
 
 @functools.lru_cache(maxsize=None)
