@@ -8,7 +8,8 @@ embedding produces.
 ``init="zero"``: new residual dims stay **zero**. Producers' new entries are zero; readers' new columns are
 anything (noisy copies, so they learn). An RMSNorm over ``[x, 0]`` sees ``mean(x^2) * h/h'``, so its gain is
 scaled by ``sqrt(h/h')`` and its epsilon by ``h/h'`` (``nn.RMSNorm``, ``aten.rms_norm`` and the hand-written
-``x * rsqrt(mean(x^2) + eps) * w`` alike): exact. A LayerNorm over a zero-padded axis moves the mean: refused,
+``x * rsqrt(mean(x^2) + eps) * w`` alike): exact. A gain written with an offset, ``(c + w)`` (Gemma's ``1 + w``),
+is scaled as a whole: ``w' = s (c + w) - c``. An RMSNorm with no gain cannot absorb the scale: not exact. A LayerNorm over a zero-padded axis moves the mean: refused,
 with ``clone`` suggested. A tied embedding/output head works (zero new columns serve both uses).
 
 ``init="clone"`` (uniform x k): embeddings and producers repeat their columns, readers' columns are divided by
@@ -30,7 +31,7 @@ import torch.fx
 from rewrite.errors import GrowthError, NotExactError
 from rewrite.graph import Graph
 from rewrite.grow import check_resize, grow
-from rewrite.ops import canonical_kind, real_users, rms_epsilon
+from rewrite.ops import canonical_kind, offset_parameter, real_users, rms_epsilon
 from rewrite.plan import Plan
 
 from .net2wider import Widen, new_size
@@ -54,14 +55,16 @@ class ResidualZero(Zero):
 
 class ScaledGain(Policy):
     """A norm's gain (and bias) copied through the layout, then scaled: only the old entries (an RMSNorm over
-    a zero-padded axis, whose new entries see zeros) or all of them (the norm feeding a tied head, cloned)."""
+    a zero-padded axis, whose new entries see zeros) or all of them (the norm feeding a tied head, cloned).
+    A gain the graph applies as ``offset + w`` is scaled as a whole: ``w' = scale * (offset + w) - offset``."""
 
-    def __init__(self, name: str, scale: float, old_only: bool):
-        self.name, self.scale, self.old_only = name, scale, old_only
+    def __init__(self, name: str, scale: float, old_only: bool, offset: float = 0.0):
+        self.name, self.scale, self.old_only, self.offset = name, scale, old_only, offset
 
     def along(self, old, axis, layout, out, generator):
         gather(old, axis, layout.source, out)
-        (out.narrow(axis, 0, layout.old_size) if self.old_only else out).mul_(self.scale)
+        scaled = out.narrow(axis, 0, layout.old_size) if self.old_only else out
+        scaled.add_(self.offset).mul_(self.scale).sub_(self.offset)
 
 
 @dataclasses.dataclass
@@ -130,9 +133,8 @@ class WidenHidden(Widen):
                 if not _correctable_rms(graph, kind, node_name):
                     continue  # the plan already says approximate and why
                 epsilons.append((node_name, kind, ratio))
-                gain = _gain_of(graph, graph.node(node_name), kind, group)
-                if gain is not None:
-                    overrides[gain] = ScaledGain("zero", math.sqrt(ratio), old_only=True)
+                gain, offset = _gain_of(graph, graph.node(node_name), kind, group)
+                overrides[gain] = ScaledGain("zero", math.sqrt(ratio), old_only=True, offset=offset)
             overrides[group] = ResidualZero()
         return grow(graph, sizes, chosen, self.seed, overrides, lambda module: _scale_epsilons(graph, module, epsilons))
 
@@ -173,6 +175,9 @@ def _zero_exactness(graph: Graph, group) -> str | None:
             return f"LayerNorm over a zero-padded residual stream (node {node_name}) moves the mean"
         if not _correctable_rms(graph, kind, node_name):
             return f"a {kind} over the residual stream (node {node_name}) changes when it is zero-padded"
+        if _gain_of(graph, graph.node(node_name), kind, group) is None:
+            return (f"the RMSNorm at node {node_name} has no gain on the residual stream to absorb the "
+                    f"sqrt(h'/h) its zero-padded input gives")
     return None
 
 
@@ -182,22 +187,26 @@ def _correctable_rms(graph: Graph, kind: str, node_name: str) -> bool:
     return kind == "rms_norm" or (kind == "mean" and rms_epsilon(graph.node(node_name)) is not None)
 
 
-def _gain_of(graph: Graph, node: torch.fx.Node, kind: str, group) -> str | None:
-    """The gain tensor of the RMSNorm whose reduction is ``node``."""
+def _gain_of(graph: Graph, node: torch.fx.Node, kind: str, group) -> tuple[str, float] | None:
+    """(gain tensor, offset) of the RMSNorm whose reduction is ``node``: the graph multiplies by
+    ``offset + gain``. None when the norm has no gain on this group."""
     if kind == "rms_norm":
         if node.op == "call_module":
-            return f"{node.target}.weight" if getattr(graph.module.get_submodule(node.target), "weight", None) is not None else None
+            has_gain = getattr(graph.module.get_submodule(node.target), "weight", None) is not None
+            return (f"{node.target}.weight", 0.0) if has_gain else None
         weight = node.args[2] if len(node.args) > 2 else None
-        return str(weight.target) if isinstance(weight, torch.fx.Node) and weight.op == "get_attr" else None
-    # hand-written: mean -> add eps -> rsqrt -> mul(x, .) [-> to] -> mul(weight, .)
+        if isinstance(weight, torch.fx.Node) and weight.op == "get_attr":
+            return str(weight.target), 0.0
+        return None
+    # hand-written: mean -> add eps -> rsqrt -> mul(x, .) [-> to] -> mul(., [offset +] weight)
     rsqrt = real_users(rms_epsilon(node)[0])[0]
     current = real_users(rsqrt)[0]
+    members = {m.tensor for m in group.members}
     for _ in range(4):
         for arg in current.args:
-            if isinstance(arg, torch.fx.Node) and arg.op == "get_attr":
-                name = str(arg.target)
-                if any(m.tensor == name for m in group.members):
-                    return name
+            gain = offset_parameter(graph, arg)
+            if gain is not None and str(gain[0].target) in members:
+                return str(gain[0].target), gain[1]
         users = real_users(current)
         if len(users) != 1:
             return None

@@ -387,6 +387,14 @@ def transpose(facts: Facts, call: Call) -> None:
         facts.equal((x, in_axis), (call.out, out_axis), call.node.name)
 
 
+def reverse_axes(facts: Facts, call: Call) -> None:
+    """``x.T`` (``aten.numpy_T``): every axis, in reverse order."""
+    x = call.operands[0]
+    rank = len(call.shape(x))
+    for out_axis in range(rank):
+        facts.equal((x, rank - 1 - out_axis), (call.out, out_axis), call.node.name)
+
+
 def permute(facts: Facts, call: Call) -> None:
     x = call.operands[0]
     rank = len(call.shape(x))
@@ -613,7 +621,7 @@ RULES: dict[str, Rule] = {
     **{kind: elementwise for kind in ELEMENTWISE},
     "linear": linear, "addmm": addmm, "matmul": matmul, "conv": conv, "batch_norm": batch_norm,
     "layer_norm": layer_norm, "rms_norm": rms_norm, "embedding": embedding, "pool": pool, "view": view,
-    "transpose": transpose, "permute": permute, "unsqueeze": view, "squeeze": view,  # size-1 axes only
+    "transpose": transpose, "numpy_T": reverse_axes, "permute": permute, "unsqueeze": view, "squeeze": view,  # size-1 axes only
     "expand": expand, "mean": reduction, "softmax": softmax, "cat": cat, "split": split, "getitem": getitem,
     "slice": select_or_slice, "select": select_or_slice, "narrow": select_or_slice, "repeat": repeat,
     "sdpa": sdpa, "topk": topk, "index": index, "opaque": opaque, "ignore": ignore,
@@ -775,10 +783,10 @@ def _name(node: torch.fx.Node) -> str:
 # -- structure: what the structural rules (rewrite.blocks, rewrite.edit) need to know about ops ---------
 # Ops that pass their input through unchanged in eval mode (a cast counts: same stream, other dtype).
 TRANSPARENT = {"dropout", "identity", "contiguous", "clone", "detach", "alias", "to", "_to_copy",
-               "lift_fresh_copy", "float", "double", "half", "bfloat16", "type"}
+               "lift_fresh_copy", "float", "double", "half", "bfloat16", "type", "type_as"}
 # Ops that are positively homogeneous of degree one in their (first) tensor operand: f(c x) = c f(x)
 # for c >= 0. Scaling a residual branch can pass through them to the layers that produce it.
-HOMOGENEOUS = TRANSPARENT | {"view", "transpose", "permute", "expand", "unsqueeze", "squeeze", "getitem",
+HOMOGENEOUS = TRANSPARENT | {"view", "transpose", "numpy_T", "permute", "expand", "unsqueeze", "squeeze", "getitem",
                              "slice", "select", "narrow", "repeat", "flatten", "relu", "pool"}
 HOMOGENEOUS_REDUCTIONS = {"sum", "mean", "amax", "max"}  # raw op names under the "mean" kind
 # Activations with phi(phi(v)) = phi(v): an identity layer followed by a copy of them changes nothing.
@@ -793,6 +801,28 @@ WEIGHTED = {
     "addmm": {"bias": 0, "input": 1, "weight": 2},
     "embedding": {"weight": 0, "input": 1},
 }
+
+
+def offset_parameter(graph, value) -> tuple[torch.fx.Node, float] | None:
+    """``value`` as (the ``get_attr`` node of a tensor ``w``, ``c``) when it computes ``c + w`` through casts
+    (``w`` alone: ``c = 0``; Gemma's norms multiply by ``1 + w``); None when it computes anything else."""
+    offset = 0.0
+    while isinstance(value, torch.fx.Node):
+        if value.op == "get_attr":
+            return value, offset
+        kind = canonical_kind(graph, value)
+        tensors = [a for a in value.args if isinstance(a, torch.fx.Node)]
+        if kind in TRANSPARENT and value.args and value.args[0] is tensors[0]:
+            value = tensors[0]
+        elif kind == "add" and len(tensors) == 1 and len(value.args) == 2 and value.kwargs.get("alpha", 1) == 1:
+            constant = next(a for a in value.args if a is not tensors[0])
+            if not isinstance(constant, (int, float)) or isinstance(constant, bool):
+                return None
+            offset += float(constant)
+            value = tensors[0]
+        else:
+            return None
+    return None
 
 
 def operand(graph, node: torch.fx.Node, role: str):
