@@ -10,7 +10,8 @@ Other values may enter a block (masks, RoPE tables); they are *side inputs*, sha
 ``residual_units`` tells which add belongs to which branch; ``branch_layers`` walks a branch back from its
 output through ops that are homogeneous of degree one (views, casts, sums, products with one operand
 held fixed) to the weighted layers that produce it, so that scaling the branch by ``c`` is scaling those
-layers' weights and biases by ``c`` (no new op). The op knowledge used here lives in ``rewrite.ops``.
+layers' weights and biases by ``c`` (no new op). A branch that ends in a norm (Gemma-2's sandwich norms)
+ends at the norm's gain; a gain applied as ``1 + w`` is scaled as ``w' = c (1 + w) - 1``. The op knowledge used here lives in ``rewrite.ops``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch.fx
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from .errors import GrowthError
-from .ops import HOMOGENEOUS, HOMOGENEOUS_REDUCTIONS, TRANSPARENT, WEIGHTED, canonical_kind, operand
+from .ops import HOMOGENEOUS, HOMOGENEOUS_REDUCTIONS, TRANSPARENT, WEIGHTED, canonical_kind, offset_parameter, operand
 
 _NUMBERED = re.compile(r"^(.*)\.(\d+)$")
 
@@ -163,14 +164,27 @@ def _residual_add(graph, stream, inside: set):
 
 
 def resolve(graph, node):
-    """The value a node passes through unchanged (following dropout, casts, clones back)."""
-    while isinstance(node, torch.fx.Node) and node.op != "placeholder" and canonical_kind(graph, node) in TRANSPARENT:
+    """The value a node passes through unchanged (following dropout, casts, clones and token reshapes back)."""
+    while isinstance(node, torch.fx.Node) and node.op != "placeholder" and _passes_through(graph, node):
         node = node.args[0]
     return node
 
 
+def _passes_through(graph, node: torch.fx.Node) -> bool:
+    """Does ``node`` hand on its first operand's values unchanged: a transparent op, or a reshape that keeps
+    the feature axis (OPT flattens batch and tokens between its residual units: ``[B, T, D] -> [B*T, D]``)?"""
+    kind = canonical_kind(graph, node)
+    if kind in TRANSPARENT:
+        return True
+    if kind not in ("view", "reshape", "_unsafe_view") or not node.args or not isinstance(node.args[0], torch.fx.Node):
+        return False
+    before, after = node.args[0].meta.get("tensor_meta"), node.meta.get("tensor_meta")
+    return (isinstance(before, TensorMetadata) and isinstance(after, TensorMetadata)
+            and len(before.shape) > 0 and len(after.shape) > 0 and before.shape[-1] == after.shape[-1])
+
+
 def _through_transparent(graph, node) -> list[torch.fx.Node]:
-    """Users of ``node``, looking through transparent ops to the users of their results too."""
+    """Users of ``node``, looking through ops that pass it on unchanged to the users of their results too."""
     seen, out, todo = set(), [], [node]
     while todo:
         current = todo.pop()
@@ -178,7 +192,7 @@ def _through_transparent(graph, node) -> list[torch.fx.Node]:
             if user in seen:
                 continue
             seen.add(user)
-            if user.op != "output" and canonical_kind(graph, user) in TRANSPARENT and user.args and user.args[0] is current:
+            if user.op != "output" and _passes_through(graph, user) and user.args and user.args[0] is current:
                 todo.append(user)
             else:
                 out.append(user)
@@ -205,9 +219,12 @@ def _same_shape(node: torch.fx.Node, meta) -> bool:
 
 @dataclasses.dataclass
 class Layer:
+    """A tensor (and bias) that scales the branch: the graph multiplies by ``offset + weight``."""
+
     node: torch.fx.Node
     weight: str
     bias: str | None
+    offset: float = 0.0
 
 
 def branch_layers(graph, output: torch.fx.Node) -> list[Layer]:
@@ -216,8 +233,9 @@ def branch_layers(graph, output: torch.fx.Node) -> list[Layer]:
     Walks back from ``output``: through homogeneous ops to their tensor operand; through ``add``/``sub``
     to both operands; through a product or quotient to the operand that leads to weighted layers (the
     other one is held fixed); it stops at a weighted layer (``linear``, ``conv``, GPT-2's ``addmm``, a
-    ``matmul`` with a parameter, or one indexed from a stack of experts). Raises ``GrowthError`` naming the
-    node it cannot pass."""
+    ``matmul`` with a parameter, one indexed from a stack of experts, or a gain ``c + w``). A product's
+    operand is taken only when the other operands do not depend on what it scales (``x * rsqrt(mean(x^2))``
+    is not homogeneous in ``x``). Raises ``GrowthError`` naming the node it cannot pass."""
     layers = _walk(graph, output, set())
     if isinstance(layers, str):
         raise GrowthError(f"cannot fold a scalar into the branch ending at {output.name}: {layers}")
@@ -242,7 +260,10 @@ def _walk(graph, node, seen: set) -> list[Layer] | str:
     tensors = [a for a in node.args if isinstance(a, torch.fx.Node)]
     if kind in HOMOGENEOUS or kind == "mean" and graph.op_kind(node).rpartition(".")[2] in HOMOGENEOUS_REDUCTIONS:
         return _walk(graph, node.args[0], seen) if tensors else f"{node.name} has no tensor operand"
-    if kind in ("add", "sub"):
+    if kind in ("add", "sub", "add_", "sub_"):  # in place or not, the result is the sum
+        gain = offset_parameter(graph, node)
+        if gain is not None:  # c + w: a gain with an offset
+            return [Layer(gain[0], str(gain[0].target), None, gain[1])]
         found = []
         for value in tensors:
             layers = _walk(graph, value, seen)
@@ -257,8 +278,13 @@ def _walk(graph, node, seen: set) -> list[Layer] | str:
         reasons = []
         for value in operands:
             layers = _walk(graph, value, set(seen))
-            if not isinstance(layers, str):
+            if isinstance(layers, str):
+                reasons.append(layers)
+                continue
+            held = [other for other in tensors if other is not value]
+            coupled = next((layer for layer in layers for other in held if depends_on(other, layer.node)), None)
+            if coupled is None:
                 return layers
-            reasons.append(layers)
+            reasons.append(f"{node.name} multiplies by a value that depends on {coupled.weight} as well")
         return reasons[0] if reasons else f"{node.name} has no tensor operand"
     return f"{kind} ({node.name}) is not homogeneous in its input"

@@ -13,6 +13,7 @@ every node's shape on the example inputs.
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -32,6 +33,7 @@ class Editor:
         self._cursor: torch.fx.Node | None = None
         self.copied: dict[str, str] = {}  # new tensor name -> the tensor it was copied from
         self.renamed: dict[str, str] = {}  # module of the source graph -> where renumbering moved it
+        self.origins: dict[str, str] = dict(graph.origins)  # module -> its module in the traced model
         self._created: set[str] = set()  # modules made by copies (not in the source graph)
 
     # -- nodes -------------------------------------------------------------------------------------
@@ -59,7 +61,9 @@ class Editor:
 
     def get(self, name: str) -> torch.fx.Node:
         """A ``get_attr`` node reading the tensor ``name``."""
-        return self._emit(lambda: self.fx.get_attr(name), None)
+        with warnings.catch_warnings():  # fx warns about plain tensor attributes: export's lifted constants
+            warnings.filterwarnings("ignore", "Attempted to insert a get_attr Node with no underlying reference")
+            return self._emit(lambda: self.fx.get_attr(name), None)
 
     def linear(self, x: torch.fx.Node, weight: str, bias: str | None = None, owner: str | None = None):
         """``x @ W.T + b`` with ``W`` (and ``b``) read from the named tensors."""
@@ -77,6 +81,7 @@ class Editor:
         clones: dict[int, torch.Tensor] = {}
         if rename is not None:
             self._created.add(rename[1])
+            self.origins[rename[1]] = self.origins.get(rename[0], rename[0])
 
         def arg(value: torch.fx.Node) -> torch.fx.Node:
             if value in mapping:
@@ -113,10 +118,15 @@ class Editor:
         holder = self._module_at(parent)
         if hasattr(holder, leaf):
             raise GrowthError(f"cannot copy {old} to {new}: the name is taken")
+        source_parent, _, source_leaf = old.rpartition(".")
+        source = self.module.get_submodule(source_parent)
         if isinstance(clones[id(tensor)], torch.nn.Parameter):
             holder.register_parameter(leaf, clones[id(tensor)])
-        else:
-            holder.register_buffer(leaf, clones[id(tensor)])
+        elif source_leaf in source._buffers:
+            persistent = source_leaf not in source._non_persistent_buffers_set
+            holder.register_buffer(leaf, clones[id(tensor)], persistent=persistent)
+        else:  # a constant torch.export lifted out of forward: it stays a plain attribute, like its source
+            setattr(holder, leaf, clones[id(tensor)])
         self.copied[new] = old
 
     def _copy_submodule(self, old: str, new: str, clones: dict) -> None:
@@ -186,6 +196,8 @@ class Editor:
             elif old not in self._created:
                 self.renamed[old] = new
         self._created = {moved.get(name, name) for name in self._created}
+        origins = {name: origin for name, origin in self.origins.items() if name not in moved}
+        self.origins = origins | {new: self.origins.get(old, old) for old, new in moved.items()}
         for node in self.fx.nodes:
             for old, new in moved.items():
                 if node.op in ("call_module", "get_attr") and _under(str(node.target), old):
@@ -221,17 +233,18 @@ class Editor:
 
     def scale(self, value: torch.fx.Node, factor: float) -> list[str]:
         """Scale ``value`` by ``factor >= 0`` by scaling the weights and biases of the layers that produce it
-        (``rewrite.blocks.branch_layers``); returns the scaled tensors' names."""
+        (``rewrite.blocks.branch_layers``; a gain used as ``c + w`` becomes ``factor (c + w) - c``); returns
+        the scaled tensors' names."""
         if factor < 0:
             raise GrowthError(f"cannot fold a negative scale {factor} through homogeneous ops")
-        names = []
+        offsets = {}  # tensor name -> c, where the graph multiplies by c + tensor
         for layer in branch_layers(self.graph, value):
-            for name in (layer.weight, layer.bias):
-                if name is not None and name not in names:
-                    names.append(name)
-        for name in names:
-            self.set_tensor(name, self.tensor(name).detach() * factor)
-        return names
+            offsets.setdefault(layer.weight, layer.offset)
+            if layer.bias is not None:
+                offsets.setdefault(layer.bias, 0.0)
+        for name, offset in offsets.items():
+            self.set_tensor(name, (self.tensor(name).detach() + offset) * factor - offset)
+        return list(offsets)
 
     # -- result ------------------------------------------------------------------------------------
     def finish(self) -> Graph:
@@ -253,6 +266,7 @@ class Editor:
             raise GrowthError(f"the rewritten graph does not run: {first_line(e)}") from e
         grown.node_map = getattr(source, "node_map", None)
         grown.renamed = dict(self.renamed)
+        grown.origins = dict(self.origins)
         return grown
 
 

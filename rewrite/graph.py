@@ -56,6 +56,7 @@ class Graph:
         example_args: tuple = (),
         example_kwargs: dict | None = None,
         fixed_kwargs: dict | None = None,
+        origins: dict[str, str] | None = None,
     ):
         self.module = module
         self.frontend = frontend
@@ -63,6 +64,13 @@ class Graph:
         self.fixed_kwargs = dict(fixed_kwargs or {})  # inputs the front-end fixed, e.g. use_cache=False
         self.example_args = tuple(example_args)
         self.example_kwargs = dict(example_kwargs or {})
+        # module -> the module of the traced model it comes from, for modules that structural rewrites
+        # copied or renumbered (model.layers.5 -> model.layers.3); any other module is its own origin
+        self.origins = dict(origins or {})
+
+    def origin(self, module_name: str) -> str:
+        """The module of the traced model that ``module_name`` was copied or moved from (or itself)."""
+        return self.origins.get(module_name, module_name)
 
     def module_copy(self, memo: dict | None = None) -> torch.fx.GraphModule:
         """A deep copy of the GraphModule for a rewrite to edit (``memo`` maps tensors to their replacements).
@@ -85,6 +93,7 @@ class Graph:
             example_args=self.example_args,
             example_kwargs=self.example_kwargs,
             fixed_kwargs=self.fixed_kwargs,
+            origins=self.origins,
         )
 
     # -- running -----------------------------------------------------------------------------
