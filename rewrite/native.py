@@ -8,7 +8,9 @@ config whose sizes are read off the grown graph, and loaded with the grown tenso
 * ``hidden_size``: the residual stream entering the first block;
 * ``num_attention_heads``, ``head_dim``: the query of each ``scaled_dot_product_attention``; key-value heads
   keep the original query/KV ratio (the width passes keep it);
-* ``intermediate_size``: the dense MLPs (``rewrite.pattern.mlp``), or Mixtral's expert stacks;
+* ``intermediate_size`` (or ``n_inner``, ``ffn_dim``, ...): the dense MLPs (``rewrite.pattern.mlp``), or the
+  width contracted by the layers that end a residual branch without attention (a fused ``gate_up_proj``,
+  Mixtral's expert stacks);
 * norm epsilons: the literal of every RMSNorm / LayerNorm (``widen_hidden`` scales them).
 
 Every one of these must be the same in all layers, or the model is not representable in one config. After
@@ -24,14 +26,16 @@ import copy
 
 import torch
 
-from .blocks import blocks
+from .blocks import blocks, branch_layers
 from .errors import NotRepresentableError
 from .graph import Graph
-from .ops import canonical_kind, rms_epsilon
+from .ops import HOMOGENEOUS, canonical_kind, operand, real_users, rms_epsilon
 from .pattern import mlp
 from .verify import verify
 
 EPSILON_FIELDS = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon")
+# The MLP size under the names Hugging Face configs give it (GPT-2: n_inner, OPT: ffn_dim, T5: d_ff).
+MLP_FIELDS = ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "ffn_hidden_size")
 
 
 def to_native(grown, like: torch.nn.Module) -> torch.nn.Module:
@@ -43,12 +47,19 @@ def to_native(grown, like: torch.nn.Module) -> torch.nn.Module:
     if config is None or not hasattr(type(like), "config_class"):
         raise NotRepresentableError(f"{type(like).__name__} is not a Hugging Face model: use the graph form")
     updated = copy.deepcopy(config)
-    for field, value in grown_config(graph, like).items():
-        setattr(updated, field, value)
+    wanted = grown_config(graph, like)
+    for field, value in wanted.items():
+        if not _derived(updated, field):  # a derived field (Falcon's head_dim) is checked below instead
+            setattr(updated, field, value)
     try:  # the checks from_pretrained will run on the saved config
         config = type(config).from_dict(updated.to_dict())
     except Exception as e:  # noqa: BLE001 - the config's own validator says which sizes disagree
         raise NotRepresentableError(f"{type(config).__name__} rejects the grown sizes: {_cause(e)}") from e
+    for field, value in wanted.items():
+        if getattr(config, field) != value:
+            raise NotRepresentableError(
+                f"{type(config).__name__}.{field} would be {getattr(config, field)!r} where the grown model "
+                f"needs {value!r} (the config derives it from other fields)")
     with torch.random.fork_rng():
         native = type(like)(config).eval()
     _load(native, graph)
@@ -70,7 +81,7 @@ def grown_config(graph: Graph, like: torch.nn.Module) -> dict:
     if found:
         fields["num_hidden_layers"] = len(found)
         fields["hidden_size"] = _one("hidden size", [graph.shape(b.stream_in)[-1] for b in found])
-        fields.update(_per_layer(config, len(found)))
+        fields.update(_per_layer(graph, config, found))
     heads = [_heads(graph, n) for n in graph.compute_nodes() if canonical_kind(graph, n) == "sdpa"]
     if heads:
         query, key_dim, value_dim = _one("attention heads and head size", heads)
@@ -93,9 +104,11 @@ def grown_config(graph: Graph, like: torch.nn.Module) -> dict:
                 f"{query} heads of size {key_dim} do not fill the hidden size "
                 f"{fields.get('hidden_size', config.hidden_size)} and {type(like).__name__} has no head_dim"
             )
-    sizes = [graph.shape(m["up"][0])[-1] for m in mlp().find(graph)]
+    sizes = [graph.shape(m["up"][0])[-1] for m in mlp().find(graph)] or _mlp_inputs(graph, found)
     if sizes:
-        field = "n_inner" if hasattr(config, "n_inner") else "intermediate_size"
+        field = next((f for f in MLP_FIELDS if hasattr(config, f)), None)
+        if field is None:
+            raise NotRepresentableError(f"{type(config).__name__} has no MLP size field (one of {', '.join(MLP_FIELDS)})")
         fields[field] = _one("MLP size", sizes)
     epsilon = _epsilon(graph)
     for field in EPSILON_FIELDS:
@@ -104,17 +117,68 @@ def grown_config(graph: Graph, like: torch.nn.Module) -> dict:
     return fields
 
 
-def _per_layer(config, layers: int) -> dict:
-    """Config lists with one entry per layer (``layer_types``, ...), at the new depth: new layers take the
-    entry all old layers share; when old layers differ, which entry a new layer takes is not recorded."""
+def _derived(config, field: str) -> bool:
+    """Is ``field`` a read-only property of the config class (computed from other fields)?"""
+    attribute = getattr(type(config), field, None)
+    return isinstance(attribute, property) and attribute.fset is None
+
+
+def _mlp_inputs(graph: Graph, found) -> list[int]:
+    """The width each block's MLP output projection contracts, where the MLP pattern does not match (a
+    fused ``gate_up_proj`` split by ``chunk``, a stack of experts): the layers that end the residual branch
+    with no attention in it."""
+    sizes = []
+    for block in found:
+        position = {node: i for i, node in enumerate(block.nodes)}
+        attention = [position[n] for n in block.nodes if canonical_kind(graph, n) == "sdpa"]
+        start = -1
+        units = sorted(block.units, key=lambda unit: position.get(unit.add, len(block.nodes)))
+        for unit in units:  # a unit owns the nodes after the previous unit's add, up to its own
+            end, start = start, position.get(unit.add, len(block.nodes))
+            if any(end < at < start for at in attention):
+                continue
+            sizes += [width for layer in branch_layers(graph, unit.branch)
+                      if (width := _contracted(graph, layer.node)) is not None]
+    return sizes
+
+
+def _contracted(graph: Graph, node) -> int | None:
+    """The input width a layer contracts: a linear's input features, or for a weight read by ``get_attr``
+    (an expert stack, indexed and multiplied) the inner size of the product it feeds."""
+    for _ in range(4):
+        kind = canonical_kind(graph, node)
+        if kind in ("linear", "addmm"):
+            return graph.shape(operand(graph, node, "input"))[-1]
+        if kind == "matmul":
+            return graph.shape(node.args[0])[-1]
+        users = real_users(node)
+        if len(users) != 1 or not (node.op == "get_attr" or kind in HOMOGENEOUS or kind == "index"):
+            return None
+        node = users[0]
+    return None
+
+
+def _per_layer(graph: Graph, config, found) -> dict:
+    """Config lists with one entry per layer (``layer_types``, ...), at the new depth. Each grown layer takes
+    the entry of the layer it was copied or moved from (``Graph.origins``); a layer whose origin is not a
+    layer of the original stack takes the entry all old layers share, if they share one."""
     old = config.num_hidden_layers
     fields = {}
     for field, value in config.to_dict().items():
-        if isinstance(value, list) and len(value) == old and layers != old:
-            if len({repr(v) for v in value}) != 1:
-                raise NotRepresentableError(f"config.{field} differs between layers; the grown layers' entries "
-                                            f"are not known")
-            fields[field] = [value[0]] * layers
+        if not (isinstance(value, list) and len(value) == old and len(found) != old):
+            continue
+        entries = []
+        for block in found:
+            stack, _, index = graph.origin(f"{block.stack}.{block.index}").rpartition(".")
+            if stack == block.stack and index.isdigit() and int(index) < old:
+                entries.append(value[int(index)])
+            elif len({repr(v) for v in value}) == 1:
+                entries.append(value[0])
+            else:
+                raise NotRepresentableError(
+                    f"config.{field} differs between layers and layer {block.stack}.{block.index} of the grown "
+                    f"model does not come from one of them, so its entry is not known")
+        fields[field] = entries
     return fields
 
 
