@@ -36,13 +36,24 @@ _BUILDERS: dict[str, tuple[Callable[[], tuple[torch.nn.Module, tuple, dict]], st
 }
 NAMES = tuple(_BUILDERS)
 DEFAULT = "gpt"
+# Hugging Face families outside the zoo, each built from a tiny config: what the passes meet beyond the zoo
+# (tests/test_families.py, examples/bench_families.py). ``build`` takes their names too.
+_MORE: dict[str, tuple[Callable[[], tuple[torch.nn.Module, tuple, dict]], str]] = {
+    "hf-gemma": (huggingface.gemma, "Hugging Face GemmaForCausalLM: norms multiply by 1 + w"),
+    "hf-gemma2": (huggingface.gemma2, "Hugging Face Gemma2ForCausalLM: sandwich norms, sliding/full layers"),
+    "hf-opt": (huggingface.opt, "Hugging Face OPTForCausalLM: stream flattened between units, ffn_dim"),
+    "hf-phi3": (huggingface.phi3, "Hugging Face Phi3ForCausalLM: fused qkv and gate_up projections"),
+    "hf-falcon": (huggingface.falcon, "Hugging Face FalconForCausalLM: parallel attention, x @ W.T linears"),
+}
+FAMILIES = tuple(_MORE)
 
 
 def build(name: str, seed: int = 0) -> ZooModel:
     """Build the named example model with its example inputs, deterministically from ``seed``."""
-    if name not in _BUILDERS:
-        raise KeyError(f"unknown example model {name!r}; choose one of {', '.join(NAMES)}")
-    builder, description = _BUILDERS[name]
+    builders = _BUILDERS | _MORE
+    if name not in builders:
+        raise KeyError(f"unknown example model {name!r}; choose one of {', '.join(NAMES + FAMILIES)}")
+    builder, description = builders[name]
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model, args, kwargs = builder()

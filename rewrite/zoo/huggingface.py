@@ -91,3 +91,43 @@ def mixtral():
         experts_implementation="batched_mm",  # the default grouped experts have no ONNX conversion
     )
     return _with_inputs(MixtralForCausalLM(config))
+
+
+# -- more families, each with a structure the zoo above does not have (see tests/test_families.py) ------
+SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=96)
+
+
+def gemma():
+    """Norms multiply by ``1 + w``; the embedding is scaled by ``sqrt(hidden)``; tied head."""
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    return _with_inputs(GemmaForCausalLM(_quiet_config(GemmaConfig, **DECODER, head_dim=8)))
+
+
+def gemma2():
+    """Sandwich norms (each branch ends in a norm); sliding and full attention alternate per layer."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    return _with_inputs(Gemma2ForCausalLM(_quiet_config(Gemma2Config, **DECODER, head_dim=8)))
+
+
+def opt():
+    """Batch and tokens flattened between residual units; ReLU MLP sized by ``ffn_dim``."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    config = _quiet_config(OPTConfig, **SMALL, ffn_dim=48, max_position_embeddings=64, word_embed_proj_dim=32)
+    return _with_inputs(OPTForCausalLM(config))
+
+
+def phi3():
+    """Fused ``qkv_proj`` and ``gate_up_proj`` split by slicing and ``chunk``."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    return _with_inputs(Phi3ForCausalLM(_quiet_config(Phi3Config, **DECODER)))
+
+
+def falcon():
+    """Parallel attention and MLP added in place; linears written ``x @ W.T``; ``head_dim`` derived."""
+    from transformers import FalconConfig, FalconForCausalLM
+
+    return _with_inputs(FalconForCausalLM(_quiet_config(FalconConfig, **SMALL)))

@@ -1,0 +1,94 @@
+"""Every pass on every Hugging Face family we can build offline: what holds, what is refused, and why.
+
+    python examples/bench_families.py [--markdown]
+
+Each family is built from a tiny config with random weights (``rewrite.zoo``: the zoo's five and five
+more, each with a structure the others lack). Each pass runs alone through ``rewrite.apply`` with
+verification, then ``rewrite.to_native``. A cell reads:
+
+* ``exact``: verified exact (max abs error <= tolerance), and the native class holds it (``native``) or
+  not (``graph``, with the reason ``to_native`` gave);
+* ``approx e``: an approximate pass, its measured max abs output error ``e``;
+* ``refused``: the pass said no, with its reason (a ``GrowfxError``: never a crash, never a silent change);
+* ``no match``: the pass found nothing to grow.
+
+The command ends non-zero if any cell is a crash (an exception that is not a ``GrowfxError``).
+"""
+
+import argparse
+import sys
+import time
+import warnings
+
+import torch
+
+import passes
+import rewrite
+from rewrite import zoo
+
+PASSES = {
+    "add_layers(1)": lambda: [passes.add_layers(1)],
+    "add_layers(1, copy)": lambda: [passes.add_layers(1, init="copy")],
+    "split_layers(2, [0])": lambda: [passes.split_layers(2, layers=[0])],
+    "widen_mlp(2)": lambda: [passes.widen_mlp(factor=2)],
+    "add_heads(2)": lambda: [passes.add_heads(2)],
+    "widen_hidden(2)": lambda: [passes.widen_hidden(factor=2)],
+    "widen_hidden(2, clone)": lambda: [passes.widen_hidden(factor=2, init="clone")],
+    "upcycle_moe(4, 2)": lambda: [passes.upcycle_moe(4, 2)],
+}
+MODELS = ["hf-gpt2", "hf-llama", "hf-qwen2", "hf-bert", "hf-mixtral", *zoo.FAMILIES]
+
+
+def _short(error: BaseException, width: int = 70) -> str:
+    text = str(error).splitlines()[0]
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def cell(built, make_plan) -> tuple[str, bool]:
+    """(what happened, crashed)."""
+    try:
+        grown = rewrite.apply(built.model, make_plan(), built.args, built.kwargs)
+    except rewrite.GrowfxError as e:
+        return f"refused: {_short(e)}", False
+    except Exception as e:  # noqa: BLE001 - reported as a crash, and the run fails
+        return f"CRASH {type(e).__name__}: {_short(e)}", True
+    record = grown.report.passes[0]
+    if record.plan is None:
+        return "no match", False
+    error = record.verification.max_abs_error
+    head = "exact" if record.exact else f"approx {error:.2g}"
+    try:
+        rewrite.to_native(grown, like=built.model)
+        return f"{head}, native", False
+    except rewrite.GrowfxError as e:
+        return f"{head}, graph ({_short(e, 50)})", False
+    except Exception as e:  # noqa: BLE001
+        return f"{head}, native CRASH {type(e).__name__}: {_short(e)}", True
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--markdown", action="store_true", help="print one markdown table per model")
+    options = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    crashes, start = 0, time.perf_counter()
+    for name in MODELS:
+        built = zoo.build(name)
+        torch.manual_seed(0)
+        rows = []
+        for pass_name, make_plan in PASSES.items():
+            text, crashed = cell(built, make_plan)
+            crashes += crashed
+            rows.append((pass_name, text))
+        if options.markdown:
+            print(f"\n**{name}** ({type(built.model).__name__})\n\n| pass | result |\n|---|---|")
+            print("\n".join(f"| `{p}` | {t} |" for p, t in rows))
+        else:
+            print(f"\n{name} ({type(built.model).__name__})")
+            print("\n".join(f"  {p:24s} {t}" for p, t in rows))
+    print(f"\n{len(MODELS)} models x {len(PASSES)} passes in {time.perf_counter() - start:.0f} s; crashes: {crashes}")
+    return 1 if crashes else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
