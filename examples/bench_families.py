@@ -39,53 +39,56 @@ PASSES = {
 MODELS = ["hf-gpt2", "hf-llama", "hf-qwen2", "hf-bert", "hf-mixtral", *zoo.FAMILIES]
 
 
-def _short(error: BaseException, width: int = 70) -> str:
+def _short(error: BaseException, width: int = 110) -> str:
     text = str(error).splitlines()[0]
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def cell(built, make_plan) -> tuple[str, bool]:
-    """(what happened, crashed)."""
+def cell(built, make_plan) -> tuple[str, str, bool]:
+    """(short result, reason or "", crashed)."""
     try:
         grown = rewrite.apply(built.model, make_plan(), built.args, built.kwargs)
     except rewrite.GrowfxError as e:
-        return f"refused: {_short(e)}", False
+        return "refused", _short(e), False
     except Exception as e:  # noqa: BLE001 - reported as a crash, and the run fails
-        return f"CRASH {type(e).__name__}: {_short(e)}", True
+        return "CRASH", f"{type(e).__name__}: {_short(e)}", True
     record = grown.report.passes[0]
     if record.plan is None:
-        return "no match", False
-    error = record.verification.max_abs_error
-    head = "exact" if record.exact else f"approx {error:.2g}"
+        return "no match", "", False
+    head = "exact" if record.exact else f"approx {record.verification.max_abs_error:.2g}"
     try:
         rewrite.to_native(grown, like=built.model)
-        return f"{head}, native", False
+        return f"{head}, native", "", False
     except rewrite.GrowfxError as e:
-        return f"{head}, graph ({_short(e, 50)})", False
+        return f"{head}, graph", _short(e), False
     except Exception as e:  # noqa: BLE001
-        return f"{head}, native CRASH {type(e).__name__}: {_short(e)}", True
+        return f"{head}, native CRASH", f"{type(e).__name__}: {_short(e)}", True
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--markdown", action="store_true", help="print one markdown table per model")
+    parser.add_argument("--markdown", action="store_true", help="one markdown matrix, then the reasons")
     options = parser.parse_args()
     warnings.filterwarnings("ignore")
-    crashes, start = 0, time.perf_counter()
+    crashes, start, table, reasons = 0, time.perf_counter(), {}, []
     for name in MODELS:
         built = zoo.build(name)
         torch.manual_seed(0)
-        rows = []
         for pass_name, make_plan in PASSES.items():
-            text, crashed = cell(built, make_plan)
+            result, reason, crashed = cell(built, make_plan)
             crashes += crashed
-            rows.append((pass_name, text))
-        if options.markdown:
-            print(f"\n**{name}** ({type(built.model).__name__})\n\n| pass | result |\n|---|---|")
-            print("\n".join(f"| `{p}` | {t} |" for p, t in rows))
-        else:
-            print(f"\n{name} ({type(built.model).__name__})")
-            print("\n".join(f"  {p:24s} {t}" for p, t in rows))
+            table[name, pass_name] = result
+            if reason:
+                reasons.append((name, pass_name, reason))
+            if not options.markdown:
+                print(f"{name:11s} {pass_name:24s} {result}{f'  ({reason})' if reason else ''}", flush=True)
+    if options.markdown:
+        print("| model | " + " | ".join(f"`{p}`" for p in PASSES) + " |")
+        print("|---" * (len(PASSES) + 1) + "|")
+        for name in MODELS:
+            print(f"| {name} | " + " | ".join(table[name, p] for p in PASSES) + " |")
+        print()
+        print("\n".join(f"- {name}, `{p}`: {reason}" for name, p, reason in reasons))
     print(f"\n{len(MODELS)} models x {len(PASSES)} passes in {time.perf_counter() - start:.0f} s; crashes: {crashes}")
     return 1 if crashes else 0
 

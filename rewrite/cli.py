@@ -32,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
         "model",
         nargs="?",
         default=zoo.DEFAULT,
-        help=f"a built-in example ({', '.join(zoo.NAMES)}) or a Hugging Face model folder (default: {zoo.DEFAULT})",
+        help=f"a built-in example ({', '.join(zoo.ALL)}) or a Hugging Face model folder (default: {zoo.DEFAULT})",
     )
     inspect.add_argument("--frontend", choices=("auto", "fx", "export"), default="auto")
     inspect.add_argument("--list", action="store_true", help="list the built-in example models and exit")
@@ -67,12 +67,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def _load(spec: str):
     """(model, args, kwargs, label) for a built-in name or a Hugging Face folder."""
-    if spec in zoo.NAMES:
+    if spec in zoo.ALL:
         built = zoo.build(spec)
         return built.model, built.args, built.kwargs, f"{spec}: {built.description}"
     path = Path(spec)
     if not path.exists():
-        raise _ArgumentError(f"{spec!r} is neither a built-in example ({', '.join(zoo.NAMES)}) nor a folder")
+        raise _ArgumentError(f"{spec!r} is neither a built-in example ({', '.join(zoo.ALL)}) nor a folder")
     from .hf import load_folder
     from .zoo.huggingface import example_inputs
 

@@ -102,7 +102,8 @@ def grown_config(graph: Graph, like: torch.nn.Module) -> dict:
         elif fields.get("hidden_size", config.hidden_size) != query * key_dim:
             raise NotRepresentableError(
                 f"{query} heads of size {key_dim} do not fill the hidden size "
-                f"{fields.get('hidden_size', config.hidden_size)} and {type(like).__name__} has no head_dim"
+                f"{fields.get('hidden_size', config.hidden_size)} and {type(like).__name__} has no head_dim; "
+                f"grow heads and hidden size together (add_heads, widen_heads, widen_hidden) so that they do"
             )
     sizes = [graph.shape(m["up"][0])[-1] for m in mlp().find(graph)] or _mlp_inputs(graph, found)
     if sizes:

@@ -55,7 +55,7 @@ def smollm2_path() -> Path | None:
 
 def load_source(spec: str) -> Source:
     """Load what ``spec`` names (see the module docstring); ``GrowfxError`` with the reason otherwise."""
-    if spec in zoo.NAMES:
+    if spec in zoo.ALL:
         built = zoo.build(spec)
         return Source(built.model, built.args, built.kwargs, "zoo", f"{spec}: {built.description}")
     if spec == SMOLLM2:
@@ -65,7 +65,7 @@ def load_source(spec: str) -> Source:
         return _load_gguf(path)
     path = Path(spec)
     if not path.exists():
-        raise GrowfxError(f"{spec!r} is not a built-in example ({', '.join(zoo.NAMES)}, {SMOLLM2}), a folder or a file")
+        raise GrowfxError(f"{spec!r} is not a built-in example ({', '.join(zoo.ALL)}, {SMOLLM2}), a folder or a file")
     if path.is_dir():
         return _load_folder(path)
     if path.suffix == ".gguf":

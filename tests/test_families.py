@@ -142,3 +142,18 @@ def test_an_rms_norm_without_a_gain_cannot_absorb_zero_padding():
     ids = torch.randint(0, 32, (2, 6))
     with pytest.raises(rewrite.NotExactError, match="RMSNorm at node .* has no gain"):
         rewrite.apply(model, [passes.widen_hidden(factor=2)], (ids,))
+
+
+def test_the_command_line_grows_a_family_outside_the_zoo(tmp_path):
+    import json
+
+    from rewrite.cli import main
+
+    out = tmp_path / "gemma2-grown"
+    assert main(["grow", "hf-gemma2", "--pass", "add_layers:n=1,at=0", "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_hidden_layers"] == 3
+    assert config["layer_types"] == ["sliding_attention", "sliding_attention", "full_attention"]
+    model, args, kwargs = _build("hf-gemma2")
+    loaded = type(model).from_pretrained(out).eval()
+    torch.testing.assert_close(_logits(loaded, args, kwargs), _logits(model, args, kwargs), rtol=1e-5, atol=1e-5)

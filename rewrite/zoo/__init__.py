@@ -46,13 +46,14 @@ _MORE: dict[str, tuple[Callable[[], tuple[torch.nn.Module, tuple, dict]], str]] 
     "hf-falcon": (huggingface.falcon, "Hugging Face FalconForCausalLM: parallel attention, x @ W.T linears"),
 }
 FAMILIES = tuple(_MORE)
+ALL = NAMES + FAMILIES  # every name ``build`` takes
 
 
 def build(name: str, seed: int = 0) -> ZooModel:
     """Build the named example model with its example inputs, deterministically from ``seed``."""
     builders = _BUILDERS | _MORE
     if name not in builders:
-        raise KeyError(f"unknown example model {name!r}; choose one of {', '.join(NAMES + FAMILIES)}")
+        raise KeyError(f"unknown example model {name!r}; choose one of {', '.join(ALL)}")
     builder, description = builders[name]
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -61,4 +62,4 @@ def build(name: str, seed: int = 0) -> ZooModel:
 
 
 def describe() -> list[tuple[str, str]]:
-    return [(name, description) for name, (_, description) in _BUILDERS.items()]
+    return [(name, description) for name, (_, description) in (_BUILDERS | _MORE).items()]
