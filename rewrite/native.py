@@ -26,7 +26,7 @@ import copy
 
 import torch
 
-from .blocks import blocks, branch_layers
+from .blocks import blocks, branch_layers, depends_on
 from .errors import NotRepresentableError
 from .graph import Graph
 from .ops import HOMOGENEOUS, canonical_kind, operand, real_users, rms_epsilon
@@ -126,21 +126,30 @@ def _derived(config, field: str) -> bool:
 
 def _mlp_inputs(graph: Graph, found) -> list[int]:
     """The width each block's MLP output projection contracts, where the MLP pattern does not match (a
-    fused ``gate_up_proj`` split by ``chunk``, a stack of experts): the layers that end the residual branch
-    with no attention in it."""
+    fused ``gate_up_proj`` split by ``chunk``, a stack of experts, ``x @ W.T``): the layers that end a
+    residual branch and are not fed by an attention of their own unit (sequential or parallel blocks)."""
     sizes = []
     for block in found:
         position = {node: i for i, node in enumerate(block.nodes)}
-        attention = [position[n] for n in block.nodes if canonical_kind(graph, n) == "sdpa"]
+        attention = [n for n in block.nodes if canonical_kind(graph, n) == "sdpa"]
         start = -1
         units = sorted(block.units, key=lambda unit: position.get(unit.add, len(block.nodes)))
         for unit in units:  # a unit owns the nodes after the previous unit's add, up to its own
             end, start = start, position.get(unit.add, len(block.nodes))
-            if any(end < at < start for at in attention):
-                continue
-            sizes += [width for layer in branch_layers(graph, unit.branch)
-                      if (width := _contracted(graph, layer.node)) is not None]
+            own = [n for n in attention if end < position[n] < start]
+            for layer in branch_layers(graph, unit.branch):
+                if not any(depends_on(layer.node if layer.node.op != "get_attr" else _reader(layer.node), n)
+                           for n in own):
+                    width = _contracted(graph, layer.node)
+                    sizes += [width] if width is not None else []
     return sizes
+
+
+def _reader(node):
+    """The op that reads a tensor (through views of it), for asking what feeds that op."""
+    while len(node.users) == 1 and (node.op == "get_attr" or not node.all_input_nodes[1:]):
+        node = next(iter(node.users))
+    return node
 
 
 def _contracted(graph: Graph, node) -> int | None:

@@ -98,6 +98,8 @@ def canonical_kind(graph, node: torch.fx.Node) -> str:
         return MODULE_KINDS.get(graph.op_kind(node), graph.op_kind(node))
     if node.op == "call_function" and node.target in ARITHMETIC:
         name = ARITHMETIC[node.target]
+    elif node.op == "call_function" and node.target is getattr and node.args[1:] == ("T",):
+        name = "numpy_T"  # fx records ``x.T`` as getattr(x, "T"); torch.export as aten.numpy_T
     else:
         name = graph.op_kind(node)
         name = name.rpartition(".")[2]  # aten.linear -> linear, Tensor.view -> view
@@ -385,6 +387,7 @@ def transpose(facts: Facts, call: Call) -> None:
     order[d0], order[d1] = order[d1], order[d0]
     for out_axis, in_axis in enumerate(order):
         facts.equal((x, in_axis), (call.out, out_axis), call.node.name)
+    _derive(facts, x, call.out, order)
 
 
 def reverse_axes(facts: Facts, call: Call) -> None:
@@ -393,6 +396,17 @@ def reverse_axes(facts: Facts, call: Call) -> None:
     rank = len(call.shape(x))
     for out_axis in range(rank):
         facts.equal((x, rank - 1 - out_axis), (call.out, out_axis), call.node.name)
+    _derive(facts, x, call.out, list(reversed(range(rank))))
+
+
+def _derive(facts: Facts, x: str, out: str, order: list[int]) -> None:
+    """``out`` is a parameter (or a selection from one) with its axes reordered (``out`` axis i is ``x`` axis
+    ``order[i]``): a later matmul gives the parameter's own axes their roles (``x @ W.T`` is a linear)."""
+    for out_axis, in_axis in enumerate(order):
+        axis = facts.parameter_axis(x, in_axis)
+        if axis is not None:
+            parameter, axes = facts.derived.get(out, (axis[0], {}))
+            facts.derived[out] = (parameter, {**axes, out_axis: axis[1]})
 
 
 def permute(facts: Facts, call: Call) -> None:
@@ -403,6 +417,7 @@ def permute(facts: Facts, call: Call) -> None:
         dims = dims[0]
     for out_axis, in_axis in enumerate(dims):
         facts.equal((x, _norm(in_axis, rank)), (call.out, out_axis), call.node.name)
+    _derive(facts, x, call.out, [_norm(axis, rank) for axis in dims])
 
 
 def expand(facts: Facts, call: Call) -> None:

@@ -89,6 +89,41 @@ def test_gpt2_conv1d_layout_is_read_as_in_out():
     assert roles(mlp)["transformer.h.0.mlp.c_proj.weight[0]"] == ["consumes"]
 
 
+class _Weights(nn.Module):
+    def __init__(self, out_features, in_features, bias):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_features, in_features))
+        self.bias = nn.Parameter(torch.randn(out_features)) if bias else None
+
+
+class TransposedLinears(nn.Module):
+    """Linears written ``x @ W.T + b`` (Falcon), ``x @ W.t()`` and ``x @ W.permute(1, 0)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = _Weights(12, 6, True), _Weights(10, 12, False), _Weights(4, 10, False)
+
+    def forward(self, x):
+        h = torch.relu(x @ self.fc1.weight.T + self.fc1.bias)
+        h = torch.relu(h @ self.fc2.weight.t())
+        return h @ self.fc3.weight.permute(1, 0)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_transposed_weights_applied_by_matmul_are_linears(frontend):
+    import passes
+
+    model, x = TransposedLinears().eval(), torch.randn(3, 6)
+    graph = rewrite.trace(model, (x,), frontend=frontend)
+    hidden = group_of(graph, "fc1.weight", 0)
+    assert hidden.size == 12
+    assert roles(hidden) == {"fc1.weight[0]": ["produces"], "fc1.bias[0]": ["along"], "fc2.weight[1]": ["consumes"]}
+    assert roles(group_of(graph, "fc2.weight", 0))["fc3.weight[1]"] == ["consumes"]
+    grown = rewrite.apply(graph, [passes.widen(["fc1", "fc2"], factor=2)], (x,))
+    assert grown.graph.parameters()["fc2.weight"].shape == (20, 24)
+    assert grown.report.passes[0].verification.max_abs_error < 1e-5
+
+
 @pytest.mark.parametrize("name, prefix", [("llama", "blocks.0"), ("hf-llama", "model.layers.0")])
 def test_llama_residual_rmsnorm_swiglu_and_attention(name, prefix):
     _, graph = traced(name)

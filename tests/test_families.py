@@ -21,7 +21,7 @@ EXACT = [
     ("hf-gemma2", lambda: [passes.add_layers(1, at=0), passes.widen_mlp(factor=2)]),
     ("hf-opt", lambda: [passes.add_layers(2, init="copy"), passes.widen_mlp(factor=2)]),
     ("hf-phi3", lambda: [passes.add_layers(1), passes.widen_mlp(factor=2)]),
-    ("hf-falcon", lambda: [passes.add_layers(1, init="copy")]),
+    ("hf-falcon", lambda: [passes.add_layers(1, init="copy"), passes.widen_mlp(factor=2)]),
 ]
 
 
@@ -51,7 +51,8 @@ def test_exact_growth_reaches_the_native_class_on_other_families(family, plan, t
 
 def test_mlp_size_is_written_under_the_config_s_own_name():
     cases = (("hf-opt", "ffn_dim", 96), ("hf-phi3", "intermediate_size", 96),  # fused gate_up_proj
-             ("hf-mixtral", "intermediate_size", 96), ("hf-gpt2", "n_inner", 256))  # experts; Conv1D
+             ("hf-mixtral", "intermediate_size", 96), ("hf-gpt2", "n_inner", 256),  # experts; Conv1D
+             ("hf-falcon", "ffn_hidden_size", 256))  # x @ W.T in a parallel block
     for family, field, size in cases:
         model, args, kwargs = _build(family)
         native = rewrite.to_native(rewrite.apply(model, [passes.widen_mlp(factor=2)], args, kwargs), like=model)
