@@ -31,7 +31,7 @@ import torch.fx
 from rewrite.errors import GrowthError, NotExactError
 from rewrite.graph import Graph
 from rewrite.grow import check_resize, grow
-from rewrite.ops import canonical_kind, offset_parameter, real_users, rms_epsilon
+from rewrite.ops import FEATURE_LOCAL, canonical_kind, offset_parameter, real_users, rms_epsilon
 from rewrite.plan import Plan
 
 from .net2wider import Widen, new_size
@@ -139,11 +139,6 @@ class WidenHidden(Widen):
         return grow(graph, sizes, chosen, self.seed, overrides, lambda module: _scale_epsilons(graph, module, epsilons))
 
 
-# Ops that do not mix values across features: a norm's output may pass through them to the head.
-_TRANSPARENT = {"view", "slice", "select", "narrow", "to", "contiguous", "dropout", "identity", "clone", "alias",
-                "_to_copy", "getitem", "unsqueeze", "squeeze", "expand"}
-
-
 def _head_norm(graph: Graph, group, member) -> list[str]:
     """Gain and bias of the norm that alone feeds the tied head ``member``; refuses when there is none."""
     heads = [graph.node(node) for role, node in member.roles if role == "consumes"]
@@ -158,7 +153,7 @@ def _head_norm(graph: Graph, group, member) -> list[str]:
                 if names:
                     return names
                 break
-            if kind not in _TRANSPARENT:
+            if kind not in FEATURE_LOCAL:  # a norm's output may reach the head through these
                 break
             current = current.args[0]
         raise GrowthError(

@@ -799,6 +799,8 @@ def _name(node: torch.fx.Node) -> str:
 # Ops that pass their input through unchanged in eval mode (a cast counts: same stream, other dtype).
 TRANSPARENT = {"dropout", "identity", "contiguous", "clone", "detach", "alias", "to", "_to_copy",
                "lift_fresh_copy", "float", "double", "half", "bfloat16", "type", "type_as"}
+# Ops that move or pick values without mixing them across features (each output feature is one input feature).
+FEATURE_LOCAL = TRANSPARENT | {"view", "slice", "select", "narrow", "getitem", "unsqueeze", "squeeze", "expand"}
 # Ops that are positively homogeneous of degree one in their (first) tensor operand: f(c x) = c f(x)
 # for c >= 0. Scaling a residual branch can pass through them to the layers that produce it.
 HOMOGENEOUS = TRANSPARENT | {"view", "transpose", "numpy_T", "permute", "expand", "unsqueeze", "squeeze", "getitem",
