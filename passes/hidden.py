@@ -8,9 +8,9 @@ embedding produces.
 ``init="zero"``: new residual dims stay **zero**. Producers' new entries are zero; readers' new columns are
 anything (noisy copies, so they learn). An RMSNorm over ``[x, 0]`` sees ``mean(x^2) * h/h'``, so its gain is
 scaled by ``sqrt(h/h')`` and its epsilon by ``h/h'`` (``nn.RMSNorm``, ``aten.rms_norm`` and the hand-written
-``x * rsqrt(mean(x^2) + eps) * w`` alike): exact. A gain written with an offset, ``(c + w)`` (Gemma's ``1 + w``),
-is scaled as a whole: ``w' = s (c + w) - c``. An RMSNorm with no gain cannot absorb the scale: not exact. A LayerNorm over a zero-padded axis moves the mean: refused,
-with ``clone`` suggested. A tied embedding/output head works (zero new columns serve both uses).
+``x * rsqrt(mean(x^2) + eps) * w`` alike): exact. A gain written with an offset, ``(c + w)`` (Gemma's
+``1 + w``), is scaled as a whole: ``w' = s (c + w) - c``. An RMSNorm with no gain cannot absorb the scale: not
+exact. A LayerNorm over a zero-padded axis moves the mean: refused, with ``clone`` suggested. A tied embedding/output head works (zero new columns serve both uses).
 
 ``init="clone"`` (uniform x k): embeddings and producers repeat their columns, readers' columns are divided by
 k, norm gains and biases repeat; means and variances are unchanged, so LayerNorm and RMSNorm stay exact with

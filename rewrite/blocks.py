@@ -11,7 +11,8 @@ Other values may enter a block (masks, RoPE tables); they are *side inputs*, sha
 output through ops that are homogeneous of degree one (views, casts, sums, products with one operand
 held fixed) to the weighted layers that produce it, so that scaling the branch by ``c`` is scaling those
 layers' weights and biases by ``c`` (no new op). A branch that ends in a norm (Gemma-2's sandwich norms)
-ends at the norm's gain; a gain applied as ``1 + w`` is scaled as ``w' = c (1 + w) - 1``. The op knowledge used here lives in ``rewrite.ops``.
+ends at the norm's gain; a gain applied as ``1 + w`` is scaled as ``w' = c (1 + w) - 1``. The op knowledge
+used here lives in ``rewrite.ops``.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ import copy
 import torch
 
 from .blocks import blocks, branch_layers, depends_on
-from .errors import NotRepresentableError
+from .errors import GrowthError, NotRepresentableError
 from .graph import Graph
 from .ops import HOMOGENEOUS, canonical_kind, operand, real_users, rms_epsilon
 from .pattern import mlp
@@ -109,7 +109,8 @@ def grown_config(graph: Graph, like: torch.nn.Module) -> dict:
     if sizes:
         field = next((f for f in MLP_FIELDS if hasattr(config, f)), None)
         if field is None:
-            raise NotRepresentableError(f"{type(config).__name__} has no MLP size field (one of {', '.join(MLP_FIELDS)})")
+            raise NotRepresentableError(
+                f"{type(config).__name__} has no MLP size field (one of {', '.join(MLP_FIELDS)})")
         fields[field] = _one("MLP size", sizes)
     epsilon = _epsilon(graph)
     for field in EPSILON_FIELDS:
@@ -137,7 +138,11 @@ def _mlp_inputs(graph: Graph, found) -> list[int]:
         for unit in units:  # a unit owns the nodes after the previous unit's add, up to its own
             end, start = start, position.get(unit.add, len(block.nodes))
             own = [n for n in attention if end < position[n] < start]
-            for layer in branch_layers(graph, unit.branch):
+            try:
+                layers = branch_layers(graph, unit.branch)
+            except GrowthError:  # a branch no layer scales: it tells nothing about the MLP size
+                continue
+            for layer in layers:
                 if not any(depends_on(layer.node if layer.node.op != "get_attr" else _reader(layer.node), n)
                            for n in own):
                     width = _contracted(graph, layer.node)
@@ -146,9 +151,10 @@ def _mlp_inputs(graph: Graph, found) -> list[int]:
 
 
 def _reader(node):
-    """The op that reads a tensor (through views of it), for asking what feeds that op."""
-    while len(node.users) == 1 and (node.op == "get_attr" or not node.all_input_nodes[1:]):
-        node = next(iter(node.users))
+    """The op that reads a tensor (through single-input ops on it: casts, transposes), for asking what else
+    feeds that op."""
+    while len(real_users(node)) == 1 and (node.op == "get_attr" or not node.all_input_nodes[1:]):
+        node = real_users(node)[0]
     return node
 
 

@@ -636,7 +636,8 @@ RULES: dict[str, Rule] = {
     **{kind: elementwise for kind in ELEMENTWISE},
     "linear": linear, "addmm": addmm, "matmul": matmul, "conv": conv, "batch_norm": batch_norm,
     "layer_norm": layer_norm, "rms_norm": rms_norm, "embedding": embedding, "pool": pool, "view": view,
-    "transpose": transpose, "numpy_T": reverse_axes, "permute": permute, "unsqueeze": view, "squeeze": view,  # size-1 axes only
+    "transpose": transpose, "numpy_T": reverse_axes, "permute": permute,
+    "unsqueeze": view, "squeeze": view,  # size-1 axes only
     "expand": expand, "mean": reduction, "softmax": softmax, "cat": cat, "split": split, "getitem": getitem,
     "slice": select_or_slice, "select": select_or_slice, "narrow": select_or_slice, "repeat": repeat,
     "sdpa": sdpa, "topk": topk, "index": index, "opaque": opaque, "ignore": ignore,
@@ -829,7 +830,7 @@ def offset_parameter(graph, value) -> tuple[torch.fx.Node, float] | None:
             return value, offset
         kind = canonical_kind(graph, value)
         tensors = [a for a in value.args if isinstance(a, torch.fx.Node)]
-        if kind in TRANSPARENT and value.args and value.args[0] is tensors[0]:
+        if kind in TRANSPARENT and tensors and value.args[0] is tensors[0]:
             value = tensors[0]
         elif kind == "add" and len(tensors) == 1 and len(value.args) == 2 and value.kwargs.get("alpha", 1) == 1:
             constant = next(a for a in value.args if a is not tensors[0])
