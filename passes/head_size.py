@@ -174,8 +174,7 @@ def _ancestors(node: torch.fx.Node) -> set[str]:
 def _sides(attention: Attention, sizes: dict[DimGroup, int]) -> dict[DimGroup, str]:
     """For each group the key/query growth resizes: on the path to the keys only ("key"), the queries
     only ("query"), or both ("both": a fused projection)."""
-    q, k = attention.node.args[:2]
-    q_side, k_side = _ancestors(q), _ancestors(k)
+    q_side, k_side = _ancestors(attention.query), _ancestors(attention.keys)
     sides = {}
     for group in sizes:
         if group is attention.qk:

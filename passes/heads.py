@@ -7,12 +7,13 @@ slice is **zero**, so ``y`` is unchanged. ``"clone"`` (every head k times) and `
 heads and divide ``W_O``'s columns by the replica count, also exact. The softmax runs over keys, not heads,
 and ``1/sqrt(k)`` does not change, so no op mixes values across the heads axis.
 
-Nothing here names modules. The heads axis is found from the attention op (the query's heads axis of
-``scaled_dot_product_attention``), and sizes propagate through the analysis' compositions: views into
-``heads x head_dim`` grow the q/k/v projections and ``W_O`` by whole heads; GPT-2's fused ``c_attn`` grows
-each of its q|k|v parts; with grouped-query attention the query heads are ``kv_heads x group`` (the
-``repeat_kv`` expand), the group size is kept and whole KV heads are added, so ``n`` must be a multiple of
-the query/KV ratio. Literal sizes (view shapes, split sizes) follow.
+Nothing here names modules. The heads axis is found from the attention (the query's heads axis of
+``scaled_dot_product_attention``, or of ``softmax(q @ k^T) @ v`` written out: ``rewrite.ops.attention``), and
+sizes propagate through the analysis' compositions: views into ``heads x head_dim`` grow the q/k/v
+projections and ``W_O`` by whole heads; GPT-2's fused ``c_attn`` grows each of its q|k|v parts; with
+grouped-query attention the query heads are ``kv_heads x group`` (the ``repeat_kv`` expand), the group size
+is kept and whole KV heads are added, so ``n`` must be a multiple of the query/KV ratio. Literal sizes (view
+shapes, split sizes) follow.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from rewrite.dims import DimGroup
 from rewrite.errors import GrowthError, NotExactError
 from rewrite.graph import Graph
 from rewrite.grow import check_resize, grow
-from rewrite.ops import canonical_kind
+from rewrite.ops import attention
 from rewrite.plan import Plan
 from rewrite.propagate import DERIVED, bases, propagate
 
@@ -70,7 +71,7 @@ class AddHeads:
         return Plan(sites, list(sizes.items()), not reasons, reasons[0] if reasons else None)
 
     def select(self, graph: Graph) -> list[tuple[str, DimGroup]]:
-        """(attention module, query heads group) for every scaled_dot_product_attention."""
+        """(attention module, query heads group) for every attention."""
         found = {}
         for attention in attentions(graph, self.layers):
             found.setdefault(id(attention.heads), (attention.site, attention.heads))
@@ -83,10 +84,12 @@ class AddHeads:
 
 @dataclasses.dataclass
 class Attention:
-    """One ``scaled_dot_product_attention`` and the axis groups of its query, key and value."""
+    """One attention (``rewrite.ops.attention``: sdpa or written out) and the axis groups of its inputs."""
 
     site: str  # the attention module
     node: torch.fx.Node
+    query: torch.fx.Node
+    keys: torch.fx.Node
     heads: DimGroup  # the query's heads axis
     qk: DimGroup  # the query/key head dim
     v: DimGroup  # the value head dim
@@ -94,21 +97,21 @@ class Attention:
 
 
 def attentions(graph: Graph, layers: list[int] | None = None) -> list[Attention]:
-    """Every scaled_dot_product_attention of the graph in the numbered blocks ``layers`` (all when None)."""
+    """Every attention of the graph in the numbered blocks ``layers`` (all when None)."""
     analysis = graph.dim_analysis()
     found = []
     for node in graph.compute_nodes():
-        if canonical_kind(graph, node) != "sdpa":
+        op = attention(graph, node)
+        if op is None:
             continue
-        q, _, v = node.args[:3]
-        rank = len(graph.shape(q))
-        heads = analysis.group_of(f"n:{q.name}", rank - 3)
+        rank = len(graph.shape(op.query))
+        heads = analysis.group_of(f"n:{op.query.name}", rank - 3)
         site = attention_site(heads) or graph.owner(node) or node.name
         if not in_layers(site, layers):
             continue
-        implicit = node.kwargs.get("scale") is None and (len(node.args) < 7 or node.args[6] is None)
-        qk = analysis.group_of(f"n:{q.name}", rank - 1)
-        found.append(Attention(site, node, heads, qk, analysis.group_of(f"n:{v.name}", rank - 1), implicit))
+        qk = analysis.group_of(f"n:{op.query.name}", rank - 1)
+        v = analysis.group_of(f"n:{op.value.name}", rank - 1)
+        found.append(Attention(site, node, op.query, op.keys, heads, qk, v, op.implicit_scale))
     return found
 
 

@@ -6,7 +6,7 @@ config whose sizes are read off the grown graph, and loaded with the grown tenso
 
 * ``num_hidden_layers``: the blocks of the stack (``rewrite.blocks``);
 * ``hidden_size``: the residual stream entering the first block;
-* ``num_attention_heads``, ``head_dim``: the query of each ``scaled_dot_product_attention``; key-value heads
+* ``num_attention_heads``, ``head_dim``: the query of each attention (``rewrite.ops.attention``); key-value heads
   keep the original query/KV ratio (the width passes keep it);
 * ``intermediate_size`` (or ``n_inner``, ``ffn_dim``, ...): the dense MLPs (``rewrite.pattern.mlp``), or the
   width contracted by the layers that end a residual branch without attention (a fused ``gate_up_proj``,
@@ -29,7 +29,7 @@ import torch
 from .blocks import blocks, branch_layers, depends_on
 from .errors import GrowthError, NotRepresentableError
 from .graph import Graph
-from .ops import HOMOGENEOUS, canonical_kind, operand, real_users, rms_epsilon
+from .ops import HOMOGENEOUS, attention, canonical_kind, operand, real_users, rms_epsilon
 from .pattern import mlp
 from .verify import verify
 
@@ -82,7 +82,7 @@ def grown_config(graph: Graph, like: torch.nn.Module) -> dict:
         fields["num_hidden_layers"] = len(found)
         fields["hidden_size"] = _one("hidden size", [graph.shape(b.stream_in)[-1] for b in found])
         fields.update(_per_layer(graph, config, found))
-    heads = [_heads(graph, n) for n in graph.compute_nodes() if canonical_kind(graph, n) == "sdpa"]
+    heads = [_heads(graph, op) for n in graph.compute_nodes() if (op := attention(graph, n)) is not None]
     if heads:
         query, key_dim, value_dim = _one("attention heads and head size", heads)
         if key_dim != value_dim:
@@ -132,12 +132,12 @@ def _mlp_inputs(graph: Graph, found) -> list[int]:
     sizes = []
     for block in found:
         position = {node: i for i, node in enumerate(block.nodes)}
-        attention = [n for n in block.nodes if canonical_kind(graph, n) == "sdpa"]
+        attentions = [n for n in block.nodes if attention(graph, n) is not None]
         start = -1
         units = sorted(block.units, key=lambda unit: position.get(unit.add, len(block.nodes)))
         for unit in units:  # a unit owns the nodes after the previous unit's add, up to its own
             end, start = start, position.get(unit.add, len(block.nodes))
-            own = [n for n in attention if end < position[n] < start]
+            own = [n for n in attentions if end < position[n] < start]
             try:
                 layers = branch_layers(graph, unit.branch)
             except GrowthError:  # a branch no layer scales: it tells nothing about the MLP size
@@ -213,9 +213,9 @@ def _one(what: str, values: list):
     return distinct[0]
 
 
-def _heads(graph: Graph, node) -> tuple[int, int, int]:
-    q, k, v = node.args[:3]
-    return graph.shape(q)[-3], graph.shape(k)[-1], graph.shape(v)[-1]
+def _heads(graph: Graph, op) -> tuple[int, int, int]:
+    """(query heads, key head size, value head size) of an attention."""
+    return graph.shape(op.query)[-3], op.key_dim, graph.shape(op.value)[-1]
 
 
 def _epsilon(graph: Graph) -> float | None:

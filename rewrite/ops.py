@@ -843,6 +843,64 @@ def offset_parameter(graph, value) -> tuple[torch.fx.Node, float] | None:
     return None
 
 
+@dataclasses.dataclass
+class Attention:
+    """An attention computation: ``scaled_dot_product_attention``, or the same written out as
+    ``softmax(f(q @ k^T)) @ v`` (eager attention: scaling, masks, soft-capping in ``f``)."""
+
+    node: torch.fx.Node  # the sdpa node, or the softmax of the written-out form
+    query: torch.fx.Node  # [..., heads, tokens, head dim]
+    keys: torch.fx.Node  # [..., heads, tokens, head dim] (sdpa) or its transpose [..., head dim, tokens]
+    value: torch.fx.Node
+    key_dim: int
+    implicit_scale: bool  # no scale given: sdpa divides by sqrt(head dim) itself
+
+
+# Ops that may stand between q @ k^T and the softmax of a written-out attention (scale, mask, soft-cap).
+_SCORE_OPS = {"mul", "div", "add", "sub", "tanh", "masked_fill", "where"} | TRANSPARENT
+
+
+def attention(graph, node: torch.fx.Node) -> Attention | None:
+    """``node`` as an attention (see ``Attention``), or None. The written-out form is recognised at its
+    softmax over the last axis of 4-d scores: back through score ops to ``matmul(q, k^T)``, forward
+    through casts and dropout to ``matmul(probabilities, v)``."""
+    kind = canonical_kind(graph, node)
+    if kind == "sdpa":
+        q, k, v = node.args[:3]
+        implicit = node.kwargs.get("scale") is None and (len(node.args) < 7 or node.args[6] is None)
+        return Attention(node, q, k, v, graph.shape(k)[-1], implicit)
+    if kind != "softmax" or node.op == "call_module" or graph.op_kind(node).rpartition(".")[2] == "log_softmax":
+        return None
+    shape = graph.shape(node)
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", -1)
+    if len(shape) != 4 or not isinstance(dim, int) or dim % 4 != 3:
+        return None
+    scores = node.args[0]
+    for _ in range(8):  # back to q @ k^T through the ops that scale, mask and cap the scores
+        if not isinstance(scores, torch.fx.Node) or scores.op != "call_function":
+            return None
+        if canonical_kind(graph, scores) == "matmul":
+            break
+        if canonical_kind(graph, scores) not in _SCORE_OPS:
+            return None
+        scores = next((a for a in scores.args
+                       if isinstance(a, torch.fx.Node) and tuple(graph.shape(a)) == tuple(shape)), None)
+    else:
+        return None
+    probabilities = node
+    for _ in range(4):  # forward to probabilities @ v through casts and dropout
+        users = real_users(probabilities)
+        if len(users) != 1:
+            return None
+        previous, (probabilities,) = probabilities, users
+        if canonical_kind(graph, probabilities) == "matmul" and probabilities.args[0] is previous:
+            q, keys = scores.args[:2]
+            return Attention(node, q, keys, probabilities.args[1], graph.shape(keys)[-2], False)
+        if canonical_kind(graph, probabilities) not in TRANSPARENT:
+            return None
+    return None
+
+
 def operand(graph, node: torch.fx.Node, role: str):
     """The ``input`` node, or the name of the ``weight``/``bias`` tensor, of a weighted op in either front-end
     form (``call_module nn.Linear`` or ``aten.linear`` + ``get_attr``); None where it has none."""

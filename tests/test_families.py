@@ -1,7 +1,7 @@
 """Passes on Hugging Face families that are not in the zoo, each with a structure the zoo does not have.
 
-Gemma multiplies by ``1 + w`` in its norms; Gemma-2 adds sandwich norms (the branch ends in a norm) and
-alternates sliding and full attention per layer; OPT flattens batch and tokens between residual units and
+Gemma multiplies by ``1 + w`` in its norms; Gemma-2 adds sandwich norms (the branch ends in a norm),
+alternates sliding and full attention per layer, and writes attention out (matmul, soft-capping, softmax); OPT flattens batch and tokens between residual units and
 calls its MLP size ``ffn_dim``; Phi-3 fuses gate and up into one ``gate_up_proj``; Falcon runs attention and
 MLP in parallel, adds in place, writes linears as ``x @ W.T`` and derives ``head_dim`` in its config.
 """
@@ -18,7 +18,7 @@ from rewrite import zoo
 # (family, plan): every one exact, and representable in the family's own class
 EXACT = [
     ("hf-gemma", lambda: [passes.add_layers(1), passes.widen_mlp(factor=2), passes.add_heads(2)]),
-    ("hf-gemma2", lambda: [passes.add_layers(1, at=0), passes.widen_mlp(factor=2)]),
+    ("hf-gemma2", lambda: [passes.add_layers(1, at=0), passes.widen_mlp(factor=2), passes.add_heads(4)]),
     ("hf-opt", lambda: [passes.add_layers(2, init="copy"), passes.widen_mlp(factor=2)]),
     ("hf-phi3", lambda: [passes.add_layers(1), passes.widen_mlp(factor=2)]),
     ("hf-falcon", lambda: [passes.add_layers(1, init="copy"), passes.widen_mlp(factor=2)]),

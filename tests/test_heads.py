@@ -86,3 +86,49 @@ def test_grown_attention_generalises_to_other_sequence_lengths():
 def test_bad_head_counts_are_refused():
     with pytest.raises(rewrite.GrowthError, match="positive number of heads"):
         passes.add_heads(0)
+
+
+class _WrittenOutAttention(torch.nn.Module):
+    """softmax(q k^T / sqrt(d) + causal mask) v written with matmul, as eager attention implementations do."""
+
+    def __init__(self, dim=16, heads=4, kv_heads=2):
+        super().__init__()
+        self.heads, self.kv_heads, self.d = heads, kv_heads, dim // heads
+        self.q, self.o = torch.nn.Linear(dim, dim), torch.nn.Linear(dim, dim)
+        self.k, self.v = torch.nn.Linear(dim, kv_heads * self.d), torch.nn.Linear(dim, kv_heads * self.d)
+        self.register_buffer("mask", torch.full((16, 16), float("-inf")).triu(1))
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, self.heads, self.d).transpose(1, 2)
+        k, v = (f(x).view(b, t, self.kv_heads, self.d).transpose(1, 2) for f in (self.k, self.v))
+        group = self.heads // self.kv_heads  # grouped-query: each KV head serves `group` query heads
+        k, v = (z[:, :, None].expand(b, self.kv_heads, group, t, self.d).reshape(b, self.heads, t, self.d)
+                for z in (k, v))
+        scores = q @ k.transpose(-2, -1) * self.d ** -0.5 + self.mask[:t, :t]
+        probabilities = torch.nn.functional.dropout(scores.softmax(-1), 0.1, self.training)
+        return self.o((probabilities @ v).transpose(1, 2).reshape(b, t, -1))
+
+
+class _WrittenOutModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.attn, self.head = torch.nn.Embedding(32, 16), _WrittenOutAttention(), torch.nn.Linear(16, 32)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        return self.head(x + self.attn(x))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_attention_written_out_with_matmul_and_softmax_grows_like_sdpa(frontend):
+    model, ids = _WrittenOutModel().eval(), torch.randint(0, 32, (2, 6))
+    graph = rewrite.trace(model, (ids,), frontend=frontend)
+    plans = {"heads": passes.add_heads(2), "qk": passes.widen_heads(qk=8), "v": passes.widen_heads(v=8)}
+    for what, growth in plans.items():
+        grown = rewrite.apply(graph, [growth], (ids,))
+        record = grown.report.passes[0]
+        assert record.exact and record.verification.max_abs_error < 1e-6, what
+    params = rewrite.apply(graph, [passes.add_heads(2)], (ids,)).graph.parameters()
+    assert params["attn.q.weight"].shape == (24, 16) and params["attn.o.weight"].shape == (16, 24)
+    assert params["attn.k.weight"].shape == (12, 16)  # one more KV head for two more query heads
