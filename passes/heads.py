@@ -19,7 +19,6 @@ shapes, split sizes) follow.
 from __future__ import annotations
 
 import dataclasses
-import re
 
 import torch
 
@@ -27,13 +26,12 @@ from rewrite.dims import DimGroup
 from rewrite.errors import GrowthError, NotExactError
 from rewrite.graph import Graph
 from rewrite.grow import check_resize, grow
+from rewrite.names import in_layers
 from rewrite.ops import attention
 from rewrite.plan import Plan
 from rewrite.propagate import DERIVED, bases, propagate
 
 from .policies import AnySize, Policy, policy
-
-_BLOCK = re.compile(r"^(.*?\.\d+)\.")
 
 
 @dataclasses.dataclass
@@ -113,14 +111,6 @@ def attentions(graph: Graph, layers: list[int] | None = None) -> list[Attention]
         v = analysis.group_of(f"n:{op.value.name}", rank - 1)
         found.append(Attention(site, node, op.query, op.keys, heads, qk, v, op.implicit_scale))
     return found
-
-
-def in_layers(site: str, layers: list[int] | None) -> bool:
-    """Is the module ``site`` inside one of the numbered blocks ``layers`` (all, when None)?"""
-    if layers is None:
-        return True
-    block = _BLOCK.match(site + ".")
-    return block is not None and int(block.group(1).rpartition(".")[2]) in layers
 
 
 def attention_site(heads: DimGroup) -> str | None:

@@ -19,15 +19,12 @@ way, one group per block covering every expert. ``layers`` restricts it to some 
 from __future__ import annotations
 
 import dataclasses
-import re
 
 from rewrite.graph import Graph
+from rewrite.names import in_layers, numbered_block
 
 from .net2wider import Widen
 from .policies import Policy, policy
-
-_BLOCK = re.compile(r"^(.*?\.\d+)\.")
-
 
 @dataclasses.dataclass
 class WidenMLP(Widen):
@@ -54,7 +51,7 @@ class WidenMLP(Widen):
             fused = [c.whole for c in group.compositions]  # gate|up projections that chunk splits
             if not (group.role("produces") or any(w.role("produces") for w in fused)) or not group.role("consumes"):
                 continue
-            if self.layers is not None and int(block.rpartition(".")[2]) not in self.layers:
+            if not in_layers(block, self.layers):
                 continue
             found.append((block, group))
         return found
@@ -62,7 +59,7 @@ class WidenMLP(Widen):
 
 def _block_of(group) -> str | None:
     """The numbered block every parameter member of the group lives in, or None."""
-    blocks = {m.group(1) if (m := _BLOCK.match(member.tensor)) else None for member in group.members}
+    blocks = {numbered_block(member.tensor.rpartition(".")[0]) for member in group.members}
     return blocks.pop() if len(blocks) == 1 and None not in blocks else None
 
 

@@ -21,10 +21,9 @@ import torch
 
 from rewrite.edit import Editor
 from rewrite.errors import GrowthError
+from rewrite.names import in_layers
 from rewrite.pattern import Match, mlp
 from rewrite.rules import Rule
-
-from .heads import in_layers
 
 aten = torch.ops.aten
 

@@ -17,6 +17,7 @@ import torch
 
 from .errors import GrowthError, VerificationError
 from .graph import Graph
+from .names import moved
 from .plan import Plan
 from .rules import RuleSet
 from .trace import trace
@@ -111,8 +112,8 @@ def apply(model: torch.nn.Module | Graph, passes: list, args=(), kwargs: dict | 
             continue
         previous, current = current, growth.run(current, plan)
         moves = getattr(current, "renamed", None) or {}
-        renamed = [name for name in shapes if _moved(name, moves) != name]
-        old_shapes = {_moved(name, moves): shape for name, shape in shapes.items()}
+        renamed = [name for name in shapes if moved(name, moves) != name]
+        old_shapes = {moved(name, moves): shape for name, shape in shapes.items()}
         current.disposable = True  # made here and replaced by the next pass: its tensors may move on
         shapes = _parameter_shapes(current)
         record = PassRecord(
@@ -139,14 +140,6 @@ def _parameter_shapes(graph: Graph) -> dict[str, torch.Size]:
 
 def _count(shapes: dict[str, torch.Size]) -> int:
     return sum(shape.numel() for shape in shapes.values())
-
-
-def _moved(name: str, moves: dict[str, str]) -> str:
-    """A parameter's name after its module was moved (``layers.1.x`` -> ``layers.3.x``)."""
-    for old, new in moves.items():
-        if name == old or name.startswith(old + "."):
-            return new + name[len(old):]
-    return name
 
 
 def _flatten(passes) -> list:

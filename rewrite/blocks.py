@@ -25,6 +25,7 @@ import torch.fx
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from .errors import GrowthError
+from .names import under
 from .ops import HOMOGENEOUS, HOMOGENEOUS_REDUCTIONS, TRANSPARENT, WEIGHTED, canonical_kind, offset_parameter, operand
 
 _NUMBERED = re.compile(r"^(.*)\.(\d+)$")
@@ -63,7 +64,7 @@ def owned_by(graph, prefix: str) -> list[torch.fx.Node]:
     """The nodes of module ``prefix``, in graph order: those it owns, and those a shared module computes
     inline on its values (a rotary embedding called from inside each layer), but not parameters."""
     nodes = list(graph.module.graph.nodes)
-    owned = [i for i, n in enumerate(nodes) if _inside(graph.owner(n), prefix) and n.op != "get_attr"]
+    owned = [i for i, n in enumerate(nodes) if under(graph.owner(n), prefix) and n.op != "get_attr"]
     if not owned:
         return []
     inside: list[torch.fx.Node] = []
@@ -71,14 +72,10 @@ def owned_by(graph, prefix: str) -> list[torch.fx.Node]:
     for node in nodes[owned[0]:owned[-1] + 1]:
         if node.op == "get_attr":
             continue
-        if _inside(graph.owner(node), prefix) or any(v in members for v in node.all_input_nodes):
+        if under(graph.owner(node), prefix) or any(v in members for v in node.all_input_nodes):
             inside.append(node)
             members.add(node)
     return inside
-
-
-def _inside(owner: str, prefix: str) -> bool:
-    return owner == prefix or owner.startswith(prefix + ".")
 
 
 def blocks(graph) -> list[Block]:

@@ -22,6 +22,7 @@ import torch.fx
 from .blocks import branch_layers
 from .errors import GrowthError
 from .graph import Graph, attribute
+from .names import moved, under
 
 
 class Editor:
@@ -79,6 +80,7 @@ class Editor:
         mapping: dict[torch.fx.Node, torch.fx.Node] = dict(inputs)
         attrs: dict[str, torch.fx.Node] = {}
         clones: dict[int, torch.Tensor] = {}
+        moves = dict([rename]) if rename is not None else {}
         if rename is not None:
             self._created.add(rename[1])
             self.origins[rename[1]] = self.origins.get(rename[0], rename[0])
@@ -86,8 +88,8 @@ class Editor:
         def arg(value: torch.fx.Node) -> torch.fx.Node:
             if value in mapping:
                 return mapping[value]
-            if rename is not None and value.op == "get_attr" and _under(str(value.target), rename[0]):
-                target = _renamed(str(value.target), *rename)
+            if rename is not None and value.op == "get_attr" and under(str(value.target), rename[0]):
+                target = moved(str(value.target), moves)
                 if target not in attrs:
                     self._copy_tensor(str(value.target), target, clones)
                     attrs[target] = self.get(target)
@@ -95,16 +97,15 @@ class Editor:
             return value
 
         for node in nodes:
-            if rename is not None and node.op == "call_module" and _under(str(node.target), rename[0]):
-                self._copy_submodule(str(node.target), _renamed(str(node.target), *rename), clones)
+            if rename is not None and node.op == "call_module" and under(str(node.target), rename[0]):
+                self._copy_submodule(str(node.target), moved(str(node.target), moves), clones)
             for value in node.all_input_nodes:
                 arg(value)  # new get_attr nodes go before the copy that reads them
             new = self._emit(lambda: self.fx.node_copy(node, arg), None)
             new.meta = dict(node.meta)
-            if rename is not None:
-                if new.op == "call_module" and _under(str(new.target), rename[0]):
-                    new.target = _renamed(str(new.target), *rename)
-                _rename_meta(new, *rename)
+            if new.op == "call_module":
+                new.target = moved(str(new.target), moves)
+            _rename_meta(new, moves)
             mapping[node] = new
         return mapping
 
@@ -182,30 +183,26 @@ class Editor:
         holder = self.module.get_submodule(stack)
         children = list(holder._modules.items())
         holder._modules.clear()
-        moved = {}
+        moves = {}
         for key, child in children:
             if key.isdigit() and int(key) >= start:
-                moved[f"{stack}.{key}"] = f"{stack}.{int(key) + shift}"
+                moves[f"{stack}.{key}"] = f"{stack}.{int(key) + shift}"
                 key = str(int(key) + shift)
             holder._modules[key] = child
         holder._modules = dict(sorted(holder._modules.items(), key=lambda kv: int(kv[0]) if kv[0].isdigit() else -1))
         original = {current: source for source, current in self.renamed.items()}
-        for old, new in moved.items():
+        for old, new in moves.items():
             if old in original:
                 self.renamed[original[old]] = new
             elif old not in self._created:
                 self.renamed[old] = new
-        self._created = {moved.get(name, name) for name in self._created}
-        origins = {name: origin for name, origin in self.origins.items() if name not in moved}
-        self.origins = origins | {new: self.origins.get(old, old) for old, new in moved.items()}
+        self._created = {moves.get(name, name) for name in self._created}
+        origins = {name: origin for name, origin in self.origins.items() if name not in moves}
+        self.origins = origins | {new: self.origins.get(old, old) for old, new in moves.items()}
         for node in self.fx.nodes:
-            for old, new in moved.items():
-                if node.op in ("call_module", "get_attr") and _under(str(node.target), old):
-                    node.target = _renamed(str(node.target), old, new)
-                    break
-            for old, new in moved.items():
-                if _rename_meta(node, old, new):
-                    break
+            if node.op in ("call_module", "get_attr"):
+                node.target = moved(str(node.target), moves)
+            _rename_meta(node, moves)
 
     # -- tensors -----------------------------------------------------------------------------------
     def tensor(self, name: str) -> torch.Tensor:
@@ -270,25 +267,15 @@ class Editor:
         return grown
 
 
-def _under(name: str, prefix: str) -> bool:
-    return name == prefix or name.startswith(prefix + ".")
-
-
-def _renamed(name: str, old: str, new: str) -> str:
-    return new + name[len(old):]
-
-
-def _rename_meta(node: torch.fx.Node, old: str, new: str) -> bool:
+def _rename_meta(node: torch.fx.Node, moves: dict[str, str]) -> None:
+    """The module paths in a node's owner metadata, after the modules in ``moves`` were moved."""
     stack = node.meta.get("nn_module_stack")
-    if not stack:
-        return False
-    changed = False
+    if not stack or not moves:
+        return
     renamed: dict[str, Any] = {}
     for key, value in stack.items():
         path = value[0] if isinstance(value, tuple) else value
-        if isinstance(path, str) and _under(path, old):
-            value = (_renamed(path, old, new), *value[1:]) if isinstance(value, tuple) else _renamed(path, old, new)
-            changed = True
+        if isinstance(path, str):
+            value = (moved(path, moves), *value[1:]) if isinstance(value, tuple) else moved(path, moves)
         renamed[key] = value
     node.meta["nn_module_stack"] = renamed
-    return changed

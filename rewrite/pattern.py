@@ -18,16 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import re
 from typing import Any, Callable, Iterable
 
 import torch.fx
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from .blocks import Block, blocks, depends_on, resolve
+from .names import numbered_block
 from .ops import ELEMENTWISE, TRANSPARENT, WEIGHTED, canonical_kind, operand, real_users
-
-_NUMBERED_BLOCK = re.compile(r"^(.*?\.\d+)(\.|$)")
 
 
 @dataclasses.dataclass
@@ -295,7 +293,7 @@ def _mlp_behind(graph, down: torch.fx.Node) -> dict | None:
         if any(user not in members and user is not down and not graph.is_bookkeeping(user) for user in node.users):
             return None  # an intermediate value used outside: not a self-contained MLP
     owners = [graph.owner(n) for n in [*ups, down]]
-    blocks_of = {m.group(1) if (m := _NUMBERED_BLOCK.match(o)) else None for o in owners}
+    blocks_of = {numbered_block(o) for o in owners}
     if len(blocks_of) != 1 or None in blocks_of:
         return None
     order = {n: i for i, n in enumerate(graph.module.graph.nodes)}
