@@ -28,6 +28,7 @@ import torch
 
 from .blocks import blocks, branch_layers, depends_on
 from .errors import GrowthError, NotRepresentableError
+from .frontends import first_line
 from .graph import Graph
 from .ops import HOMOGENEOUS, attention, canonical_kind, operand, real_users, rms_epsilon
 from .pattern import mlp
@@ -54,7 +55,7 @@ def to_native(grown, like: torch.nn.Module) -> torch.nn.Module:
     try:  # the checks from_pretrained will run on the saved config
         config = type(config).from_dict(updated.to_dict())
     except Exception as e:  # noqa: BLE001 - the config's own validator says which sizes disagree
-        raise NotRepresentableError(f"{type(config).__name__} rejects the grown sizes: {_cause(e)}") from e
+        raise NotRepresentableError(f"{type(config).__name__} rejects the grown sizes: {first_line(e)}") from e
     for field, value in wanted.items():
         if getattr(config, field) != value:
             raise NotRepresentableError(
@@ -196,13 +197,6 @@ def _per_layer(graph: Graph, config, found) -> dict:
                     f"model does not come from one of them, so its entry is not known")
         fields[field] = entries
     return fields
-
-
-def _cause(error: BaseException) -> str:
-    """The innermost message of a chained exception, first line."""
-    while error.__cause__ is not None:
-        error = error.__cause__
-    return str(error).strip().splitlines()[0]
 
 
 def _one(what: str, values: list):

@@ -25,6 +25,7 @@ import torch
 
 from . import zoo
 from .errors import GrowfxError
+from .frontends import auto_dynamic_shapes, first_line
 
 SMOLLM2 = "smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -118,7 +119,7 @@ def _load_gguf(path: Path) -> Source:
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
                                                      local_files_only=True).eval()
     except Exception as e:  # noqa: BLE001
-        raise GrowfxError(f"cannot load {path} as a GGUF language model: {str(e).splitlines()[0]}") from e
+        raise GrowfxError(f"cannot load {path} as a GGUF language model: {first_line(e)}") from e
     if hasattr(model.config, "quantization_config"):  # dequantised on load: the model is plain float32
         del model.config.quantization_config
     tokenizer = _tokenizer(path.parent, gguf_file=path.name)
@@ -130,7 +131,7 @@ def _load_pt2(path: Path) -> Source:
     try:
         program = torch.export.load(path)
     except Exception as e:  # noqa: BLE001
-        raise GrowfxError(f"cannot read {path} as a torch.export archive: {str(e).splitlines()[0]}") from e
+        raise GrowfxError(f"cannot read {path} as a torch.export archive: {first_line(e)}") from e
     if program.example_inputs is None:
         raise GrowfxError(f"{path} stores no example inputs; export it with torch.export.export(model, args)")
     args, kwargs = program.example_inputs
@@ -169,13 +170,11 @@ def save_huggingface(native: torch.nn.Module, destination: Path, tokenizer=None,
 
 def save_pt2(graph, destination: Path, *, replace: bool = False) -> Path:
     """A ``torch.export`` archive of the grown graph, with its example inputs, written atomically."""
-    from .frontends import auto_dynamic_shapes
-
     args, kwargs = graph.call_inputs(graph.example_args, graph.example_kwargs)
     try:
         program = torch.export.export(graph.module, args, kwargs, dynamic_shapes=auto_dynamic_shapes(graph.module, args, kwargs))
     except Exception as e:  # noqa: BLE001
-        raise GrowfxError(f"cannot export the grown graph to {destination}: {str(e).splitlines()[0]}") from e
+        raise GrowfxError(f"cannot export the grown graph to {destination}: {first_line(e)}") from e
     with atomic_path(destination, replace=replace) as path:
         torch.export.save(program, path)
     return destination
