@@ -3,10 +3,10 @@
 ``check_resize`` says, before anything runs, whether a group can grow with a policy and whether the
 result is exact (and if not, why). ``resize`` builds the grown Graph from a :class:`Layout` per grown
 group: each grown tensor is allocated once and filled by slices by the policy, role by role; everything
-else is cloned so the grown model owns its parameters (training it never touches the original) and tied tensors stay tied; standard modules'
-size attributes and the literal sizes in views, norms and splits follow. The grown graph carries
-``node_map``, projecting each grown activation back onto the original units (``old_positions``), so
-``rewrite.verify`` names the first node a faulty rule breaks.
+else is cloned so the grown model owns its parameters (training it never touches the original) and tied
+tensors stay tied; standard modules' size attributes and the literal sizes in views, norms and splits
+follow. The grown graph carries ``node_map``, projecting each grown activation back onto the original units
+(``old_positions``), so ``rewrite.verify`` names the first node a faulty rule breaks.
 """
 
 from __future__ import annotations

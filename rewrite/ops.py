@@ -385,28 +385,25 @@ def transpose(facts: Facts, call: Call) -> None:
     d1 = _norm(call.arg(2, "dim1", 1), rank)
     order = list(range(rank))
     order[d0], order[d1] = order[d1], order[d0]
-    for out_axis, in_axis in enumerate(order):
-        facts.equal((x, in_axis), (call.out, out_axis), call.node.name)
-    _derive(facts, x, call.out, order)
+    _reorder(facts, call, x, order)
 
 
 def reverse_axes(facts: Facts, call: Call) -> None:
     """``x.T`` (``aten.numpy_T``): every axis, in reverse order."""
     x = call.operands[0]
-    rank = len(call.shape(x))
-    for out_axis in range(rank):
-        facts.equal((x, rank - 1 - out_axis), (call.out, out_axis), call.node.name)
-    _derive(facts, x, call.out, list(reversed(range(rank))))
+    _reorder(facts, call, x, list(reversed(range(len(call.shape(x))))))
 
 
-def _derive(facts: Facts, x: str, out: str, order: list[int]) -> None:
-    """``out`` is a parameter (or a selection from one) with its axes reordered (``out`` axis i is ``x`` axis
-    ``order[i]``): a later matmul gives the parameter's own axes their roles (``x @ W.T`` is a linear)."""
+def _reorder(facts: Facts, call: Call, x: str, order: list[int]) -> None:
+    """The output's axis i is ``x``'s axis ``order[i]``. When ``x`` is a parameter (or a selection from
+    one), so is the output, with its axes reordered: a later matmul gives the parameter's own axes their
+    roles (``x @ W.T`` is a linear)."""
     for out_axis, in_axis in enumerate(order):
+        facts.equal((x, in_axis), (call.out, out_axis), call.node.name)
         axis = facts.parameter_axis(x, in_axis)
         if axis is not None:
-            parameter, axes = facts.derived.get(out, (axis[0], {}))
-            facts.derived[out] = (parameter, {**axes, out_axis: axis[1]})
+            parameter, axes = facts.derived.get(call.out, (axis[0], {}))
+            facts.derived[call.out] = (parameter, {**axes, out_axis: axis[1]})
 
 
 def permute(facts: Facts, call: Call) -> None:
@@ -415,9 +412,7 @@ def permute(facts: Facts, call: Call) -> None:
     dims = call.node.args[1:] if call.node.op == "call_method" else call.arg(1, "dims")
     if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
         dims = dims[0]
-    for out_axis, in_axis in enumerate(dims):
-        facts.equal((x, _norm(in_axis, rank)), (call.out, out_axis), call.node.name)
-    _derive(facts, x, call.out, [_norm(axis, rank) for axis in dims])
+    _reorder(facts, call, x, [_norm(axis, rank) for axis in dims])
 
 
 def expand(facts: Facts, call: Call) -> None:

@@ -23,7 +23,9 @@ class ZooModel:
     description: str
 
 
-_BUILDERS: dict[str, tuple[Callable[[], tuple[torch.nn.Module, tuple, dict]], str]] = {
+Builder = Callable[[], tuple[torch.nn.Module, tuple, dict]]
+
+_BUILDERS: dict[str, tuple[Builder, str]] = {
     "mlp": (handwritten.mlp, "3-layer MLP with ReLU"),
     "cnn": (handwritten.cnn, "CNN: conv -> BatchNorm -> ReLU (x2), pool, linear head"),
     "gpt": (handwritten.gpt, "pre-norm GPT: LayerNorm, GELU MLP, learned positions, tied embeddings"),
@@ -38,7 +40,7 @@ NAMES = tuple(_BUILDERS)
 DEFAULT = "gpt"
 # Hugging Face families outside the zoo, each built from a tiny config: what the passes meet beyond the zoo
 # (tests/test_families.py, examples/bench_families.py). ``build`` takes their names too.
-_MORE: dict[str, tuple[Callable[[], tuple[torch.nn.Module, tuple, dict]], str]] = {
+_MORE: dict[str, tuple[Builder, str]] = {
     "hf-gemma": (huggingface.gemma, "Hugging Face GemmaForCausalLM: norms multiply by 1 + w"),
     "hf-gemma2": (huggingface.gemma2, "Hugging Face Gemma2ForCausalLM: sandwich norms, sliding/full layers"),
     "hf-opt": (huggingface.opt, "Hugging Face OPTForCausalLM: stream flattened between units, ffn_dim"),
@@ -47,14 +49,14 @@ _MORE: dict[str, tuple[Callable[[], tuple[torch.nn.Module, tuple, dict]], str]] 
 }
 FAMILIES = tuple(_MORE)
 ALL = NAMES + FAMILIES  # every name ``build`` takes
+_EVERY = _BUILDERS | _MORE
 
 
 def build(name: str, seed: int = 0) -> ZooModel:
     """Build the named example model with its example inputs, deterministically from ``seed``."""
-    builders = _BUILDERS | _MORE
-    if name not in builders:
+    if name not in _EVERY:
         raise KeyError(f"unknown example model {name!r}; choose one of {', '.join(ALL)}")
-    builder, description = builders[name]
+    builder, description = _EVERY[name]
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model, args, kwargs = builder()
@@ -62,4 +64,4 @@ def build(name: str, seed: int = 0) -> ZooModel:
 
 
 def describe() -> list[tuple[str, str]]:
-    return [(name, description) for name, (_, description) in (_BUILDERS | _MORE).items()]
+    return [(name, description) for name, (_, description) in _EVERY.items()]
