@@ -21,8 +21,8 @@ import torch
 
 import passes
 import rewrite
-from rewrite import zoo
-from rewrite.zoo.handwritten import GPT
+from rewrite.app import zoo
+from rewrite.app.zoo.handwritten import GPT
 
 # Each plan takes ``exact``: False only for post-norm BERT, where add_layers is refused otherwise.
 ZOO_PLANS = {

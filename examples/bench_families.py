@@ -24,7 +24,7 @@ import torch
 
 import passes
 import rewrite
-from rewrite import zoo
+from rewrite.app import zoo
 
 PASSES = {
     "add_layers(1)": lambda: [passes.add_layers(1)],

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import rewrite
-from rewrite import zoo
+from rewrite.app import zoo
 
 
 def gpt2_124m() -> zoo.ZooModel:

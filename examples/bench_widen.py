@@ -26,7 +26,7 @@ import torch
 
 import passes
 import rewrite
-from rewrite.zoo.handwritten import GPT, Llama
+from rewrite.app.zoo.handwritten import GPT, Llama
 
 
 def peak_gb() -> float:

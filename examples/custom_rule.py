@@ -13,7 +13,7 @@ import sys
 import torch
 
 import rewrite
-from rewrite import zoo
+from rewrite.app import zoo
 
 RANK = 4
 

@@ -10,7 +10,7 @@ import torch
 
 import passes
 import rewrite
-from rewrite.zoo.handwritten import GPT
+from rewrite.app.zoo.handwritten import GPT
 
 
 def batches(vocab: int, steps: int, generator: torch.Generator):

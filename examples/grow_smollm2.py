@@ -15,7 +15,8 @@ import torch
 
 import passes
 import rewrite
-from rewrite.sources import load_source, save_huggingface
+from rewrite.app.models import load
+from rewrite.io.sources import save_huggingface
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about growing trees."]
 
@@ -33,7 +34,7 @@ def main(chat: bool) -> None:
     from transformers import AutoModelForCausalLM
 
     start = time.perf_counter()
-    source = load_source("smollm2")
+    source = load("smollm2")
     grown = rewrite.apply(source.model, [
         passes.widen_mlp(factor=2), passes.add_heads(3), passes.widen_hidden(size=768),
         passes.add_layers(1, at=[14, 29], init="copy"),

@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 import rewrite
-from rewrite import zoo
+from rewrite.app import zoo
 
 name = sys.argv[1] if len(sys.argv) > 1 else "gpt"
 example = zoo.build(name)

@@ -11,7 +11,7 @@ import torch
 
 import passes
 import rewrite
-from rewrite import zoo
+from rewrite.app import zoo
 
 
 def main() -> None:

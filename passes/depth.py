@@ -21,13 +21,12 @@ modules of the stack. New blocks take the next indices of the stack and later bl
 
 from __future__ import annotations
 
-import torch
-
-from rewrite.blocks import Block
-from rewrite.edit import Editor
+from rewrite.analysis.blocks import Block
+from rewrite.transform.edit import Editor
 from rewrite.errors import GrowthError
-from rewrite.pattern import Match, block
-from rewrite.rules import Rule
+from rewrite.transform.pattern import Match, block
+from rewrite.transform.growth_map import Redraw, seed_for
+from rewrite.transform.rules import Rule
 
 POST_NORM = ("it is a post-norm block (x <- LN(x + F(x))): with a zero branch it computes LN(x), and "
              "LN(x) != x (only pre-norm stacks take identity blocks)")
@@ -35,11 +34,11 @@ SPLIT = ("residual splitting: k steps of x + F(x)/k differ from x + F(x) at seco
          "(((k-1)/2k) J_F F)")
 
 
-def insert_copies(edit: Editor, source: Block, count: int, zero_branches: bool, generator=None) -> list[str]:
+def insert_copies(edit: Editor, source: Block, count: int, zero_branches: bool, seed: int | None = None) -> list[str]:
     """Insert ``count`` copies of ``source`` right after it, chained on the stream; the stack is
-    renumbered to make room. ``zero_branches``: the copies' residual branches output zero; ``generator``:
-    the copies' matrices that are not zeroed are drawn at random (per-tensor standard deviation of the
-    source). Returns the new blocks' names."""
+    renumbered to make room. ``zero_branches``: the copies' residual branches output zero; ``seed``: the
+    copies' matrices that are not zeroed are drawn afresh at their source's per-tensor standard deviation
+    (``Redraw``, one seed per tensor). Returns the new blocks' names."""
     edit.renumber(source.stack, source.index + 1, count)
     stream, cursor, copies, names = source.stream_out, source.nodes[-1], set(), []
     for j in range(1, count + 1):
@@ -50,13 +49,12 @@ def insert_copies(edit: Editor, source: Block, count: int, zero_branches: bool, 
         if zero_branches:
             for unit in source.units:
                 zeroed += edit.scale(mapping[unit.branch], 0.0)
-        if generator is not None:
-            for new, old in edit.copied.items():
+        if seed is not None:
+            for new in edit.copied:
                 tensor = edit.tensor(new)
                 if new in already or new in zeroed or tensor.dim() < 2 or not tensor.is_floating_point():
                     continue
-                std = float(edit.tensor(old).detach().float().std())
-                edit.set_tensor(new, torch.randn(tensor.shape, generator=generator).to(tensor.dtype) * std)
+                edit.transform(new, Redraw(seed_for(seed, new)))
         copies |= set(mapping.values())
         stream, cursor = mapping[source.stream_out], mapping[source.nodes[-1]]
         names.append(name)
@@ -83,8 +81,7 @@ def add_layers(n: int = 1, at: int | list[int] | None = None, init: str = "zero"
     where = None if at is None else [at] if isinstance(at, int) else list(at)
 
     def rewrite(match: Match, edit: Editor) -> None:
-        generator = torch.Generator().manual_seed(seed + match["block"].index) if init == "zero" else None
-        insert_copies(edit, match["block"], n, zero_branches=True, generator=generator)
+        insert_copies(edit, match["block"], n, zero_branches=True, seed=seed if init == "zero" else None)
 
     where_text = "" if where is None else f", at={where if len(where) > 1 else where[0]}"
     return Rule(block(layers=where, stack=stack), rewrite, exactness=_not_exact_if_post_norm,

@@ -24,14 +24,16 @@ import math
 import torch
 import torch.fx
 
-from rewrite.dims import DimGroup
+from rewrite.analysis.dims import DimGroup
 from rewrite.errors import GrowthError, NotExactError
-from rewrite.graph import Graph
-from rewrite.grow import check_resize, resize
-from rewrite.layout import Layout, identity
-from rewrite.plan import Plan
+from rewrite.ir.graph import Graph
+from rewrite.transform.resize import check_resize, resize
+from rewrite.analysis.layout import Layout, identity
+from rewrite.transform.growth_map import Scale, seed_for
+from rewrite.transform.plan import Plan
+from rewrite.transform.policy import fused, pad
 
-from rewrite.propagate import DERIVED, layouts, propagate
+from rewrite.analysis.propagate import DERIVED, layouts, propagate
 
 from .heads import Attention, attentions
 from .policies import AnySize, Policy, Zero, policy
@@ -43,31 +45,28 @@ class KeyScaled(Zero):
     def __init__(self, scale: float):
         self.scale = scale
 
-    def produces(self, old, axis, layout: Layout, out, generator):
-        out.zero_()
-        out.index_copy_(axis, layout.old_positions, old * self.scale)
+    def produces(self, axis, layout: Layout, seed):
+        return [pad(axis, layout), Scale(self.scale, 0.0, axis, layout.old_positions)]
 
     along = produces
 
 
 class Segmented(Policy):
-    """A fused projection (q|k|v rows end to end): each part's rows filled by that part's own policy."""
+    """A fused projection (q|k|v rows end to end): each part's rows made by that part's own policy."""
 
     def __init__(self, name: str, segments: list[tuple[int, int, int, Layout, Policy]]):
         self.name = name
         self.segments = segments  # (old offset, new offset, old size, part layout, part policy)
 
-    def _each(self, role, old, axis, layout, out, generator):
-        for old_at, new_at, size, part, chosen in self.segments:
-            getattr(chosen, role)(
-                old.narrow(axis, old_at, size), axis, part, out.narrow(axis, new_at, part.new_size), generator
-            )
+    def _each(self, role, axis, layout, seed):
+        return fused(axis, [(old_at, new_at, part, getattr(chosen, role)(axis, part, seed_for(seed, old_at)))
+                            for old_at, new_at, _, part, chosen in self.segments])
 
-    def produces(self, old, axis, layout, out, generator):
-        self._each("produces", old, axis, layout, out, generator)
+    def produces(self, axis, layout, seed):
+        return self._each("produces", axis, layout, seed)
 
-    def along(self, old, axis, layout, out, generator):
-        self._each("along", old, axis, layout, out, generator)
+    def along(self, axis, layout, seed):
+        return self._each("along", axis, layout, seed)
 
 
 @dataclasses.dataclass

@@ -22,14 +22,15 @@ import dataclasses
 
 import torch
 
-from rewrite.dims import DimGroup
+from rewrite.analysis.dims import dim_analysis
+from rewrite.analysis.dims import DimGroup
 from rewrite.errors import GrowthError, NotExactError
-from rewrite.graph import Graph
-from rewrite.grow import check_resize, grow
+from rewrite.ir.graph import Graph
+from rewrite.transform.resize import check_resize, grow
 from rewrite.names import in_layers
 from rewrite.ops import attention
-from rewrite.plan import Plan
-from rewrite.propagate import DERIVED, bases, propagate
+from rewrite.transform.plan import Plan
+from rewrite.analysis.propagate import DERIVED, bases, propagate
 
 from .policies import AnySize, Policy, policy
 
@@ -96,7 +97,7 @@ class Attention:
 
 def attentions(graph: Graph, layers: list[int] | None = None) -> list[Attention]:
     """Every attention of the graph in the numbered blocks ``layers`` (all when None)."""
-    analysis = graph.dim_analysis()
+    analysis = dim_analysis(graph)
     found = []
     for node in graph.compute_nodes():
         op = attention(graph, node)

@@ -28,14 +28,17 @@ import math
 import torch
 import torch.fx
 
+from rewrite.analysis.dims import dim_groups
 from rewrite.errors import GrowthError, NotExactError
-from rewrite.graph import Graph
-from rewrite.grow import check_resize, grow
+from rewrite.ir.graph import Graph
+from rewrite.transform.resize import check_resize, grow
 from rewrite.ops import FEATURE_LOCAL, canonical_kind, offset_parameter, real_users, rms_epsilon
-from rewrite.plan import Plan
+from rewrite.transform.growth_map import Scale
+from rewrite.transform.plan import Plan
+from rewrite.transform.policy import pad, replicate
 
 from .net2wider import Widen, new_size
-from .policies import Policy, Zero, gather, policy
+from .policies import Policy, Zero, policy
 
 NORMS = ("rms_norm", "layer_norm")
 
@@ -43,14 +46,13 @@ NORMS = ("rms_norm", "layer_norm")
 class ResidualZero(Zero):
     """New residual dims stay zero: producers' and biases' new entries zero, readers' new columns noisy."""
 
-    def produces(self, old, axis, layout, out, generator):
-        out.narrow(axis, 0, layout.old_size).copy_(old)
-        out.narrow(axis, layout.old_size, layout.new_size - layout.old_size).zero_()
+    def produces(self, axis, layout, seed):
+        return [pad(axis, layout)]
 
     along = produces
 
-    def consumes(self, old, axis, layout, out, generator):
-        Zero.produces(self, old, axis, layout, out, generator)
+    def consumes(self, axis, layout, seed):
+        return Zero.produces(self, axis, layout, seed)
 
 
 class ScaledGain(Policy):
@@ -61,10 +63,9 @@ class ScaledGain(Policy):
     def __init__(self, name: str, scale: float, old_only: bool, offset: float = 0.0):
         self.name, self.scale, self.old_only, self.offset = name, scale, old_only, offset
 
-    def along(self, old, axis, layout, out, generator):
-        gather(old, axis, layout.source, out)
-        scaled = out.narrow(axis, 0, layout.old_size) if self.old_only else out
-        scaled.add_(self.offset).mul_(self.scale).sub_(self.offset)
+    def along(self, axis, layout, seed):
+        positions = layout.old_positions if self.old_only else None
+        return [replicate(axis, layout, "copy"), Scale(self.scale, self.offset, axis, positions)]
 
 
 @dataclasses.dataclass
@@ -76,7 +77,7 @@ class WidenHidden(Widen):
     def select(self, graph: Graph):
         """(the embeddings that write the residual stream, its group) for every group an embedding produces."""
         found = []
-        for group in graph.dim_groups():
+        for group in dim_groups(graph):
             embeddings = [
                 member.tensor.rpartition(".")[0]
                 for member in group.role("produces")

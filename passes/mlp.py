@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from rewrite.graph import Graph
+from rewrite.analysis.dims import dim_groups
+from rewrite.ir.graph import Graph
 from rewrite.names import in_layers, numbered_block
 
 from .net2wider import Widen
@@ -42,7 +43,7 @@ class WidenMLP(Widen):
 
     def select(self, graph: Graph):
         found = []
-        for group in graph.dim_groups():
+        for group in dim_groups(graph):
             block = _block_of(group)
             if block is None or group.reductions:
                 continue

@@ -19,11 +19,11 @@ import operator
 
 import torch
 
-from rewrite.edit import Editor
+from rewrite.transform.edit import Editor
 from rewrite.errors import GrowthError
 from rewrite.names import in_layers
-from rewrite.pattern import Match, mlp
-from rewrite.rules import Rule
+from rewrite.transform.pattern import Match, mlp
+from rewrite.transform.rules import Rule
 
 aten = torch.ops.aten
 
@@ -42,10 +42,7 @@ def upcycle_moe(experts: int, top_k: int, layers: list[int] | None = None, *, se
         module, x, down, nodes = match["module"], match["input"], match["down"], match["nodes"]
         hidden = match.graph.shape(x)[-1]
         dtype = edit.tensor(match.weight("down")).dtype
-        generator = torch.Generator().manual_seed(seed)
-        router = edit.add_parameter(
-            f"{module}.router.weight", (torch.randn(experts, hidden, generator=generator) * 0.02).to(dtype)
-        )
+        router = edit.draw(f"{module}.router.weight", (experts, hidden), 0.02, seed, dtype)
         owner = f"{module}.router"
         logits = edit.at(down).linear(x, router, owner=owner)
         probs = edit.call(aten.softmax.int, logits, -1, owner=owner)

@@ -14,13 +14,13 @@ import dataclasses
 
 import torch
 
-from rewrite.edit import Editor
+from rewrite.transform.edit import Editor
 from rewrite.errors import GrowthError
-from rewrite.graph import Graph
+from rewrite.ir.graph import Graph
 from rewrite.ops import ACTIVATIONS, IDEMPOTENT, canonical_kind
-from rewrite.pattern import Match, op, optional
-from rewrite.plan import Plan
-from rewrite.rules import Rule
+from rewrite.transform.pattern import Match, op, optional
+from rewrite.transform.plan import Plan
+from rewrite.transform.rules import Rule
 
 
 def _idempotent(match: Match) -> str | None:

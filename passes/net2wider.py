@@ -20,11 +20,12 @@ import dataclasses
 import fnmatch
 import math
 
+from rewrite.analysis.dims import dim_groups
 from rewrite.errors import GrowthError, NotExactError
-from rewrite.graph import Graph
-from rewrite.grow import check_resize, grow
-from rewrite.plan import Plan
-from rewrite.propagate import propagate
+from rewrite.ir.graph import Graph
+from rewrite.transform.resize import check_resize, grow
+from rewrite.transform.plan import Plan
+from rewrite.analysis.propagate import propagate
 
 from .policies import POLICIES, Policy, policy
 
@@ -111,7 +112,7 @@ def _groups_produced_by(graph: Graph, at: str | list[str]):
     """(module name, group) for every module matching ``at`` that produces an axis."""
     patterns = [at] if isinstance(at, str) else list(at)
     producers = {}
-    for group in graph.dim_groups():
+    for group in dim_groups(graph):
         for member in group.role("produces"):
             producers.setdefault(member.tensor.rpartition(".")[0], group)
     found = []

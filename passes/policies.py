@@ -1,6 +1,7 @@
 """Init policies for width growth: how a grown axis's new slices are filled, role by role.
 
-A group of coupled axes grows from ``n`` to ``n'`` units. A policy first picks a replication map
+The protocol (``rewrite.transform.policy.Policy``) is in the engine; these are the library's policies. A group
+of coupled axes grows from ``n`` to ``n'`` units. A policy first picks a replication map
 ``g: [n'] -> [n]`` (``g(j) = j`` for old units; axes made of others inherit it, see ``rewrite.layout``),
 then fills each member by its role:
 
@@ -11,7 +12,8 @@ then fills each member by its role:
 
 ``g`` is ``j mod n`` for clone (each unit exactly k = n'/n times) and zero (any source is exact there; blocks
 copy fastest), uniform random for net2net.
-Exact when (known before anything runs, see ``exact``):
+Each policy declares the reductions along the grown axis it keeps (``preserves``); exact when every op that
+mixes values along the axis is one of them (known before anything runs, see ``Policy.exact``):
 * zero: new units reach the output only through zero columns, so no op may mix values along the axis;
 * clone: any element-wise op, and means/norms along the axis (LayerNorm, RMSNorm keep mean and variance
   under uniform replication); not sums, softmax or attention temperature;
@@ -25,44 +27,12 @@ import math
 
 import torch
 
-from rewrite.layout import Layout, appended
-from rewrite.ops import REDUCTION_INVARIANCE
+from rewrite.analysis.layout import Layout
+from rewrite.transform.growth_map import NOISE, Noise, Scale
+from rewrite.transform.policy import Policy, pad, replicate
 
-NOISE = 1e-2  # relative scale of the symmetry-breaking noise on new producer rows
-
-
-class Policy:
-    name = ""
-
-    def mapping(self, n: int, n_new: int, generator: torch.Generator) -> torch.Tensor:
-        """For each of the ``n_new - n`` new units, the old unit it starts from."""
-        return torch.randint(0, n, (n_new - n,), generator=generator)
-
-    def layout(self, n: int, n_new: int, generator: torch.Generator) -> Layout:
-        """Old units in place, new ones appended per ``mapping``."""
-        return appended(n, self.mapping(n, n_new, generator))
-
-    def check(self, n: int, n_new: int) -> str | None:
-        """Why this growth is impossible with the policy (None when it is possible)."""
-        return None if n_new > n else f"new size {n_new} is not larger than {n}"
-
-    def exact(self, reductions: list[tuple[str, str]]) -> str | None:
-        """Why the result would not be exact (None when it is), from the ops mixing the axis."""
-        for kind, node in reductions:
-            if self.name not in REDUCTION_INVARIANCE.get(kind, set()):
-                return f"{_describe(kind)} over the grown axis (node {node}) is not preserved by {self.name}"
-        return None
-
-    def produces(self, old: torch.Tensor, axis: int, layout: Layout, out: torch.Tensor, generator) -> None:
-        gather(old, axis, layout.source, out)
-
-    def along(self, old: torch.Tensor, axis: int, layout: Layout, out: torch.Tensor, generator) -> None:
-        gather(old, axis, layout.source, out)
-
-    def consumes(self, old: torch.Tensor, axis: int, layout: Layout, out: torch.Tensor, generator) -> None:
-        gather(old, axis, layout.source, out)
-        counts = torch.bincount(layout.source, minlength=old.shape[axis]).to(old.dtype)
-        out.mul_(_along(counts.reciprocal().index_select(0, layout.source), axis, old.dim()))
+NORM_STATISTICS = frozenset({"layer_norm", "rms_norm", "mean", "var", "std"})  # kept by uniform replication
+MAXIMA = frozenset({"amax", "max", "min"})  # kept by any replication
 
 
 class Zero(Policy):
@@ -75,29 +45,18 @@ class Zero(Policy):
         # the old ones in order: whole blocks, copied by slices instead of gathered.
         return torch.arange(n, n_new) % n
 
-    def produces(self, old, axis, layout, out, generator):
-        gather(old, axis, layout.source, out)
-        new = layout.new_positions()
-        if layout.prefix:
-            add_noise(out.narrow(axis, layout.old_size, len(new)), old, generator)
-        else:
-            rows = out.index_select(axis, new)
-            add_noise(rows, old, generator)
-            out.index_copy_(axis, new, rows)
+    def produces(self, axis, layout, seed):
+        return [replicate(axis, layout, "noise"), Noise(axis, layout.new_positions(), seed, NOISE)]
 
-    def consumes(self, old, axis, layout, out, generator):
-        if layout.prefix:
-            out.narrow(axis, 0, layout.old_size).copy_(old)
-            out.narrow(axis, layout.old_size, layout.new_size - layout.old_size).zero_()
-        else:
-            out.zero_()
-            out.index_copy_(axis, layout.old_positions, old)
+    def consumes(self, axis, layout, seed):
+        return [pad(axis, layout)]
 
 
 class Clone(Policy):
     """Uniform replication: every unit k times (HyperCloning); n' must be a multiple of n."""
 
     name = "clone"
+    preserves = NORM_STATISTICS | MAXIMA
 
     def mapping(self, n, n_new, generator):
         return torch.arange(n, n_new) % n
@@ -112,6 +71,7 @@ class Net2Net(Policy):
     """Net2WiderNet: random replication map, consumer columns divided by each unit's replica count."""
 
     name = "net2net"
+    preserves = MAXIMA
 
 
 class Sparkling(Zero):
@@ -122,9 +82,9 @@ class Sparkling(Zero):
     def exact(self, reductions):
         return "sparkling keeps activation RMS, not the function (it is meant to break symmetry)"
 
-    def consumes(self, old, axis, layout, out, generator):
-        self.produces(old, axis, layout, out, generator)  # noisy copies for the new columns
-        out.mul_(math.sqrt(layout.old_size / layout.new_size))
+    def consumes(self, axis, layout, seed):
+        # noisy copies for the new columns, then every column scaled by sqrt(n/n')
+        return [*self.produces(axis, layout, seed), Scale(math.sqrt(layout.old_size / layout.new_size))]
 
 
 class AnySize(Policy):
@@ -134,6 +94,7 @@ class AnySize(Policy):
     def __init__(self, inner: Policy):
         self.inner = inner
         self.name = inner.name
+        self.preserves = inner.preserves
 
     def exact(self, reductions):
         return self.inner.exact(reductions)
@@ -151,40 +112,4 @@ def policy(name: "str | Policy") -> Policy:
     return POLICIES[name]
 
 
-def gather(old: torch.Tensor, axis: int, index: torch.Tensor, out: torch.Tensor, max_runs: int = 16) -> None:
-    """``out = old.index_select(axis, index)`` without temporaries where the index runs consecutively.
-
-    Old units keep their places (one run) and uniform clones are whole blocks, so most growth is a few
-    slice copies; only a scattered remainder is gathered.
-    """
-    breaks = torch.nonzero(index[1:] - index[:-1] != 1).flatten().tolist()
-    starts = [0] + [b + 1 for b in breaks]
-    ends = starts[1:] + [len(index)]
-    if len(starts) > max_runs:  # scattered: copy the leading run, gather the rest
-        first = ends[0]
-        out.narrow(axis, 0, first).copy_(old.narrow(axis, int(index[0]), first))
-        out.narrow(axis, first, len(index) - first).copy_(old.index_select(axis, index[first:]))
-        return
-    for start, end in zip(starts, ends):
-        out.narrow(axis, start, end - start).copy_(old.narrow(axis, int(index[start]), end - start))
-
-
-def add_noise(target: torch.Tensor, like: torch.Tensor, generator: torch.Generator) -> None:
-    """``target += N(0, (NOISE * std(like))^2)``, in place; the scale is estimated on a sample of ``like``."""
-    sample = like.detach().reshape(-1)[:65536].float()
-    scale = float(sample.std()) if sample.numel() > 1 else float(sample.abs().mean()) if sample.numel() else 1.0
-    scale = scale if math.isfinite(scale) and scale > 0 else 1.0
-    noise = torch.randn(target.shape, generator=generator, dtype=target.dtype)
-    target.add_(noise, alpha=NOISE * scale)
-
-
-def _along(values: torch.Tensor, axis: int, rank: int) -> torch.Tensor:
-    shape = [1] * rank
-    shape[axis] = -1
-    return values.view(shape)
-
-
-def _describe(kind: str) -> str:
-    names = {"layer_norm": "LayerNorm", "rms_norm": "RMSNorm", "softmax": "a softmax",
-             "attention_scale": "attention's 1/sqrt(d) scale", "mean": "a mean"}
-    return names.get(kind, f"a {kind}")
+__all__ = ["POLICIES", "AnySize", "Clone", "Layout", "Net2Net", "Policy", "Sparkling", "Zero", "policy"]

@@ -1,23 +1,23 @@
-"""growfx engine: trace models into one graph IR, verify rewrites numerically, export to ONNX.
+"""growfx engine: trace models into one graph IR, grow them with passes and rules, verify, export.
 
 Public surface::
 
     graph = rewrite.trace(model, args, kwargs)           # -> rewrite.Graph
     report = rewrite.verify(reference, candidate, args)  # -> rewrite.Report
     report = rewrite.export_onnx(graph, args, "m.onnx")  # -> rewrite.Report (torch vs onnxruntime)
-    groups = graph.dim_groups()                           # axes that must grow together
+    groups = rewrite.dim_groups(graph)                   # axes that must grow together
     grown = rewrite.apply(model, [passes.widen("fc", factor=2)], args)  # -> rewrite.Grown
+    grown.map.apply(model.state_dict())                  # the grown state dict, from the growth map alone
 
     @rewrite.rule(rewrite.op("linear", "proj", module="*attn.o*"))  # your own structural rule
     def adapter(match, edit): ...                                     # edit: rewrite.Editor
+
+The engine is layered (``docs/architecture.md``): ``ir`` < ``ops`` ... ``app``; this module re-exports the API.
 """
 
-from .apply import Grown, GrowthReport, PassRecord, apply
-from .blocks import Block, blocks
-from .edit import Editor
-from .pattern import Match, block, mlp, op, optional, residual
-from .rules import Rule, RuleSet, rule
-from .errors import (
+from rewrite.analysis.blocks import Block, blocks
+from rewrite.analysis.dims import DimGroup, Member, dim_analysis, dim_groups
+from rewrite.errors import (
     GrowfxError,
     GrowthError,
     InputError,
@@ -27,47 +27,24 @@ from .errors import (
     UnsupportedOpError,
     VerificationError,
 )
-from .dims import DimGroup, Member
-from .graph import Graph, TensorInfo
-from .native import to_native
-from .onnx_export import OnnxModel, export_onnx
-from .trace import trace
-from .verify import Report, Row, verify
+from rewrite.io.native import to_native
+from rewrite.io.onnx_export import OnnxModel, export_onnx
+from rewrite.ir.compare import Row
+from rewrite.ir.graph import Graph, Lineage, TensorInfo
+from rewrite.ir.trace import trace
+from rewrite.transform.apply import Grown, GrownModule, GrowthReport, PassRecord, apply
+from rewrite.transform.edit import Editor
+from rewrite.transform.growth_map import Fill, GrowthMap, Noise, Recipe, Redraw, Scale, Split, Take
+from rewrite.transform.pattern import Match, block, mlp, op, optional, residual
+from rewrite.transform.policy import Policy
+from rewrite.transform.rules import Rule, RuleSet, rule
+from rewrite.verification.verify import Report, verify
 
 __all__ = [
-    "Block",
-    "Editor",
-    "Match",
-    "PassRecord",
-    "Rule",
-    "RuleSet",
-    "block",
-    "blocks",
-    "mlp",
-    "op",
-    "optional",
-    "residual",
-    "rule",
-    "DimGroup",
-    "Grown",
-    "GrowthError",
-    "GrowthReport",
-    "NotExactError",
-    "NotRepresentableError",
-    "VerificationError",
-    "apply",
-    "Member",
-    "Graph",
-    "GrowfxError",
-    "InputError",
-    "OnnxModel",
-    "Report",
-    "Row",
-    "TensorInfo",
-    "TraceError",
-    "UnsupportedOpError",
-    "export_onnx",
-    "to_native",
-    "trace",
-    "verify",
+    "Block", "DimGroup", "Editor", "Fill", "Graph", "GrowfxError", "Grown", "GrownModule", "GrowthError",
+    "GrowthMap", "GrowthReport", "InputError", "Lineage", "Match", "Member", "Noise", "NotExactError",
+    "NotRepresentableError", "OnnxModel", "PassRecord", "Policy", "Recipe", "Redraw", "Report", "Row", "Rule",
+    "RuleSet", "Scale", "Split", "Take", "TensorInfo", "TraceError", "UnsupportedOpError", "VerificationError",
+    "apply", "block", "blocks", "dim_analysis", "dim_groups", "export_onnx", "mlp", "op", "optional", "residual",
+    "rule", "to_native", "trace", "verify",
 ]

@@ -35,7 +35,7 @@ def _seeded():
 def traced(name: str):
     """(ZooModel, Graph) for a built-in example, traced once per test session."""
     import rewrite
-    from rewrite import zoo
+    from rewrite.app import zoo
 
     built = zoo.build(name)
     return built, rewrite.trace(built.model, built.args, built.kwargs)

@@ -6,11 +6,11 @@ import sys
 import pytest
 import torch
 
-from rewrite.cli import main
+from rewrite.app.cli import main
 
 
 def run(*args):
-    return subprocess.run([sys.executable, "-m", "rewrite.cli", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "rewrite.app.cli", *args], capture_output=True, text=True, timeout=300)
 
 
 def test_help_lists_commands():
@@ -22,7 +22,7 @@ def test_help_lists_commands():
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["inspect", "no-such-model"], "neither a built-in example"),
+        (["inspect", "no-such-model"], "is not a built-in example"),
         (["demo", "--model", "nope"], "invalid choice: 'nope'"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
         (["inspect", "--frontend", "jit"], "invalid choice: 'jit'"),
@@ -48,7 +48,7 @@ def test_inspect_list(capsys):
 
 
 def test_inspect_hugging_face_folder(tmp_path, capsys):
-    from rewrite import zoo
+    from rewrite.app import zoo
 
     zoo.build("hf-qwen2").model.save_pretrained(tmp_path / "qwen")
     assert main(["inspect", str(tmp_path / "qwen")]) == 0
@@ -58,9 +58,10 @@ def test_inspect_hugging_face_folder(tmp_path, capsys):
 
 
 def test_inspect_folder_without_config_fails_with_one_line(tmp_path):
-    result = run("inspect", str(tmp_path))
-    assert result.returncode == 1
-    assert result.stderr.strip() == f"growfx: error: {tmp_path} is not a Hugging Face model folder: it has no config.json"
+    result = run("inspect", str(tmp_path))  # what grow does with it too: an unreadable input is an argument error
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"growfx: error: {tmp_path} is not a Hugging Face model folder: it has no "
+                                     f"config.json (see growfx --help)")
 
 
 def test_demo_grows_verifies_and_exports(tmp_path, capsys):
@@ -80,7 +81,7 @@ def test_demo_grows_verifies_and_exports(tmp_path, capsys):
 def test_grow_writes_a_hugging_face_folder_that_loads_and_grows_again(tmp_path):
     from transformers import LlamaForCausalLM
 
-    from rewrite import zoo
+    from rewrite.app import zoo
 
     out = tmp_path / "grown"
     assert main(["grow", "hf-llama", "--pass", "widen_mlp:factor=2", "--pass", "add_layers:n=2,init=copy",
@@ -103,7 +104,7 @@ def test_grow_writes_a_torch_export_archive_for_other_models(tmp_path):
     assert main(["grow", "gpt", "--pass", "add_layers:n=1", "--out", str(out)]) == 0
     program = torch.export.load(out)
     args, _ = program.example_inputs
-    from rewrite import zoo
+    from rewrite.app import zoo
 
     built = zoo.build("gpt")
     torch.testing.assert_close(program.module()(*args), built.model(*args), rtol=1e-5, atol=1e-6)

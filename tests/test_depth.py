@@ -25,7 +25,7 @@ def _outputs(module, built):
 
 
 def _parameters(grown) -> dict[str, torch.Tensor]:
-    return {n.removeprefix("graph_module."): p for n, p in grown.module.named_parameters()}
+    return {n: p for n, p in grown.module.named_parameters()}
 
 
 @pytest.mark.parametrize("init", ["zero", "copy"])
@@ -100,7 +100,7 @@ def test_split_error_shrinks_with_the_branch_but_not_with_k():
     The branch is scaled through both weight and bias of its output layers, so F itself
     (not just its x-dependent part) shrinks: a 10x smaller branch gives a ~100x smaller error.
     """
-    from rewrite.zoo.handwritten import GPT
+    from rewrite.app.zoo.handwritten import GPT
 
     torch.manual_seed(0)
     ids = torch.randint(0, 32, (2, 8))

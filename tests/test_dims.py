@@ -8,11 +8,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import rewrite
-from rewrite import zoo
+from rewrite.app import zoo
 
 
 def group_of(graph, tensor, axis):
-    for group in graph.dim_groups():
+    for group in rewrite.dim_groups(graph):
         if any(m.tensor == tensor and m.axis == axis for m in group.members):
             return group
     raise AssertionError(f"{tensor}[{axis}] is in no group")
@@ -25,7 +25,7 @@ def roles(group):
 @pytest.mark.parametrize("name", zoo.NAMES)
 def test_every_zoo_model_is_analysed(name):
     _, graph = traced(name)
-    groups = graph.dim_groups()
+    groups = rewrite.dim_groups(graph)
     assert groups and all(g.growable for g in groups)
     for group in groups:  # members of one group share one size
         for m in group.members:
@@ -142,7 +142,7 @@ def test_llama_residual_rmsnorm_swiglu_and_attention(name, prefix):
     assert group_of(graph, q, 0).size == 32 and group_of(graph, k, 0).size == 16  # 4 heads, 2 KV heads
     assert any(c.how == "factor" for c in group_of(graph, q, 0).compositions)  # view into heads
     head_dim = [
-        g for g in graph.dim_groups(all_groups=True) if any(k == "attention_scale" for k, _ in g.reductions)
+        g for g in rewrite.dim_groups(graph, all_groups=True) if any(k == "attention_scale" for k, _ in g.reductions)
     ]
     assert head_dim and all(g.size == 8 for g in head_dim)  # q and k share head_dim under the softmax scale
 
@@ -162,7 +162,7 @@ def test_mixtral_router_and_experts():
 
 def test_integer_index_buffers_are_not_growable():
     _, graph = traced("hf-bert")
-    members = {m.tensor for g in graph.dim_groups() for m in g.members}
+    members = {m.tensor for g in rewrite.dim_groups(graph) for m in g.members}
     assert "embeddings.token_type_ids" not in members and "embeddings.position_ids" not in members
 
 
@@ -187,9 +187,9 @@ class Kron(nn.Module):
 def test_op_without_rule_on_a_growable_axis_stops_the_analysis_naming_it():
     x = torch.randn(3, 4)
     with pytest.raises(rewrite.UnsupportedOpError, match=r"op 'cumsum' \(node 'cumsum'\).*lin.weight\[0\]"):
-        rewrite.trace(Cumulative(), (x,)).dim_groups()
+        rewrite.dim_groups(rewrite.trace(Cumulative(), (x,)))
     with pytest.raises(rewrite.UnsupportedOpError, match=r"op 'kron' \(node 'kron'\)"):
-        rewrite.trace(Kron(), (x,)).dim_groups()
+        rewrite.dim_groups(rewrite.trace(Kron(), (x,)))
 
 
 class Scaled(nn.Module):
@@ -209,7 +209,7 @@ def test_size_one_axes_are_not_coupled():
 
 
 def test_inspect_groups_prints_them(capsys):
-    from rewrite.cli import main
+    from rewrite.app.cli import main
 
     assert main(["inspect", "mlp", "--groups"]) == 0
     out = capsys.readouterr().out
@@ -225,7 +225,7 @@ def test_property_mlp_groups_are_exactly_the_layer_boundaries(widths, bias):
         layers += [nn.Linear(a, b, bias=bias), nn.ReLU()]
     model = nn.Sequential(*layers[:-1])
     graph = rewrite.trace(model, (torch.randn(2, widths[0]),))
-    groups = graph.dim_groups()
+    groups = rewrite.dim_groups(graph)
     assert len(groups) == len(widths)  # the input, each hidden width, the output
     for i in range(len(widths) - 2):  # hidden boundary i: layer 2i produces, layer 2i+2 consumes
         group = group_of(graph, f"{2 * i}.weight", 0)

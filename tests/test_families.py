@@ -13,7 +13,7 @@ import torch
 
 import passes
 import rewrite
-from rewrite import zoo
+from rewrite.app import zoo
 
 # (family, plan): every one exact, and representable in the family's own class
 EXACT = [
@@ -135,7 +135,7 @@ def test_a_product_operand_that_the_other_operand_depends_on_is_not_scaled():
 
 
 def test_an_rms_norm_without_a_gain_cannot_absorb_zero_padding():
-    from rewrite.zoo.handwritten import Llama
+    from rewrite.app.zoo.handwritten import Llama
 
     torch.manual_seed(0)
     model = Llama(vocab=32, dim=16, heads=2, hidden=32, layers=1).eval()
@@ -148,7 +148,7 @@ def test_an_rms_norm_without_a_gain_cannot_absorb_zero_padding():
 def test_the_command_line_grows_a_family_outside_the_zoo(tmp_path):
     import json
 
-    from rewrite.cli import main
+    from rewrite.app.cli import main
 
     out = tmp_path / "gemma2-grown"
     assert main(["grow", "hf-gemma2", "--pass", "add_layers:n=1,at=0", "--out", str(out)]) == 0

@@ -8,7 +8,7 @@ from conftest import traced
 
 import passes
 import rewrite
-from rewrite import zoo
+from rewrite.app import zoo
 
 
 # Parameters per residual unit, closed form: embedding + output head (the vocabulary each), and per layer

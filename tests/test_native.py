@@ -52,7 +52,7 @@ def test_native_model_computes_the_grown_function_and_round_trips(name, tmp_path
 def test_tied_embeddings_stay_tied():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from rewrite.zoo.huggingface import DECODER
+    from rewrite.app.zoo.huggingface import DECODER
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**DECODER, tie_word_embeddings=True)).eval()

@@ -32,7 +32,7 @@ def test_net2deeper_is_exact_after_relu(name, after, added):
 def test_identity_kernel_and_matrix_values():
     built, graph = traced("cnn")
     grown = rewrite.apply(graph, [passes.net2deeper("conv1")], built.args, built.kwargs)
-    weight = dict(grown.module.named_parameters())["graph_module.conv1_deeper.weight"]
+    weight = dict(grown.module.named_parameters())["conv1_deeper.weight"]
     expected = torch.zeros(8, 8, 3, 3)
     expected[range(8), range(8), 1, 1] = 1
     assert torch.equal(weight, expected)

@@ -8,7 +8,7 @@ import torch.nn as nn
 from conftest import traced
 
 import rewrite
-from rewrite import zoo
+from rewrite.app import zoo
 
 
 @pytest.mark.parametrize("name", zoo.NAMES)

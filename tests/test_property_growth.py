@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import passes
 import rewrite
-from rewrite.zoo.handwritten import GPT, Llama
+from rewrite.app.zoo.handwritten import GPT, Llama
 
 
 @st.composite

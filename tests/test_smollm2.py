@@ -11,7 +11,8 @@ import torch
 
 import passes
 import rewrite
-from rewrite.sources import load_source, save_huggingface, smollm2_path
+from rewrite.app.models import load, smollm2_path
+from rewrite.io.sources import save_huggingface
 
 pytestmark = [
     pytest.mark.slow,
@@ -22,7 +23,7 @@ PROMPTS = ["The capital of France is", "def add(a, b):", "My favourite fruit is"
 
 @functools.lru_cache(maxsize=None)
 def smollm2():
-    source = load_source("smollm2")
+    source = load("smollm2")
     return source, rewrite.trace(source.model, source.args, source.kwargs)
 
 
@@ -72,7 +73,7 @@ def test_smollm2_graph_only_growth_split_and_upcycling():
 
 
 def test_demo_tells_the_whole_story_on_smollm2(tmp_path, capsys):
-    from rewrite.cli import main
+    from rewrite.app.cli import main
 
     assert main(["demo", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out

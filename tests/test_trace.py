@@ -6,7 +6,7 @@ import torch.nn as nn
 from conftest import traced
 
 import rewrite
-from rewrite import zoo
+from rewrite.app import zoo
 
 HAND_WRITTEN = ("mlp", "cnn", "gpt", "llama")
 HUGGING_FACE = ("hf-gpt2", "hf-llama", "hf-qwen2", "hf-bert", "hf-mixtral")

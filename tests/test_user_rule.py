@@ -43,7 +43,7 @@ def test_adapter_trains(capsys):
     built, graph = traced("gpt")
     grown = rewrite.apply(graph, [custom_rule.attention_adapter], built.args, built.kwargs)
     params = dict(grown.module.named_parameters())
-    b = params["graph_module.blocks.0.attn.o_adapter.B"]
+    b = params["blocks.0.attn.o_adapter.B"]
     loss = grown.module(*built.args).square().mean()
     loss.backward()
     assert b.grad is not None and b.grad.abs().sum() > 0  # a zero B still gets a gradient through A x

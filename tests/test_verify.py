@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import rewrite
-from rewrite import zoo
-from rewrite.verify import compare_tensors
+from rewrite.app import zoo
+from rewrite.ir.compare import compare_tensors
 
 
 def perturbed(graph: rewrite.Graph, parameter: str, amount: float = 0.5) -> rewrite.Graph:
@@ -179,15 +179,16 @@ def test_node_map_projects_grown_values_back_to_find_the_broken_node():
     big = widened_by_hand(small, extra=3)
     x = torch.randn(5, 4)
     reference = rewrite.trace(small, (x,))
-    grown = rewrite.trace(big, (x,))
-    grown.node_map = {name: (name, lambda v: v[..., :8]) for name in ("_0", "_1")}
+    traced = rewrite.trace(big, (x,))
+    projection = {name: (name, lambda v: v[..., :8]) for name in ("_0", "_1")}
+    grown = traced.with_module(traced.module, rewrite.Lineage(node_map=projection))
     assert rewrite.verify(reference, grown, (x,)).ok
     with torch.no_grad():
         big[2].bias.add_(1.0)  # break the last layer of the grown model only
     report = rewrite.verify(reference, grown, (x,))
     assert not report.ok and report.first_divergence == "_2"
-    grown.node_map = {}  # without the projection the widened first layer is (wrongly) blamed
-    assert rewrite.verify(reference, grown, (x,)).first_divergence == "_0"
+    # without the projection the widened first layer is (wrongly) blamed
+    assert rewrite.verify(reference, traced, (x,)).first_divergence == "_0"
 
 
 def test_node_map_locates_a_break_inside_a_widened_layer():
@@ -197,7 +198,8 @@ def test_node_map_locates_a_break_inside_a_widened_layer():
     with torch.no_grad():
         big[0].bias[:8] += 1.0  # the old units of the widened layer now compute something else
     x = torch.randn(5, 4)
-    grown = rewrite.trace(big, (x,))
-    grown.node_map = {name: (name, lambda v: v[..., :8]) for name in ("_0", "_1")}
+    traced = rewrite.trace(big, (x,))
+    projection = {name: (name, lambda v: v[..., :8]) for name in ("_0", "_1")}
+    grown = traced.with_module(traced.module, rewrite.Lineage(node_map=projection))
     report = rewrite.verify(rewrite.trace(small, (x,)), grown, (x,))
     assert not report.ok and report.first_divergence == "_0"

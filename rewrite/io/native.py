@@ -1,0 +1,269 @@
+"""``to_native``: a grown Hugging Face model back in its own class, with an updated config.
+
+The grown graph keeps Hugging Face's parameter names (new blocks take the next layer indices; scalings and
+norm corrections are already folded into weights), so the native model is the original class built from a
+config whose sizes are read off the grown graph, and loaded with the grown tensors:
+
+* ``num_hidden_layers``: the blocks of the stack (``rewrite.blocks``);
+* ``hidden_size``: the residual stream entering the first block;
+* ``num_attention_heads``, ``head_dim``: the query of each attention (``rewrite.ops.attention``); key-value heads
+  keep the original query/KV ratio (the width passes keep it);
+* ``intermediate_size`` (or ``n_inner``, ``ffn_dim``, ...): the dense MLPs (``rewrite.pattern.mlp``), or the
+  width contracted by the layers that end a residual branch without attention (a fused ``gate_up_proj``,
+  Mixtral's expert stacks);
+* norm epsilons: the literal of every RMSNorm / LayerNorm (``widen_hidden`` scales them).
+
+Every one of these must be the same in all layers, or the model is not representable in one config. After
+loading, the native model is run on the example inputs and compared with the grown graph: anything the
+class cannot express (a router from ``upcycle_moe``, a kept RoPE table, an explicit attention temperature)
+shows up as a parameter without a place or as a different output, and raises ``NotRepresentableError``
+with the reason. The graph form stays usable either way.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from rewrite.analysis.blocks import blocks, branch_layers, depends_on
+from rewrite.errors import GrowthError, NotRepresentableError
+from rewrite.ir.frontends import first_line, is_huggingface
+from rewrite.ir.graph import Graph
+from rewrite.ops import HOMOGENEOUS, attention, canonical_kind, operand, real_users, rms_epsilon
+from rewrite.transform.pattern import mlp
+from rewrite.verification.verify import verify
+
+EPSILON_FIELDS = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon")
+# The MLP size under the names Hugging Face configs give it (GPT-2: n_inner, OPT: ffn_dim, T5: d_ff).
+MLP_FIELDS = ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "ffn_hidden_size")
+
+
+def to_native(grown, like: torch.nn.Module) -> torch.nn.Module:
+    """An instance of ``like``'s class with the grown sizes in its config and the grown weights.
+
+    ``grown`` is a ``rewrite.Grown`` (or its Graph); ``like`` the original Hugging Face model."""
+    graph: Graph = getattr(grown, "graph", grown)
+    config = getattr(like, "config", None)
+    if config is None or not is_huggingface(like):
+        raise NotRepresentableError(f"{type(like).__name__} is not a Hugging Face model: use the graph form")
+    updated = copy.deepcopy(config)
+    wanted = grown_config(graph, like)
+    for field, value in wanted.items():
+        if not _derived(updated, field):  # a derived field (Falcon's head_dim) is checked below instead
+            setattr(updated, field, value)
+    try:  # the checks from_pretrained will run on the saved config
+        config = type(config).from_dict(updated.to_dict())
+    except Exception as e:  # noqa: BLE001 - the config's own validator says which sizes disagree
+        raise NotRepresentableError(f"{type(config).__name__} rejects the grown sizes: {first_line(e)}") from e
+    for field, value in wanted.items():
+        if getattr(config, field) != value:
+            raise NotRepresentableError(
+                f"{type(config).__name__}.{field} would be {getattr(config, field)!r} where the grown model "
+                f"needs {value!r} (the config derives it from other fields)")
+    with torch.random.fork_rng():
+        native = type(like)(config).eval()
+    _load(native, graph)
+    report = verify(graph, native, graph.example_args, graph.example_kwargs, title="native vs grown graph")
+    if not report.ok:
+        raise NotRepresentableError(
+            f"{type(like).__name__} with the grown config does not compute the grown function "
+            f"(max abs error {report.max_abs_error:.3g}): the graph holds something the class cannot express, "
+            f"such as a kept rotary table or an explicit attention temperature"
+        )
+    return native
+
+
+def grown_config(graph: Graph, like: torch.nn.Module) -> dict:
+    """The config fields whose values growth changed, read off the grown graph (see the module docstring)."""
+    config = like.config
+    found = blocks(graph)
+    fields: dict = {}
+    if found:
+        fields["num_hidden_layers"] = len(found)
+        fields["hidden_size"] = _one("hidden size", [graph.shape(b.stream_in)[-1] for b in found])
+        fields.update(_per_layer(graph, config, found))
+    heads = [_heads(graph, op) for n in graph.compute_nodes() if (op := attention(graph, n)) is not None]
+    if heads:
+        query, key_dim, value_dim = _one("attention heads and head size", heads)
+        if key_dim != value_dim:
+            raise NotRepresentableError(
+                f"key/query head size {key_dim} differs from value head size {value_dim}; "
+                f"{type(like).__name__} has one head_dim"
+            )
+        old_heads = getattr(config, "num_attention_heads")
+        fields["num_attention_heads"] = query
+        kv = getattr(config, "num_key_value_heads", None)
+        if kv is not None:
+            if (query * kv) % old_heads:
+                raise NotRepresentableError(f"{query} query heads do not keep the ratio {old_heads}/{kv}")
+            fields["num_key_value_heads"] = query * kv // old_heads
+        if hasattr(config, "head_dim"):
+            fields["head_dim"] = key_dim
+        elif fields.get("hidden_size", config.hidden_size) != query * key_dim:
+            raise NotRepresentableError(
+                f"{query} heads of size {key_dim} do not fill the hidden size "
+                f"{fields.get('hidden_size', config.hidden_size)} and {type(like).__name__} has no head_dim; "
+                f"grow heads and hidden size together (add_heads, widen_heads, widen_hidden) so that they do"
+            )
+    sizes = [graph.shape(m["up"][0])[-1] for m in mlp().find(graph)] or _mlp_inputs(graph, found)
+    if sizes:
+        field = next((f for f in MLP_FIELDS if hasattr(config, f)), None)
+        if field is None:
+            raise NotRepresentableError(
+                f"{type(config).__name__} has no MLP size field (one of {', '.join(MLP_FIELDS)})")
+        fields[field] = _one("MLP size", sizes)
+    epsilon = _epsilon(graph)
+    for field in EPSILON_FIELDS:
+        if epsilon is not None and getattr(config, field, None) is not None:
+            fields[field] = epsilon
+    return fields
+
+
+def _derived(config, field: str) -> bool:
+    """Is ``field`` a read-only property of the config class (computed from other fields)?"""
+    attribute = getattr(type(config), field, None)
+    return isinstance(attribute, property) and attribute.fset is None
+
+
+def _mlp_inputs(graph: Graph, found) -> list[int]:
+    """The width each block's MLP output projection contracts, where the MLP pattern does not match (a
+    fused ``gate_up_proj`` split by ``chunk``, a stack of experts, ``x @ W.T``): the layers that end a
+    residual branch and are not fed by an attention of their own unit (sequential or parallel blocks)."""
+    sizes = []
+    for block in found:
+        position = {node: i for i, node in enumerate(block.nodes)}
+        attentions = [n for n in block.nodes if attention(graph, n) is not None]
+        start = -1
+        units = sorted(block.units, key=lambda unit: position.get(unit.add, len(block.nodes)))
+        for unit in units:  # a unit owns the nodes after the previous unit's add, up to its own
+            end, start = start, position.get(unit.add, len(block.nodes))
+            own = [n for n in attentions if end < position[n] < start]
+            try:
+                layers = branch_layers(graph, unit.branch)
+            except GrowthError:  # a branch no layer scales: it tells nothing about the MLP size
+                continue
+            for layer in layers:
+                if not any(depends_on(layer.node if layer.node.op != "get_attr" else _reader(layer.node), n)
+                           for n in own):
+                    width = _contracted(graph, layer.node)
+                    sizes += [width] if width is not None else []
+    return sizes
+
+
+def _reader(node):
+    """The op that reads a tensor (through single-input ops on it: casts, transposes), for asking what else
+    feeds that op."""
+    while len(real_users(node)) == 1 and (node.op == "get_attr" or not node.all_input_nodes[1:]):
+        node = real_users(node)[0]
+    return node
+
+
+def _contracted(graph: Graph, node) -> int | None:
+    """The input width a layer contracts: a linear's input features, or for a weight read by ``get_attr``
+    (an expert stack, indexed and multiplied) the inner size of the product it feeds."""
+    for _ in range(4):
+        kind = canonical_kind(graph, node)
+        if kind in ("linear", "addmm"):
+            return graph.shape(operand(graph, node, "input"))[-1]
+        if kind == "matmul":
+            return graph.shape(node.args[0])[-1]
+        users = real_users(node)
+        if len(users) != 1 or not (node.op == "get_attr" or kind in HOMOGENEOUS or kind == "index"):
+            return None
+        node = users[0]
+    return None
+
+
+def _per_layer(graph: Graph, config, found) -> dict:
+    """Config lists with one entry per layer (``layer_types``, ...), at the new depth. Each grown layer takes
+    the entry of the layer it was copied or moved from (``Graph.origins``); a layer whose origin is not a
+    layer of the original stack takes the entry all old layers share, if they share one."""
+    old = config.num_hidden_layers
+    fields = {}
+    for field, value in config.to_dict().items():
+        if not (isinstance(value, list) and len(value) == old and len(found) != old):
+            continue
+        entries = []
+        for block in found:
+            stack, _, index = graph.origin(f"{block.stack}.{block.index}").rpartition(".")
+            if stack == block.stack and index.isdigit() and int(index) < old:
+                entries.append(value[int(index)])
+            elif len({repr(v) for v in value}) == 1:
+                entries.append(value[0])
+            else:
+                raise NotRepresentableError(
+                    f"config.{field} differs between layers and layer {block.stack}.{block.index} of the grown "
+                    f"model does not come from one of them, so its entry is not known")
+        fields[field] = entries
+    return fields
+
+
+def _one(what: str, values: list):
+    distinct = list(dict.fromkeys(values))
+    if len(distinct) != 1:
+        raise NotRepresentableError(f"the layers differ in {what} ({', '.join(map(str, distinct))}): one config "
+                                    f"cannot hold them")
+    return distinct[0]
+
+
+def _heads(graph: Graph, op) -> tuple[int, int, int]:
+    """(query heads, key head size, value head size) of an attention."""
+    return graph.shape(op.query)[-3], op.key_dim, graph.shape(op.value)[-1]
+
+
+def _epsilon(graph: Graph) -> float | None:
+    """The epsilon every norm of the graph uses (None when there are no norms)."""
+    values = []
+    for node in graph.compute_nodes():
+        kind = canonical_kind(graph, node)
+        if node.op == "call_module" and kind in ("layer_norm", "rms_norm"):
+            values.append(graph.module.get_submodule(node.target).eps)
+        elif kind == "layer_norm":
+            values.append(node.args[4] if len(node.args) > 4 else node.kwargs.get("eps", 1e-5))
+        elif kind == "rms_norm":
+            values.append(node.args[3] if len(node.args) > 3 else node.kwargs.get("eps"))
+        elif kind == "mean" and (found := rms_epsilon(node)) is not None:
+            add, index = found
+            values.append(add.args[index])
+    values = [v for v in values if v is not None]
+    return float(_one("norm epsilon", [round(float(v), 15) for v in values])) if values else None
+
+
+def _load(native: torch.nn.Module, graph: Graph) -> None:
+    state = native.state_dict()
+    grown = {name: tensor for name, tensor in _named_tensors(graph.module)}
+    buffers = dict(native.named_buffers())  # non-persistent ones (rotary tables) are not in the state dict
+    unplaced = [n for n in grown if n not in state and n not in buffers]
+    if unplaced:
+        raise NotRepresentableError(
+            f"{len(unplaced)} grown tensors have no place in {type(native).__name__} "
+            f"(e.g. {', '.join(unplaced[:3])})"
+        )
+    for name, target in state.items():
+        if name not in grown:
+            if _tied(native, name):
+                continue
+            raise NotRepresentableError(f"the grown graph has no tensor for {type(native).__name__}'s {name}")
+        if tuple(grown[name].shape) != tuple(target.shape):
+            raise NotRepresentableError(
+                f"{name} is {tuple(grown[name].shape)} in the grown graph but {tuple(target.shape)} in "
+                f"{type(native).__name__} with the grown config"
+            )
+    with torch.no_grad():
+        for name, target in state.items():
+            if name in grown:
+                target.copy_(grown[name])
+
+
+def _named_tensors(module: torch.nn.Module):
+    yield from module.named_parameters(remove_duplicate=False)
+    yield from module.named_buffers(remove_duplicate=False)
+
+
+def _tied(native: torch.nn.Module, name: str) -> bool:
+    """Is ``name`` the output head tied to the input embeddings (filled through them)?"""
+    output = native.get_output_embeddings() if hasattr(native, "get_output_embeddings") else None
+    inputs = native.get_input_embeddings() if hasattr(native, "get_input_embeddings") else None
+    return output is not None and inputs is not None and output.weight is inputs.weight and name.endswith(
+        "weight") and native.get_submodule(name.rpartition(".")[0]) is output

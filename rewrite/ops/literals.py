@@ -1,0 +1,88 @@
+"""What growth patches besides tensors: standard modules' size attributes and the literal sizes in a graph
+(view shapes, norm shapes, split sizes) of the axes that grew."""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from .kinds import short_name
+
+# Size attributes of standard modules, recomputed from their grown weights: attribute -> (tensor, axes).
+MODULE_SIZES = {
+    "Linear": {"in_features": ("weight", 1), "out_features": ("weight", 0)},
+    "Conv1d": {"in_channels": ("weight", 1), "out_channels": ("weight", 0)},
+    "Conv2d": {"in_channels": ("weight", 1), "out_channels": ("weight", 0)},
+    "Conv3d": {"in_channels": ("weight", 1), "out_channels": ("weight", 0)},
+    "Embedding": {"num_embeddings": ("weight", 0), "embedding_dim": ("weight", 1)},
+    "BatchNorm1d": {"num_features": ("running_mean", 0)},
+    "BatchNorm2d": {"num_features": ("running_mean", 0)},
+    "BatchNorm3d": {"num_features": ("running_mean", 0)},
+    "LayerNorm": {"normalized_shape": ("weight", None)},
+    "RMSNorm": {"normalized_shape": ("weight", None)},
+}
+
+
+def resize_module_attributes(module: torch.nn.Module) -> None:
+    """Make a standard module's size attributes agree with its (grown) tensors."""
+    for attribute, (tensor_name, axis) in MODULE_SIZES.get(type(module).__name__, {}).items():
+        tensor = getattr(module, tensor_name, None)
+        if tensor is None:
+            continue
+        setattr(module, attribute, tuple(tensor.shape) if axis is None else tensor.shape[axis])
+
+
+def patch_literals(node: torch.fx.Node, kind: str, grown: dict[int, tuple[int, int]]) -> None:
+    """Rewrite the literal sizes a node's arguments give for its grown output axes.
+
+    ``grown`` maps an output axis to (old size, new size). Views, reshapes and expands name every output
+    size; layer/RMS norms name the normalized (trailing) sizes. Symbolic sizes and -1 are left alone.
+    """
+    if kind in ("view", "expand"):
+        if node.op == "call_method" and len(node.args) > 2:
+            sizes, rebuild = list(node.args[1:]), lambda s: (node.args[0], *s)
+        elif len(node.args) > 1 and isinstance(node.args[1], (list, tuple)):
+            sizes, rebuild = list(node.args[1]), lambda s: (node.args[0], type(node.args[1])(s), *node.args[2:])
+        else:
+            return
+        offset = 0
+    elif kind in ("layer_norm", "rms_norm") and len(node.args) > 1 and isinstance(node.args[1], (list, tuple)):
+        sizes = list(node.args[1])
+        rebuild = lambda s: (node.args[0], type(node.args[1])(s), *node.args[2:])  # noqa: E731
+        rank = len(node.meta["tensor_meta"].shape)
+        offset = rank - len(sizes)
+    else:
+        return
+    changed = False
+    for axis, (old, new) in grown.items():
+        index = axis - offset
+        if 0 <= index < len(sizes) and isinstance(sizes[index], int) and sizes[index] == old:
+            sizes[index] = new
+            changed = True
+    if changed:
+        node.args = rebuild(sizes)
+
+
+def patch_split(node: torch.fx.Node, parts: dict[int, "object"]) -> None:
+    """Rewrite a split's sizes when some of its parts grew along the split axis.
+
+    ``parts`` maps an element index to {axis: layout} of that element's grown axes. An equal split
+    (``split(x, 32)``) whose parts no longer share one size becomes ``split_with_sizes``.
+    """
+    if len(node.args) < 2 or short_name(node) == "chunk":  # chunk(x, n) names a count: equal growth keeps it valid
+        return
+    metas = node.meta["tensor_meta"]
+    rank = len(metas[0].shape)
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    dim = dim + rank if dim < 0 else dim
+    sizes = [meta.shape[dim] for meta in metas]
+    for index, axes in parts.items():
+        if dim in axes and sizes[index] == axes[dim].old_size:
+            sizes[index] = axes[dim].new_size
+    if isinstance(node.args[1], int) and len(set(sizes)) == 1 and sum(sizes) % sizes[0] == 0:
+        node.args = (node.args[0], sizes[0], *node.args[2:])
+        return
+    if node.target is torch.ops.aten.split.Tensor:
+        node.target = torch.ops.aten.split_with_sizes.default
+    node.args = (node.args[0], list(sizes), *node.args[2:])
+
