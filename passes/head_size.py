@@ -25,18 +25,17 @@ import torch
 import torch.fx
 
 from rewrite.analysis.dims import DimGroup
-from rewrite.errors import GrowthError, NotExactError
+from rewrite.errors import GrowthError
 from rewrite.ir.graph import Graph
-from rewrite.transform.resize import check_resize, resize
 from rewrite.analysis.layout import Layout, identity
 from rewrite.transform.growth_map import Scale, seed_for
-from rewrite.transform.plan import Plan
 from rewrite.transform.policy import fused, pad
 
-from rewrite.analysis.propagate import DERIVED, layouts, propagate
+from rewrite.analysis.propagate import DERIVED, propagate
 
-from .heads import Attention, attentions
-from .policies import AnySize, Policy, Zero, policy
+from .heads import Attention, HeadGrowth, attentions
+from .policies import Policy, Zero, policy
+from .width import Growth
 
 
 class KeyScaled(Zero):
@@ -70,13 +69,10 @@ class Segmented(Policy):
 
 
 @dataclasses.dataclass
-class WidenHeads:
+class WidenHeads(HeadGrowth):
     qk: int | None = None
     v: int | None = None
-    init: "str | Policy" = "zero"
-    layers: list[int] | None = None
-    exact: bool = True
-    seed: int = 0
+    kind = "widen_heads"
 
     @property
     def name(self) -> str:
@@ -91,12 +87,10 @@ class WidenHeads:
             found.setdefault((id(attention.qk), id(attention.v)), attention)
         return list(found.values())
 
-    def plan(self, graph: Graph) -> Plan:
-        chosen = policy(self.init)
-        sites, sizes, reasons = [], {}, []
+    def growths(self, graph: Graph, chosen: Policy) -> list[Growth]:
+        growths = []
         for attention in self.attentions(graph):
-            sites.append(attention.site)
-            grown = {}
+            grown, own, reasons = {}, {}, []
             if self.qk is not None:
                 _refuse_qk(graph, attention)
                 own = propagate(attention.qk, self.qk, attention.site, "widen_heads")
@@ -109,43 +103,32 @@ class WidenHeads:
                     )
             if self.v is not None:
                 grown.update(propagate(attention.v, self.v, attention.site, "widen_heads"))
-            for group, size in grown.items():
-                if group is attention.qk:
-                    continue  # its only reduction is the attention temperature, handled above
-                check = check_resize(graph, group, size, AnySize(chosen), DERIVED)
-                if check.refusal:
-                    raise GrowthError(f"widen_heads at {attention.site}: {check.refusal}")
-                if check.not_exact:
-                    reasons.append(check.not_exact)
-            sizes.update(grown)
-        if reasons and self.exact:
-            raise NotExactError(f"{self.name} with init={chosen.name!r} is not exact: {reasons[0]}")
-        plan = Plan(sites, list(sizes.items()), not reasons, reasons[0] if reasons else None)
-        return plan
+            # the key/query dim's only reduction is the attention temperature, which the payload corrects
+            growths.append(Growth(attention.site, grown, (attention.qk,), reasons, (attention, own)))
+        return growths
 
-    def run(self, graph: Graph, plan: Plan) -> Graph:
-        chosen = policy(self.init)
-        generator = torch.Generator().manual_seed(self.seed)
-        sizes = dict(plan.groups)
-        grown = layouts(sizes, chosen, generator)
+    def payload(self, graph, growths, sizes, grown, chosen):
+        """Keys: old rows scaled by ``sqrt(k'/k)`` when the temperature is implicit, new rows zero; a fused
+        q|k|v projection made part by part."""
         overrides = {}
-        if self.qk is not None:
-            for attention in self.attentions(graph):
-                scale = math.sqrt(self.qk / attention.qk.size) if attention.implicit_scale else 1.0
-                own = propagate(attention.qk, self.qk, attention.site, "widen_heads")
-                sides = _sides(attention, own)
-                for group, side in sides.items():
-                    if side == "key" and group.members:
-                        overrides[group] = KeyScaled(scale)
-                for whole, parts in _fused_parts(attention, own).items():
-                    segments, old_at, new_at = [], 0, 0
-                    for part in parts:
-                        layout = grown.get(part) or identity(part.size)
-                        part_policy = KeyScaled(scale) if sides.get(part) == "key" else chosen
-                        segments.append((old_at, new_at, part.size, layout, part_policy))
-                        old_at, new_at = old_at + part.size, new_at + layout.new_size
-                    overrides[whole] = Segmented(chosen.name, segments)
-        return resize(graph, grown, chosen, seed=self.seed, overrides=overrides)
+        for growth in growths:
+            attention, own = growth.context
+            if not own:
+                continue
+            scale = math.sqrt(self.qk / attention.qk.size) if attention.implicit_scale else 1.0
+            sides = _sides(attention, own)
+            for group, side in sides.items():
+                if side == "key" and group.members:
+                    overrides[group] = KeyScaled(scale)
+            for whole, parts in _fused_parts(attention, own).items():
+                segments, old_at, new_at = [], 0, 0
+                for part in parts:
+                    layout = grown.get(part) or identity(part.size)
+                    part_policy = KeyScaled(scale) if sides.get(part) == "key" else chosen
+                    segments.append((old_at, new_at, part.size, layout, part_policy))
+                    old_at, new_at = old_at + part.size, new_at + layout.new_size
+                overrides[whole] = Segmented(chosen.name, segments)
+        return overrides, None
 
 
 def _refuse_qk(graph: Graph, attention: Attention) -> None:
@@ -216,4 +199,4 @@ def widen_heads(
     if qk is None and v is None:
         raise GrowthError("widen_heads needs qk= (key/query size) and/or v= (value size)")
     policy(init)
-    return WidenHeads(qk, v, init, layers, exact, seed)
+    return WidenHeads(qk=qk, v=v, init=init, layers=layers, exact=exact, seed=seed)

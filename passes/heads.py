@@ -22,52 +22,55 @@ import dataclasses
 
 import torch
 
-from rewrite.analysis.dims import dim_analysis
-from rewrite.analysis.dims import DimGroup
-from rewrite.errors import GrowthError, NotExactError
+from rewrite.analysis.dims import DimGroup, dim_analysis
+from rewrite.errors import GrowthError
 from rewrite.ir.graph import Graph
-from rewrite.transform.resize import check_resize, grow
 from rewrite.names import in_layers
 from rewrite.ops import attention
-from rewrite.transform.plan import Plan
 from rewrite.analysis.propagate import DERIVED, bases, propagate
 
 from .policies import AnySize, Policy, policy
+from .width import Growth, WidthPass
 
 
-@dataclasses.dataclass
-class AddHeads:
-    n: int
+@dataclasses.dataclass(kw_only=True)
+class HeadGrowth(WidthPass):
+    """What the attention passes share: every attention (or those in ``layers``), head-derived sizes."""
+
     init: "str | Policy" = "zero"
     layers: list[int] | None = None
     exact: bool = True
     seed: int = 0
+    handled = DERIVED
+    kind = ""
+
+    def where(self, site: str) -> str:
+        return f"{self.kind} at {site}"
+
+    def check(self, graph, site, group, size, chosen):
+        return super().check(graph, site, group, size, AnySize(chosen))  # sizes derived from whole heads
+
+
+@dataclasses.dataclass
+class AddHeads(HeadGrowth):
+    n: int
+    kind = "add_heads"
 
     @property
     def name(self) -> str:
         return f"add_heads({self.n}{'' if self.layers is None else f', layers={self.layers}'})"
 
-    def plan(self, graph: Graph) -> Plan:
-        chosen = policy(self.init)
-        sites, sizes, reasons = [], {}, []
+    def growths(self, graph: Graph, chosen: Policy) -> list[Growth]:
+        growths = []
         for site, heads in self.select(graph):
-            sites.append(site)
             grown = propagate(heads, heads.size + self.n, site, "add_heads")
-            for group, size in grown.items():
-                check = check_resize(graph, group, size, AnySize(chosen), DERIVED)
-                if check.refusal:
-                    raise GrowthError(f"add_heads at {site}: {check.refusal}")
-                if check.not_exact:
-                    reasons.append(check.not_exact)
-            for base in bases(grown):
+            for base in bases(grown):  # the policy's size rule holds on the axes it lays out
                 refusal = chosen.check(base.size, grown[base])
                 if refusal:
                     what = "query heads" if base is heads else "key-value heads of the grouped-query attention"
                     raise GrowthError(f"add_heads at {site}: {refusal} ({what}: {base.size} -> {grown[base]})")
-            sizes.update(grown)
-        if reasons and self.exact:
-            raise NotExactError(f"{self.name} with init={chosen.name!r} is not exact: {reasons[0]}")
-        return Plan(sites, list(sizes.items()), not reasons, reasons[0] if reasons else None)
+            growths.append(Growth(site, grown))
+        return growths
 
     def select(self, graph: Graph) -> list[tuple[str, DimGroup]]:
         """(attention module, query heads group) for every attention."""
@@ -75,10 +78,6 @@ class AddHeads:
         for attention in attentions(graph, self.layers):
             found.setdefault(id(attention.heads), (attention.site, attention.heads))
         return list(found.values())
-
-    def run(self, graph: Graph, plan: Plan) -> Graph:
-        chosen = policy(self.init)
-        return grow(graph, dict(plan.groups), chosen, self.seed)
 
 
 @dataclasses.dataclass
@@ -131,4 +130,4 @@ def add_heads(
     if not isinstance(n, int) or n < 1:
         raise GrowthError(f"add_heads needs a positive number of heads; got {n!r}")
     policy(init)
-    return AddHeads(n, init, layers, exact, seed)
+    return AddHeads(n=n, init=init, layers=layers, exact=exact, seed=seed)

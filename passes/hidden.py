@@ -31,14 +31,14 @@ import torch.fx
 from rewrite.analysis.dims import dim_groups
 from rewrite.errors import GrowthError, NotExactError
 from rewrite.ir.graph import Graph
-from rewrite.transform.resize import check_resize, grow
+from rewrite.transform.resize import check_resize
 from rewrite.ops import FEATURE_LOCAL, canonical_kind, offset_parameter, real_users, rms_epsilon
 from rewrite.transform.growth_map import Scale
-from rewrite.transform.plan import Plan
 from rewrite.transform.policy import pad, replicate
 
 from .net2wider import Widen, new_size
 from .policies import Policy, Zero, policy
+from .width import Growth
 
 NORMS = ("rms_norm", "layer_norm")
 
@@ -74,6 +74,9 @@ class WidenHidden(Widen):
     def name(self) -> str:
         return f"widen_hidden({f'size={self.size}' if self.size is not None else f'factor={self.factor}'})"
 
+    def where(self, site: str) -> str:
+        return "widen_hidden"
+
     def select(self, graph: Graph):
         """(the embeddings that write the residual stream, its group) for every group an embedding produces."""
         found = []
@@ -88,12 +91,10 @@ class WidenHidden(Widen):
                 found.append((f"residual stream of {', '.join(embeddings)}", group))
         return found
 
-    def plan(self, graph: Graph) -> Plan:
-        chosen = policy(self.init)
-        sites, groups, reasons = [], [], []
+    def growths(self, graph: Graph, chosen: Policy) -> list[Growth]:
+        growths = []
         for site, group in self.select(graph):
-            target = new_size(group.size, self.size, self.factor)
-            tied = [m for m in group.members if {"produces", "consumes"} <= set(m.role_names)]
+            tied = _tied(group)
             if tied and chosen.name not in ("zero", "clone"):
                 raise GrowthError(
                     f"widen_hidden with init={chosen.name!r}: {tied[0]} is a tied embedding and output head; "
@@ -101,34 +102,32 @@ class WidenHidden(Widen):
                 )
             for member in tied if chosen.name == "clone" else []:
                 _head_norm(graph, group, member)  # refuses when the head is not fed by a norm alone
-            check = check_resize(graph, group, target, chosen, tied=bool(tied))
-            if check.refusal:
-                raise GrowthError(f"widen_hidden: {check.refusal}")
-            reason = _zero_exactness(graph, group) if chosen.name == "zero" else check.not_exact
-            if reason and self.exact:
-                hint = "init='clone' would be exact" if chosen.name != "clone" and "LayerNorm" in reason else ""
-                raise NotExactError(f"{self.name} with init={chosen.name!r} is not exact: {reason}. {hint}".strip())
-            sites.append(site)
-            groups.append((group, target))
-            if reason:
-                reasons.append(reason)
-        return Plan(sites, groups, not reasons, reasons[0] if reasons else None)
+            growths.append(Growth(site, {group: new_size(group.size, self.size, self.factor)}))
+        return growths
 
-    def run(self, graph: Graph, plan: Plan) -> Graph:
-        chosen = policy(self.init)
-        sizes = dict(plan.groups)
-        if chosen.name == "clone":
-            overrides = {}
-            for group, size in plan.groups:
-                for member in group.members:
-                    if {"produces", "consumes"} <= set(member.role_names):
-                        for tensor in _head_norm(graph, group, member):
-                            overrides[tensor] = ScaledGain("clone", group.size / size, old_only=False)
-            return grow(graph, sizes, chosen, self.seed, overrides)
-        if chosen.name != "zero":
-            return grow(graph, sizes, chosen, self.seed)
+    def check(self, graph, site, group, size, chosen):
+        result = check_resize(graph, group, size, chosen, tied=bool(_tied(group)))
+        if result.refusal:
+            raise GrowthError(f"widen_hidden: {result.refusal}")
+        return _zero_exactness(graph, group) if chosen.name == "zero" else result.not_exact
+
+    def not_exact(self, graph, chosen, site, group, size, reason):
+        hint = "init='clone' would be exact" if chosen.name != "clone" and "LayerNorm" in reason else ""
+        return NotExactError(f"{self.name} with init={chosen.name!r} is not exact: {reason}. {hint}".strip())
+
+    def payload(self, graph, growths, sizes, grown, chosen):
+        """clone: the norm feeding a tied head divided by k; zero: RMSNorm gains x sqrt(h/h') and their
+        epsilons x h/h', the residual stream's new dims zero."""
         overrides, epsilons = {}, []
-        for group, size in plan.groups:
+        if chosen.name == "clone":
+            for group, size in sizes.items():
+                for member in _tied(group):
+                    for tensor in _head_norm(graph, group, member):
+                        overrides[tensor] = ScaledGain("clone", group.size / size, old_only=False)
+            return overrides, None
+        if chosen.name != "zero":
+            return overrides, None
+        for group, size in sizes.items():
             ratio = group.size / size
             for kind, node_name in group.reductions:
                 if not _correctable_rms(graph, kind, node_name):
@@ -137,7 +136,12 @@ class WidenHidden(Widen):
                 gain, offset = _gain_of(graph, graph.node(node_name), kind, group)
                 overrides[gain] = ScaledGain("zero", math.sqrt(ratio), old_only=True, offset=offset)
             overrides[group] = ResidualZero()
-        return grow(graph, sizes, chosen, self.seed, overrides, lambda module: _scale_epsilons(graph, module, epsilons))
+        return overrides, lambda module: _scale_epsilons(module, epsilons)
+
+
+def _tied(group) -> list:
+    """Members that both produce and consume the residual stream: a tied embedding and output head."""
+    return [m for m in group.members if {"produces", "consumes"} <= set(m.role_names)]
 
 
 def _head_norm(graph: Graph, group, member) -> list[str]:
@@ -210,7 +214,7 @@ def _gain_of(graph: Graph, node: torch.fx.Node, kind: str, group) -> tuple[str, 
     return None
 
 
-def _scale_epsilons(graph: Graph, module: torch.fx.GraphModule, epsilons) -> None:
+def _scale_epsilons(module: torch.fx.GraphModule, epsilons) -> None:
     """eps -> eps * h/h' for every RMSNorm on the grown axis (module attribute or graph literal)."""
     nodes = {n.name: n for n in module.graph.nodes}
     for node_name, kind, ratio in epsilons:

@@ -19,7 +19,7 @@ from rewrite.errors import GrowthError
 from rewrite.ir.graph import Graph
 from rewrite.ops import ACTIVATIONS, IDEMPOTENT, canonical_kind
 from rewrite.transform.pattern import Match, op, optional
-from rewrite.transform.plan import Plan
+from rewrite.transform.plan import RulePlan
 from rewrite.transform.rules import Rule
 
 
@@ -62,7 +62,7 @@ def _insert_identity(match: Match, edit: Editor) -> None:
 class Net2Deeper(Rule):
     after: str = ""  # the layer (module name) the identity layer follows
 
-    def plan(self, graph: Graph) -> Plan:
+    def plan(self, graph: Graph) -> RulePlan:
         plan = super().plan(graph)
         if plan.empty and not plan.refusals:
             raise GrowthError(f"{self.name}: no linear or convolution named {self.after!r} followed by an "

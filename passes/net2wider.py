@@ -23,11 +23,11 @@ import math
 from rewrite.analysis.dims import dim_groups
 from rewrite.errors import GrowthError, NotExactError
 from rewrite.ir.graph import Graph
-from rewrite.transform.resize import check_resize, grow
-from rewrite.transform.plan import Plan
 from rewrite.analysis.propagate import propagate
+from rewrite.transform.resize import check_resize
 
 from .policies import POLICIES, Policy, policy
+from .width import Growth, WidthPass
 
 
 def new_size(old: int, size: int | None, factor: float | None) -> int:
@@ -41,7 +41,7 @@ def new_size(old: int, size: int | None, factor: float | None) -> int:
 
 
 @dataclasses.dataclass
-class Widen:
+class Widen(WidthPass):
     at: str | list[str]
     size: int | None = None
     factor: float | None = None
@@ -51,43 +51,35 @@ class Widen:
     propagates = ()  # compositions this pass grows through (widen_mlp: fused gate|up projections)
 
     @property
+    def handled(self) -> tuple[str, ...]:
+        return self.propagates
+
+    @property
     def name(self) -> str:
         return f"widen({self.at if isinstance(self.at, str) else ', '.join(self.at)})"
 
     def where(self, site: str) -> str:
-        """How errors name this pass at one site."""
         return f"widen({site})"
 
     def select(self, graph: Graph) -> list[tuple[str, object]]:
         """(site name, group) pairs this pass grows."""
         return _groups_produced_by(graph, self.at)
 
-    def plan(self, graph: Graph) -> Plan:
-        chosen = policy(self.init)
-        sites, groups, reasons = [], [], []
+    def growths(self, graph: Graph, chosen: Policy) -> list[Growth]:
+        growths, seen = [], []
         for site, group in self.select(graph):
-            sites.append(site)
-            if any(group is seen for seen, _ in groups):
+            if any(group is other for other in seen):
+                growths.append(Growth(site, {}))
                 continue
+            seen.append(group)
             target = new_size(group.size, self.size, self.factor)
             through = bool(group.compositions) and all(c.how in self.propagates for c in group.compositions)
-            grown = propagate(group, target, site, self.name) if through else {group: target}
-            for each, size in grown.items():
-                check = check_resize(graph, each, size, chosen, self.propagates)
-                if check.refusal:
-                    raise GrowthError(f"{self.where(site)}: {check.refusal}")
-                if check.not_exact and self.exact:
-                    raise NotExactError(
-                        f"{self.where(site)} with init={chosen.name!r} is not exact: {check.not_exact}. "
-                        f"{_suggestion(graph, each, size, chosen.name)}"
-                    )
-                groups.append((each, size))
-                if check.not_exact:
-                    reasons.append(check.not_exact)
-        return Plan(sites, groups, not reasons, reasons[0] if reasons else None)
+            growths.append(Growth(site, propagate(group, target, site, self.name) if through else {group: target}))
+        return growths
 
-    def run(self, graph: Graph, plan: Plan) -> Graph:
-        return grow(graph, dict(plan.groups), policy(self.init), self.seed)
+    def not_exact(self, graph, chosen, site, group, size, reason):
+        return NotExactError(f"{self.where(site)} with init={chosen.name!r} is not exact: {reason}. "
+                             f"{_suggestion(graph, group, size, chosen.name)}")
 
 
 def widen(

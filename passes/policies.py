@@ -46,7 +46,7 @@ class Zero(Policy):
         return torch.arange(n, n_new) % n
 
     def produces(self, axis, layout, seed):
-        return [replicate(axis, layout, "noise"), Noise(axis, layout.new_positions(), seed, NOISE)]
+        return [replicate(axis, layout, "copy"), Noise(axis, layout.new_positions(), seed, NOISE)]
 
     def consumes(self, axis, layout, seed):
         return [pad(axis, layout)]

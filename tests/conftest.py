@@ -39,3 +39,20 @@ def traced(name: str):
 
     built = zoo.build(name)
     return built, rewrite.trace(built.model, built.args, built.kwargs)
+
+
+def grow(name: str, *plan, **options):
+    """(ZooModel, rewrite.Grown): the built-in example ``name`` grown by ``plan`` (verified unless
+    ``verify=False``); a typical growth test is this line and its assertions."""
+    import rewrite
+
+    built, graph = traced(name)
+    return built, rewrite.apply(graph, list(plan), built.args, built.kwargs, **options)
+
+
+def assert_same_state(made: dict, state: dict) -> None:
+    """Two state dicts with the same names, dtypes, shapes and values, bit for bit."""
+    assert list(made) == list(state)
+    for name, tensor in state.items():
+        assert made[name].dtype == tensor.dtype and made[name].shape == tensor.shape, name
+        assert torch.equal(made[name], tensor), name

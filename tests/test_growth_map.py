@@ -9,20 +9,13 @@ exactly the entries growth added.
 import json
 
 import torch
+from conftest import assert_same_state, grow
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import passes
 import rewrite
 from rewrite.app.zoo.handwritten import GPT, Llama
-
-
-def assert_bit_identical(made: dict, state: dict) -> None:
-    assert list(made) == list(state)
-    for name, tensor in state.items():
-        assert made[name].dtype == tensor.dtype, name
-        assert made[name].shape == tensor.shape, name
-        assert torch.equal(made[name], tensor), name
 
 
 def low_rank_adapter():
@@ -96,9 +89,9 @@ def test_property_the_map_rebuilds_the_grown_state_dict_bit_for_bit(drawn, data)
         return
     original = model.state_dict()
     expected = grown.module.state_dict()
-    assert_bit_identical(grown.map.apply(original), expected)
+    assert_same_state(grown.map.apply(original), expected)
     restored = rewrite.GrowthMap.from_dict(json.loads(json.dumps(grown.map.to_dict())))
-    assert_bit_identical(restored.apply(original), expected)
+    assert_same_state(restored.apply(original), expected)
     for name in grown.map.names(persistent_only=True):
         mask = grown.map.new_entries(name)
         assert mask.shape == expected[name].shape
@@ -171,3 +164,15 @@ def test_an_opaque_tensor_is_stored_and_said_to_be_opaque():
     assert torch.equal(grown.map.apply(model.state_dict())["blocks.0.fc.weight"],
                        model.state_dict()["blocks.0.fc.weight"].sin())
     assert "opaque" in grown.map.how("blocks.0.fc.weight")
+
+
+def test_the_map_of_hugging_face_models_rebuilds_them_too():
+    """On both front-ends' graphs: export's Llama (rotary buffers kept out of the state dict) and GPT-2's
+    Conv1D with its tied head, through width, heads and depth."""
+    for name, plan in (("hf-llama", [passes.add_heads(2), passes.widen_mlp(factor=2), passes.add_layers(1, at=0)]),
+                       ("hf-gpt2", [passes.widen_mlp(factor=2, init="net2net"), passes.upcycle_moe(2, top_k=1)])):
+        built, grown = grow(name, *plan)
+        expected = grown.module.state_dict()
+        kept = set(built.model.state_dict()) - set(grown.map.removed)  # upcycling removes the dense MLPs
+        assert kept and set(expected) >= kept  # the original names, nothing prefixed or renamed
+        assert_same_state(grown.map.apply(built.model.state_dict()), expected)

@@ -225,3 +225,28 @@ def test_a_rewrite_that_breaks_the_graph_is_named_not_a_torch_trace(monkeypatch)
     monkeypatch.setattr(grow, "_patch_nodes", break_one_node)
     with pytest.raises(rewrite.GrowthError, match="the graph grown by widen\\(layers.0\\) does not run: RuntimeError"):
         rewrite.apply(graph, [passes.widen("layers.0", factor=2)], built.args)
+
+
+class Uniform(passes.Policy):
+    """A user's policy: the base replication with a uniform map, declaring the norms it keeps."""
+
+    name = "uniform"
+    preserves = frozenset({"layer_norm", "rms_norm", "mean"})
+
+    def mapping(self, n, n_new, generator):
+        return torch.arange(n, n_new) % n
+
+
+def test_a_user_policy_gets_the_exactness_analysis_from_what_it_declares():
+    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2)).eval()
+    x = torch.randn(3, 4)
+    grown = rewrite.apply(model, [passes.widen("0", factor=2, init=Uniform())], (x,))
+    record = grown.report.passes[0]
+    assert record.exact and record.verification.max_abs_error < 1e-6
+    assert str(record).startswith("widen(0): 0: 8 -> 16; exact")
+
+    class Forgetful(Uniform):
+        preserves = frozenset()  # same tensors, but it does not claim to keep the LayerNorm
+
+    with pytest.raises(rewrite.NotExactError, match="LayerNorm over the grown axis .* is not preserved by uniform"):
+        rewrite.apply(model, [passes.widen("0", factor=2, init=Forgetful())], (x,))

@@ -79,7 +79,23 @@ def run(model: str, out: Path) -> int:
     onnx = export_onnx(grown.graph, source.args, out / f"{model}-grown.onnx", source.kwargs)
     print(onnx)
     lap("ONNX export + check")
-    total = time.perf_counter() - start
+    rebuilt = _rebuilt_from_the_map(grown, source.model)
+    lap("growth map")
+    written = f"{written} and {out / f'{model}-grown.onnx'}"
+    return _summary(grown, final, onnx, same_text, rebuilt, written, times, time.perf_counter() - start)
+
+
+def _rebuilt_from_the_map(grown, model) -> bool:
+    """The grown state dict made again from the original's by the growth map alone, compared bit for bit."""
+    expected = grown.module.state_dict()
+    made = grown.map.apply(model.state_dict())
+    same = list(made) == list(expected) and all(torch.equal(made[k], v) for k, v in expected.items())
+    print(f"== growth map: {len(grown.map.recipes)} tensors; rebuilt from the original's state dict without the "
+          f"graph: {'bit-identical' if same else 'DIFFERENT'}")
+    return same
+
+
+def _summary(grown, final, onnx, same_text, rebuilt: bool, written: str, times: dict, total: float) -> int:
     records = grown.report.passes
     print("== report")
     print(f"  parameters      {records[0].parameters_before:,} -> {records[-1].parameters_after:,}")
@@ -87,9 +103,9 @@ def run(model: str, out: Path) -> int:
     print(f"  onnxruntime vs torch: max rel error {onnx.max_rel_error:.2g}")
     if same_text is not None:
         print(f"  greedy generations ({NEW_TOKENS} tokens, {len(PROMPTS)} prompts) identical: {same_text}")
-    print(f"  written: {written} and {out / f'{model}-grown.onnx'}")
+    print(f"  written: {written}")
     print("  times: " + ", ".join(f"{step} {seconds:.1f} s" for step, seconds in times.items()) + f"; total {total:.1f} s")
-    ok = final.ok and onnx.ok and grown.report.exact and same_text is not False
+    ok = final.ok and onnx.ok and grown.report.exact and same_text is not False and rebuilt
     print(f"== done in {total:.1f} s: {'OK' if ok else 'MISMATCH'}")
     return 0 if ok else 1
 

@@ -27,6 +27,7 @@ through JSON (noise as seeds, indices as runs).
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import math
 import zlib
@@ -41,15 +42,15 @@ NOISE = 1e-2  # relative scale of the symmetry-breaking noise the built-in polic
 def runs(index: torch.Tensor) -> list[list[int]]:
     """``[0, 1, 2, 7, 8, -1, -1]`` -> ``[[0, 3], [7, 2], [-1, 2]]``: (first value, length) of each run that
     counts up by one (``-1`` runs repeat)."""
-    out: list[list[int]] = []
-    for value in index.tolist():
-        if out:
-            first, length = out[-1]
-            if (first == -1 and value == -1) or (first != -1 and value == first + length):
-                out[-1][1] += 1
-                continue
-        out.append([value, 1])
-    return out
+    if len(index) == 0:
+        return []
+    index = index.long()
+    missing = index < 0
+    continues = ((index[1:] - index[:-1] == 1) & ~missing[1:] & ~missing[:-1]) | (missing[1:] & missing[:-1])
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), torch.nonzero(~continues).flatten() + 1]).tolist()
+    ends = starts[1:] + [len(index)]
+    firsts = index[starts].tolist()
+    return [[first, end - start] for first, start, end in zip(firsts, starts, ends)]
 
 
 def from_runs(items: list[list[int]]) -> torch.Tensor:
@@ -167,7 +168,7 @@ class Noise:
                 "relative": self.relative}
 
     def describe(self, shape) -> str:
-        return (f"noise {self.relative:g} x std at {_axis_name(self.axis, len(shape))} "
+        return (f"+ noise {self.relative:g} x std at {_axis_name(self.axis, len(shape))} "
                 f"{_describe_runs(runs(self.positions))} (seed {self.seed})")
 
 
@@ -248,19 +249,32 @@ def run_ops(tensor: torch.Tensor, ops: tuple[Op, ...] | list[Op]) -> torch.Tenso
             if isinstance(op, Split):
                 x.mul_(_along(op.divisors.to(x.dtype).reciprocal(), op.axis, x.dim()))
             elif isinstance(op, Scale):
-                target = x if op.positions is None else x.index_select(op.axis, op.positions)
-                target.add_(op.offset).mul_(op.factor).sub_(op.offset)
-                if op.positions is not None:
-                    x.index_copy_(op.axis, op.positions, target)
+                with _region(x, op.axis, op.positions) as target:
+                    target.add_(op.offset).mul_(op.factor).sub_(op.offset)
             elif isinstance(op, Noise):
-                region = x.index_select(op.axis, op.positions)
-                region.add_(_normal(region.shape, op.seed, x.dtype), alpha=op.relative * _std(reference))
-                x.index_copy_(op.axis, op.positions, region)
+                with _region(x, op.axis, op.positions) as target:
+                    target.add_(_normal(target.shape, op.seed, x.dtype), alpha=op.relative * _std(reference))
             elif isinstance(op, Redraw):
                 x = _normal(x.shape, op.seed, torch.float32).to(x.dtype) * float(x.float().std())
             else:
                 raise TypeError(f"unknown growth op {op!r}")
     return x
+
+
+@contextlib.contextmanager
+def _region(x: torch.Tensor, axis: int | None, positions: torch.Tensor | None):
+    """The entries at ``positions`` along ``axis`` (all when None) to edit in place: a view where the positions
+    are one run, else a gathered copy written back afterwards."""
+    if positions is None:
+        yield x
+        return
+    items = runs(positions)
+    if len(items) == 1 and items[0][0] >= 0:
+        yield x.narrow(axis, items[0][0], items[0][1])
+        return
+    region = x.index_select(axis, positions)
+    yield region
+    x.index_copy_(axis, positions, region)
 
 
 def _take(x: torch.Tensor, axis: int, index: torch.Tensor, max_runs: int = 16) -> torch.Tensor:

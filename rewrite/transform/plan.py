@@ -4,29 +4,69 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import torch.fx
 
 from rewrite.analysis.dims import DimGroup
+from rewrite.analysis.layout import Layout
 
 
 @dataclasses.dataclass
 class Plan:
+    """What every pass states before it runs: where it matched, whether it is exact (and why not), and the
+    matches it refused with their reasons."""
+
     sites: list[str]  # where the pass matched (module names)
-    groups: list[tuple[DimGroup, int]]  # each group with its new size (width passes)
     exact: bool
     reason: str | None = None  # why it is not exact
-    matches: list = dataclasses.field(default_factory=list)  # pattern matches to rewrite (structural rules)
     refusals: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (site, reason) left alone
 
     @property
     def empty(self) -> bool:
-        return not self.groups and not self.matches
+        return not self.sites
+
+    def growth(self) -> str:
+        return ""
 
     def describe(self) -> str:
-        counts = Counter((g.size, n) for g, n in self.groups)
-        growth = ", ".join(f"{old} -> {new}" + (f" (x{c})" if c > 1 else "") for (old, new), c in counts.items())
+        growth = self.growth()
         verdict = "exact" if self.exact else f"approximate ({self.reason})"
         where = ", ".join(compact(list(dict.fromkeys(self.sites)))) or "nothing"
         return f"{where}: {growth}; {verdict}" if growth else f"{where}; {verdict}"
+
+
+@dataclasses.dataclass
+class WidthPlan(Plan):
+    """A width pass's plan and the payload its run consumes: each group with its new size, the policy, each
+    group's layout, the per-group or per-tensor policy overrides and a ``finish`` edit of the grown module."""
+
+    groups: list[tuple[DimGroup, int]] = dataclasses.field(default_factory=list)
+    policy: Any = None  # the rewrite.Policy that makes the grown tensors
+    layouts: dict[DimGroup, Layout] = dataclasses.field(default_factory=dict)
+    overrides: dict[Any, Any] = dataclasses.field(default_factory=dict)  # group or tensor name -> Policy
+    finish: Callable[[torch.fx.GraphModule], None] | None = None
+    seed: int = 0
+
+    @property
+    def empty(self) -> bool:
+        return not self.groups
+
+    def growth(self) -> str:
+        counts = Counter((g.size, n) for g, n in self.groups)
+        return ", ".join(f"{old} -> {new}" + (f" (x{c})" if c > 1 else "") for (old, new), c in counts.items())
+
+
+@dataclasses.dataclass
+class RulePlan(Plan):
+    """A structural rule's plan: the pattern matches it will rewrite."""
+
+    matches: list = dataclasses.field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not self.matches
 
 
 def compact(sites: list[str]) -> list[str]:
@@ -52,9 +92,9 @@ def compact(sites: list[str]) -> list[str]:
             continue
         numbers = runs[key]
         prefix, suffix = key
-        tail = f".{suffix}" if suffix else ""
+        head, tail = (f"{prefix}." if prefix else ""), (f".{suffix}" if suffix else "")
         if len(numbers) > 2 and numbers == list(range(numbers[0], numbers[-1] + 1)):
-            out.append(f"{prefix}.{{{numbers[0]}-{numbers[-1]}}}{tail}")
+            out.append(f"{head}{{{numbers[0]}-{numbers[-1]}}}{tail}")
         else:
-            out.extend(f"{prefix}.{n}{tail}" for n in numbers)
+            out.extend(f"{head}{n}{tail}" for n in numbers)
     return out

@@ -30,7 +30,7 @@ from rewrite.transform.edit import Editor
 from rewrite.errors import GrowthError, NotExactError
 from rewrite.ir.graph import Graph
 from rewrite.transform.pattern import Match, Pattern
-from rewrite.transform.plan import Plan
+from rewrite.transform.plan import RulePlan
 
 Condition = Callable[[Match], "str | None"]
 Rewrite = Callable[[Match, Editor], None]
@@ -56,7 +56,7 @@ class Rule:
         return RuleSet([self]) + other
 
     # -- what a pass offers rewrite.apply ------------------------------------------------------------
-    def plan(self, graph: Graph) -> Plan:
+    def plan(self, graph: Graph) -> RulePlan:
         matches = self.pattern.find(graph)
         if self.select is not None:
             matches = self.select(matches)
@@ -77,16 +77,15 @@ class Rule:
             raise NotExactError(f"{self.name} at {site} would not be exact: {reason}; pass exact=False to "
                                 f"apply it anyway (the report then carries the measured error)")
         reasons = [r for _, r in accepted if r]
-        return Plan(
+        return RulePlan(
             sites=[m.site for m, _ in accepted],
-            groups=[],
             exact=not reasons,
             reason=reasons[0] if reasons else None,
             matches=[m for m, _ in accepted],
             refusals=refusals,
         )
 
-    def run(self, graph: Graph, plan: Plan) -> Graph:
+    def run(self, graph: Graph, plan: RulePlan) -> Graph:
         current = self._rewrite(graph, plan.matches)
         for _ in range(self.max_rounds if self.repeat else 0):
             more = self.plan(current)

@@ -41,16 +41,20 @@ DECODER = dict(
 )
 
 
+def _decoder(config_class, model_class, **fields):
+    return _with_inputs(model_class(_quiet_config(config_class, **{**DECODER, **fields})))
+
+
 def llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    return _with_inputs(LlamaForCausalLM(_quiet_config(LlamaConfig, **DECODER)))
+    return _decoder(LlamaConfig, LlamaForCausalLM)
 
 
 def qwen2():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    return _with_inputs(Qwen2ForCausalLM(_quiet_config(Qwen2Config, **DECODER)))
+    return _decoder(Qwen2Config, Qwen2ForCausalLM)
 
 
 def bert():
@@ -71,14 +75,9 @@ def bert():
 def mixtral():
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    config = _quiet_config(
-        MixtralConfig,
-        **DECODER,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        experts_implementation="batched_mm",  # the default grouped experts have no ONNX conversion
-    )
-    return _with_inputs(MixtralForCausalLM(config))
+    # the default grouped experts have no ONNX conversion
+    return _decoder(MixtralConfig, MixtralForCausalLM, num_local_experts=4, num_experts_per_tok=2,
+                    experts_implementation="batched_mm")
 
 
 # -- more families, each with a structure the zoo above does not have (see tests/test_families.py) ------
@@ -89,14 +88,14 @@ def gemma():
     """Norms multiply by ``1 + w``; the embedding is scaled by ``sqrt(hidden)``; tied head."""
     from transformers import GemmaConfig, GemmaForCausalLM
 
-    return _with_inputs(GemmaForCausalLM(_quiet_config(GemmaConfig, **DECODER, head_dim=8)))
+    return _decoder(GemmaConfig, GemmaForCausalLM, head_dim=8)
 
 
 def gemma2():
     """Sandwich norms (each branch ends in a norm); sliding and full attention alternate per layer."""
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
-    return _with_inputs(Gemma2ForCausalLM(_quiet_config(Gemma2Config, **DECODER, head_dim=8)))
+    return _decoder(Gemma2Config, Gemma2ForCausalLM, head_dim=8)
 
 
 def opt():
@@ -111,7 +110,7 @@ def phi3():
     """Fused ``qkv_proj`` and ``gate_up_proj`` split by slicing and ``chunk``."""
     from transformers import Phi3Config, Phi3ForCausalLM
 
-    return _with_inputs(Phi3ForCausalLM(_quiet_config(Phi3Config, **DECODER)))
+    return _decoder(Phi3Config, Phi3ForCausalLM)
 
 
 def falcon():
