@@ -25,7 +25,7 @@ from rewrite.analysis.blocks import Block
 from rewrite.transform.edit import Editor
 from rewrite.errors import GrowthError
 from rewrite.transform.pattern import Match, block
-from rewrite.transform.growth_map import Redraw, seed_for
+from rewrite.transform.growth_ops import Redraw, seed_for
 from rewrite.transform.rules import Rule
 
 POST_NORM = ("it is a post-norm block (x <- LN(x + F(x))): with a zero branch it computes LN(x), and "

@@ -28,7 +28,7 @@ from rewrite.analysis.dims import DimGroup
 from rewrite.errors import GrowthError
 from rewrite.ir.graph import Graph
 from rewrite.analysis.layout import Layout, identity
-from rewrite.transform.growth_map import Scale, seed_for
+from rewrite.transform.growth_ops import Scale, seed_for
 from rewrite.transform.policy import fused, pad
 
 from rewrite.analysis.propagate import DERIVED, propagate

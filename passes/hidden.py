@@ -33,7 +33,7 @@ from rewrite.errors import GrowthError, NotExactError
 from rewrite.ir.graph import Graph
 from rewrite.transform.resize import check_resize
 from rewrite.ops import FEATURE_LOCAL, canonical_kind, offset_parameter, real_users, rms_epsilon
-from rewrite.transform.growth_map import Scale
+from rewrite.transform.growth_ops import Scale
 from rewrite.transform.policy import pad, replicate
 
 from .net2wider import Widen, new_size

@@ -28,7 +28,7 @@ import math
 import torch
 
 from rewrite.analysis.layout import Layout
-from rewrite.transform.growth_map import NOISE, Noise, Scale
+from rewrite.transform.growth_ops import NOISE, Noise, Scale
 from rewrite.transform.policy import Policy, pad, replicate
 
 NORM_STATISTICS = frozenset({"layer_norm", "rms_norm", "mean", "var", "std"})  # kept by uniform replication

@@ -34,7 +34,8 @@ from rewrite.ir.graph import Graph, Lineage, TensorInfo
 from rewrite.ir.trace import trace
 from rewrite.transform.apply import Grown, GrownModule, GrowthReport, PassRecord, apply
 from rewrite.transform.edit import Editor
-from rewrite.transform.growth_map import Fill, GrowthMap, Noise, Recipe, Redraw, Scale, Split, Take
+from rewrite.transform.growth_map import GrowthMap, Recipe
+from rewrite.transform.growth_ops import Fill, Noise, Redraw, Scale, Split, Take
 from rewrite.transform.pattern import Match, block, mlp, op, optional, residual
 from rewrite.transform.policy import Policy
 from rewrite.transform.rules import Rule, RuleSet, rule

@@ -110,9 +110,7 @@ def export_onnx(
             rows += _named(f"{_shapes(args2, kwargs2)}", compare_outputs(expected2, session(*args2, **kwargs2)))
     size = sum(p.stat().st_size for p in (path, _data_file(path)) if p.exists())
     notes.insert(0, f"{path} ({size / 1e6:.1f} MB), symbolic axes: {_describe_axes(axes) or 'none'}")
-    report = Report(rows, title=f"onnx export of {name} vs onnxruntime", notes=notes)
-    report.path = path
-    return report
+    return Report(rows, title=f"onnx export of {name} vs onnxruntime", notes=notes, path=path)
 
 
 def _export(fn, name: str, args: tuple, kwargs: dict, path: Path, dynamic: bool):

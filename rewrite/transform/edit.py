@@ -26,7 +26,8 @@ from rewrite.analysis.blocks import branch_layers
 from rewrite.errors import GrowthError
 from rewrite.ir.graph import Graph, attribute
 from rewrite.names import moved, under
-from rewrite.transform.growth_map import COPY, NEW, Fill, GrowthMap, Op, Recipe, Scale, run_ops, tensor_names
+from rewrite.transform.growth_map import COPY, NEW, GrowthMap, Recipe, tensor_names
+from rewrite.transform.growth_ops import Fill, Op, Scale, run_ops
 from rewrite.transform.lineage import grown_lineage
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from rewrite.analysis.layout import Layout, appended
-from rewrite.transform.growth_map import Noise, Op, Scale, Split, Take
+from rewrite.transform.growth_ops import Noise, Op, Scale, Split, Take
 
 REDUCTION_NAMES = {"layer_norm": "LayerNorm", "rms_norm": "RMSNorm", "softmax": "a softmax",
                    "attention_scale": "attention's 1/sqrt(d) scale", "mean": "a mean"}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -30,6 +31,7 @@ class Report:
     first_divergence: str | None = None
     title: str = "verify"
     notes: list[str] = dataclasses.field(default_factory=list)
+    path: Path | None = None  # the file the comparison checked (an ONNX export)
 
     @property
     def ok(self) -> bool:

@@ -1,0 +1,339 @@
+"""Growth ops: the steps that make a grown tensor from an old one, and running them.
+
+* :class:`Take` (``axis``, ``index``): new position ``j`` along ``axis`` takes old position ``index[j]``, or
+  zero where ``index[j] = -1``; ``old_positions[i]`` is where old unit ``i`` now sits. Every width growth is
+  one Take per grown axis: old units kept, new ones copied from ``index`` (Net2Net, clone) or zero.
+* :class:`Split` (``axis``, ``divisors``): ``x[.., j, ..] /= divisors[j]``: a consumer column of a unit that
+  was split into ``n`` parts (Net2WiderNet, uniform cloning) keeps ``1/n`` of its weight.
+* :class:`Scale` (``axis``, ``positions``, ``factor``, ``offset``): ``x <- (x + c) * s - c`` on some positions
+  (or all): the temperature correction of keys, RMSNorm gains over a zero-padded axis (``c + w`` gains
+  included), residual branches folded into their output layers.
+* :class:`Noise` (``axis``, ``positions``, ``seed``, ``relative``): ``x += N(0, 1) * relative * std(r)`` on some
+  positions, with ``r`` the tensor before the last Take (its own scale) and the normal draws from
+  ``torch.Generator().manual_seed(seed)``: symmetry breaking, reproducible from the seed alone.
+* :class:`Redraw` (``seed``): ``x <- N(0, 1) * std(x)``: a copied matrix drawn afresh at its source's scale.
+* :class:`Fill`: how a tensor with no source starts (zeros, a seeded normal, or an opaque stored value).
+
+``run_ops`` is the one implementation: the passes build grown tensors with it and ``GrowthMap.apply`` remakes
+them with it. Every op serialises to JSON (``to_dict``, ``op_from_dict``; index vectors as runs).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import dataclasses
+import math
+import zlib
+from typing import Any, Union
+
+import torch
+
+NOISE = 1e-2  # relative scale of the symmetry-breaking noise the built-in policies draw
+
+
+# -- index vectors as runs ---------------------------------------------------------------------------------
+def runs(index: torch.Tensor) -> list[list[int]]:
+    """``[0, 1, 2, 7, 8, -1, -1]`` -> ``[[0, 3], [7, 2], [-1, 2]]``: (first value, length) of each run that
+    counts up by one (``-1`` runs repeat)."""
+    if len(index) == 0:
+        return []
+    index = index.long()
+    missing = index < 0
+    continues = ((index[1:] - index[:-1] == 1) & ~missing[1:] & ~missing[:-1]) | (missing[1:] & missing[:-1])
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), torch.nonzero(~continues).flatten() + 1]).tolist()
+    ends = starts[1:] + [len(index)]
+    firsts = index[starts].tolist()
+    return [[first, end - start] for first, start, end in zip(firsts, starts, ends)]
+
+
+def from_runs(items: list[list[int]]) -> torch.Tensor:
+    parts = [torch.full((n,), -1) if first == -1 else torch.arange(first, first + n) for first, n in items]
+    return torch.cat(parts).long() if parts else torch.zeros(0, dtype=torch.long)
+
+
+def value_runs(values: torch.Tensor) -> list[list[int]]:
+    """``[1, 1, 2, 2, 2]`` -> ``[[1, 2], [2, 3]]``: (value, how many times)."""
+    out: list[list[int]] = []
+    for value in values.tolist():
+        if out and out[-1][0] == value:
+            out[-1][1] += 1
+        else:
+            out.append([value, 1])
+    return out
+
+
+def from_value_runs(items: list[list[int]]) -> torch.Tensor:
+    return torch.cat([torch.full((n,), v) for v, n in items]).long() if items else torch.zeros(0, dtype=torch.long)
+
+
+def _describe_runs(items: list[list[int]]) -> str:
+    """Runs of positions as text: ``[[0, 24], [30, 1]]`` -> ``0-23, 30``."""
+    return ", ".join(f"{first}" if n == 1 else f"{first}-{first + n - 1}" for first, n in items)
+
+
+def _offsets(items):
+    at = 0
+    for first, n in items:
+        yield at, n
+        at += n
+
+
+def seed_for(base: int, *parts: object) -> int:
+    """A seed for one tensor (and axis) of a growth, independent of the order tensors are grown in."""
+    return zlib.crc32("/".join(map(str, (base, *parts))).encode()) & 0x7FFFFFFF
+
+
+# -- ops -----------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Take:
+    """New position ``j`` along ``axis`` takes old position ``index[j]`` (zero where -1); ``fill`` says how the
+    new positions came to be: ``split`` (one of the parts of a split unit), ``copy``, ``zero``, ``noise``."""
+
+    axis: int
+    index: torch.Tensor
+    old_positions: torch.Tensor
+    fill: str
+
+    def new_positions(self) -> torch.Tensor:
+        keep = torch.ones(len(self.index), dtype=torch.bool)
+        keep[self.old_positions] = False
+        return torch.nonzero(keep).flatten()
+
+    def to_dict(self) -> dict:
+        return {"op": "take", "axis": self.axis, "index": runs(self.index),
+                "old_positions": runs(self.old_positions), "fill": self.fill}
+
+    def describe(self, shape) -> str:
+        axis_name = _axis_name(self.axis, len(shape))
+        kept = _describe_runs([[0, len(self.old_positions)]]) if _prefix(self.old_positions) else "moved"
+        new = self.new_positions()
+        if not len(new):
+            return f"{axis_name} reordered"
+        return (f"{axis_name} {kept} kept, {_describe_runs(runs(new))} {self.fill}" if kept != "moved"
+                else f"{axis_name}: old units moved, {len(new)} new ({self.fill})")
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """``x[.., j, ..] /= divisors[j]`` along ``axis``: each part of a unit split ``n`` ways carries ``1/n``."""
+
+    axis: int
+    divisors: torch.Tensor
+
+    def to_dict(self) -> dict:
+        return {"op": "split", "axis": self.axis, "divisors": value_runs(self.divisors)}
+
+    def describe(self, shape) -> str:
+        counts = sorted(set(self.divisors.tolist()) - {1})
+        return f"{_axis_name(self.axis, len(shape))} divided by their replica counts ({', '.join(map(str, counts))})"
+
+
+@dataclasses.dataclass(frozen=True)
+class Scale:
+    """``x <- (x + offset) * factor - offset`` at ``positions`` along ``axis`` (everywhere when None)."""
+
+    factor: float
+    offset: float = 0.0
+    axis: int | None = None
+    positions: torch.Tensor | None = None
+
+    def to_dict(self) -> dict:
+        return {"op": "scale", "factor": self.factor, "offset": self.offset, "axis": self.axis,
+                "positions": None if self.positions is None else runs(self.positions)}
+
+    def describe(self, shape) -> str:
+        where = "" if self.positions is None else f" at {_axis_name(self.axis, len(shape))} {_describe_runs(runs(self.positions))}"
+        what = f"({self.offset:g} + w) * {self.factor:.6g} - {self.offset:g}" if self.offset else f"* {self.factor:.6g}"
+        return f"scaled {what}{where}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Noise:
+    """``x += N(0, 1) * relative * std(r)`` at ``positions`` along ``axis``; ``r``: the tensor before the last Take."""
+
+    axis: int
+    positions: torch.Tensor
+    seed: int
+    relative: float = NOISE
+
+    def to_dict(self) -> dict:
+        return {"op": "noise", "axis": self.axis, "positions": runs(self.positions), "seed": self.seed,
+                "relative": self.relative}
+
+    def describe(self, shape) -> str:
+        return (f"+ noise {self.relative:g} x std at {_axis_name(self.axis, len(shape))} "
+                f"{_describe_runs(runs(self.positions))} (seed {self.seed})")
+
+
+@dataclasses.dataclass(frozen=True)
+class Redraw:
+    """``x <- N(0, 1) * std(x)`` with normal draws from ``seed``: a fresh matrix at its source's scale."""
+
+    seed: int
+
+    def to_dict(self) -> dict:
+        return {"op": "redraw", "seed": self.seed}
+
+    def describe(self, shape) -> str:
+        return f"drawn afresh at the source's std (seed {self.seed})"
+
+
+Op = Union[Take, Split, Scale, Noise, Redraw]
+
+
+@dataclasses.dataclass(frozen=True)
+class Fill:
+    """How a tensor with no source starts: ``zeros``, ``normal`` (``N(0, std^2)`` from ``seed``) or ``value``
+    (an opaque value a rule computed, stored in the map)."""
+
+    kind: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    seed: int | None = None
+    std: float | None = None
+    value: torch.Tensor | None = None
+
+    def make(self) -> torch.Tensor:
+        if self.kind == "zeros":
+            return torch.zeros(self.shape, dtype=self.dtype)
+        if self.kind == "normal":
+            generator = torch.Generator().manual_seed(self.seed)
+            return (torch.randn(self.shape, generator=generator) * self.std).to(self.dtype)
+        return self.value.clone()
+
+    def to_dict(self) -> dict:
+        out = {"kind": self.kind, "shape": list(self.shape), "dtype": str(self.dtype).removeprefix("torch.")}
+        if self.kind == "normal":
+            out.update(seed=self.seed, std=self.std)
+        if self.kind == "value":
+            raw = self.value.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+            out["value"] = base64.b64encode(raw).decode("ascii")
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Fill":
+        dtype = getattr(torch, d["dtype"])
+        value = None
+        if d["kind"] == "value":
+            raw = bytearray(base64.b64decode(d["value"]))
+            value = torch.frombuffer(raw, dtype=torch.uint8).view(dtype).reshape(d["shape"]).clone()
+        return cls(d["kind"], tuple(d["shape"]), dtype, d.get("seed"), d.get("std"), value)
+
+    def describe(self) -> str:
+        if self.kind == "normal":
+            return f"normal, std {self.std:g} (seed {self.seed})"
+        return "zeros" if self.kind == "zeros" else "a value the rule computed (opaque: stored in the map)"
+
+
+# -- running ops ---------------------------------------------------------------------------------------------
+def run_ops(tensor: torch.Tensor, ops: tuple[Op, ...] | list[Op]) -> torch.Tensor:
+    """The tensor ``ops`` make of ``tensor`` (never written to; a new tensor when any op runs)."""
+    x = tensor.detach()
+    reference = x
+    fresh = False
+    with torch.no_grad():
+        for op in ops:
+            if isinstance(op, Take):
+                reference, x = x, _take(x, op.axis, op.index)
+                fresh = True
+                continue
+            if not fresh:
+                x, fresh = x.clone(), True
+            if isinstance(op, Split):
+                x.mul_(_along(op.divisors.to(x.dtype).reciprocal(), op.axis, x.dim()))
+            elif isinstance(op, Scale):
+                with _region(x, op.axis, op.positions) as target:
+                    target.add_(op.offset).mul_(op.factor).sub_(op.offset)
+            elif isinstance(op, Noise):
+                with _region(x, op.axis, op.positions) as target:
+                    target.add_(_normal(target.shape, op.seed, x.dtype), alpha=op.relative * _std(reference))
+            elif isinstance(op, Redraw):
+                x = _normal(x.shape, op.seed, torch.float32).to(x.dtype) * float(x.float().std())
+            else:
+                raise TypeError(f"unknown growth op {op!r}")
+    return x
+
+
+@contextlib.contextmanager
+def _region(x: torch.Tensor, axis: int | None, positions: torch.Tensor | None):
+    """The entries at ``positions`` along ``axis`` (all when None) to edit in place: a view where the positions
+    are one run, else a gathered copy written back afterwards."""
+    if positions is None:
+        yield x
+        return
+    items = runs(positions)
+    if len(items) == 1 and items[0][0] >= 0:
+        yield x.narrow(axis, items[0][0], items[0][1])
+        return
+    region = x.index_select(axis, positions)
+    yield region
+    x.index_copy_(axis, positions, region)
+
+
+def _take(x: torch.Tensor, axis: int, index: torch.Tensor, max_runs: int = 16) -> torch.Tensor:
+    """``x.index_select(axis, index)`` with zeros where ``index`` is -1, allocated once and filled by slices
+    where the index runs consecutively (kept units are one run, uniform clones whole blocks)."""
+    shape = list(x.shape)
+    shape[axis] = len(index)
+    out = torch.empty(shape, dtype=x.dtype, device=x.device)
+    items = runs(index) if len(index) else []
+    if len(items) > max_runs:
+        gathered = x.index_select(axis, index.clamp(min=0))
+        missing = torch.nonzero(index < 0).flatten()
+        if len(missing):
+            gathered.index_fill_(axis, missing, 0)
+        out.copy_(gathered)
+        return out
+    for start, (first, n) in zip((at for at, _ in _offsets(items)), items):
+        target = out.narrow(axis, start, n)
+        if first < 0:
+            target.zero_()
+        else:
+            target.copy_(x.narrow(axis, first, n))
+    return out
+
+
+def _normal(shape, seed: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def _std(like: torch.Tensor) -> float:
+    """The scale noise is drawn at: the std of (a sample of) ``like``; 1 where that is not a positive number."""
+    sample = like.detach().reshape(-1)[:65536].float()
+    scale = float(sample.std()) if sample.numel() > 1 else float(sample.abs().mean()) if sample.numel() else 1.0
+    return scale if math.isfinite(scale) and scale > 0 else 1.0
+
+
+def _along(values: torch.Tensor, axis: int, rank: int) -> torch.Tensor:
+    shape = [1] * rank
+    shape[axis] = -1
+    return values.view(shape)
+
+
+def _prefix(positions: torch.Tensor) -> bool:
+    return bool(torch.equal(positions, torch.arange(len(positions))))
+
+
+def _axis_name(axis: int | None, rank: int) -> str:
+    if axis is None:
+        return "all"
+    if rank == 2:
+        return ("rows", "columns")[axis]
+    return f"axis {axis}"
+
+
+def op_from_dict(d: dict) -> Op:
+    kind = d["op"]
+    if kind == "take":
+        return Take(d["axis"], from_runs(d["index"]), from_runs(d["old_positions"]), d["fill"])
+    if kind == "split":
+        return Split(d["axis"], from_value_runs(d["divisors"]))
+    if kind == "scale":
+        positions = None if d["positions"] is None else from_runs(d["positions"])
+        return Scale(d["factor"], d["offset"], d["axis"], positions)
+    if kind == "noise":
+        return Noise(d["axis"], from_runs(d["positions"]), d["seed"], d["relative"])
+    if kind == "redraw":
+        return Redraw(d["seed"])
+    raise ValueError(f"unknown growth op {kind!r} in a growth map")
