@@ -60,16 +60,8 @@ def qwen2():
 def bert():
     from transformers import BertConfig, BertModel
 
-    config = _quiet_config(
-        BertConfig,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        vocab_size=96,
-        max_position_embeddings=64,
-    )
-    return _with_inputs(BertModel(config))
+    fields = {k: v for k, v in DECODER.items() if k != "num_key_value_heads"}
+    return _with_inputs(BertModel(_quiet_config(BertConfig, **{**fields, "intermediate_size": 64})))
 
 
 def mixtral():
