@@ -10,8 +10,10 @@
   blocks split into k scaled copies (approximate, measured).
 * ``net2deeper`` (``passes.net2deeper``): an identity layer after an idempotent activation.
 * ``moe`` (``passes.upcycle_moe``): dense MLPs become experts behind a renormalised top-k router.
-* ``policies``: the init policies ``zero``, ``clone``, ``net2net``, ``sparkling`` (subclass ``Policy`` for
-  your own and pass the object as ``init=``).
+* ``policies``: the init policies ``zero``, ``clone``, ``net2net``, ``sparkling`` (subclass ``Policy``, the
+  engine's ``rewrite.Policy``, for your own: return growth-map ops per role, declare ``preserves``, and pass
+  the object as ``init=``).
+* ``width``: ``WidthPass``, the plan skeleton every width pass shares (a pass says its ``growths``).
 
 Use them through ``rewrite.apply(model, [passes.widen("fc1", factor=2)], args)``.
 """

@@ -27,7 +27,6 @@ import math
 
 import torch
 
-from rewrite.analysis.layout import Layout
 from rewrite.transform.growth_ops import NOISE, Noise, Scale
 from rewrite.transform.policy import Policy, pad, replicate
 
@@ -112,4 +111,4 @@ def policy(name: "str | Policy") -> Policy:
     return POLICIES[name]
 
 
-__all__ = ["POLICIES", "AnySize", "Clone", "Layout", "Net2Net", "Policy", "Sparkling", "Zero", "policy"]
+__all__ = ["POLICIES", "AnySize", "Clone", "Net2Net", "Policy", "Sparkling", "Zero", "policy"]

@@ -25,7 +25,7 @@ import contextlib
 import dataclasses
 import math
 import zlib
-from typing import Any, Union
+from typing import Union
 
 import torch
 
@@ -36,15 +36,20 @@ NOISE = 1e-2  # relative scale of the symmetry-breaking noise the built-in polic
 def runs(index: torch.Tensor) -> list[list[int]]:
     """``[0, 1, 2, 7, 8, -1, -1]`` -> ``[[0, 3], [7, 2], [-1, 2]]``: (first value, length) of each run that
     counts up by one (``-1`` runs repeat)."""
+    starts = _run_starts(index)
+    ends = starts[1:] + [len(index)]
+    firsts = index[starts].tolist() if starts else []
+    return [[first, end - start] for first, start, end in zip(firsts, starts, ends)]
+
+
+def _run_starts(index: torch.Tensor) -> list[int]:
+    """Where each run of ``index`` starts (see ``runs``)."""
     if len(index) == 0:
         return []
     index = index.long()
     missing = index < 0
     continues = ((index[1:] - index[:-1] == 1) & ~missing[1:] & ~missing[:-1]) | (missing[1:] & missing[:-1])
-    starts = torch.cat([torch.zeros(1, dtype=torch.long), torch.nonzero(~continues).flatten() + 1]).tolist()
-    ends = starts[1:] + [len(index)]
-    firsts = index[starts].tolist()
-    return [[first, end - start] for first, start, end in zip(firsts, starts, ends)]
+    return [0] + (torch.nonzero(~continues).flatten() + 1).tolist()
 
 
 def from_runs(items: list[list[int]]) -> torch.Tensor:
@@ -273,25 +278,33 @@ def _region(x: torch.Tensor, axis: int | None, positions: torch.Tensor | None):
 
 def _take(x: torch.Tensor, axis: int, index: torch.Tensor, max_runs: int = 16) -> torch.Tensor:
     """``x.index_select(axis, index)`` with zeros where ``index`` is -1, allocated once and filled by slices
-    where the index runs consecutively (kept units are one run, uniform clones whole blocks)."""
+    where the index runs consecutively (kept units are one run, uniform clones whole blocks); a scattered
+    remainder (a random replication map) is gathered after the leading run."""
     shape = list(x.shape)
     shape[axis] = len(index)
     out = torch.empty(shape, dtype=x.dtype, device=x.device)
-    items = runs(index) if len(index) else []
-    if len(items) > max_runs:
-        gathered = x.index_select(axis, index.clamp(min=0))
-        missing = torch.nonzero(index < 0).flatten()
-        if len(missing):
-            gathered.index_fill_(axis, missing, 0)
-        out.copy_(gathered)
-        return out
-    for start, (first, n) in zip((at for at, _ in _offsets(items)), items):
-        target = out.narrow(axis, start, n)
-        if first < 0:
+    starts = _run_starts(index)
+    if len(starts) > max_runs:
+        starts = starts[:2]  # the leading run by slices, the rest gathered at once
+    bounds = starts + [len(index)]
+    for position, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        target = out.narrow(axis, start, end - start)
+        part = index[start:end]
+        if position == 1 and end - start > 1 and len(bounds) == 3 and not _consecutive(part):
+            gathered = x.index_select(axis, part.clamp(min=0))
+            missing = torch.nonzero(part < 0).flatten()
+            if len(missing):
+                gathered.index_fill_(axis, missing, 0)
+            target.copy_(gathered)
+        elif int(part[0]) < 0:
             target.zero_()
         else:
-            target.copy_(x.narrow(axis, first, n))
+            target.copy_(x.narrow(axis, int(part[0]), end - start))
     return out
+
+
+def _consecutive(part: torch.Tensor) -> bool:
+    return bool(part[0] >= 0) and bool(torch.equal(part, torch.arange(int(part[0]), int(part[0]) + len(part))))
 
 
 def _normal(shape, seed: int, dtype: torch.dtype) -> torch.Tensor:

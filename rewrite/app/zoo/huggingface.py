@@ -1,8 +1,7 @@
-"""Hugging Face models built from tiny configs with random weights (no download), and their inputs."""
+"""Hugging Face models built from tiny configs with random weights (no download); their example inputs come
+from ``rewrite.io.hf.example_inputs``."""
 
 from __future__ import annotations
-
-import torch
 
 from rewrite.io.hf import TOKENS, example_inputs
 
