@@ -2,8 +2,9 @@
 
     python examples/grow_gpt.py          # about 10 s on two cores
 
-The grown model computes the same function (checked), then trains: its loss starts where the small model's
-ended instead of from scratch.
+The grown model computes the same function (checked), then trains with the small model's AdamW state carried
+over (``rewrite.carry_optimizer``, SPARKLING's policy: old entries keep their moments, new ones start fresh): its
+loss starts where the small model's ended instead of from scratch.
 """
 
 import torch
@@ -21,21 +22,23 @@ def batches(vocab: int, steps: int, generator: torch.Generator):
         yield sequence[:, :-1], sequence[:, 1:]
 
 
-def train(model: torch.nn.Module, steps: int, generator: torch.Generator) -> float:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+def train(model: torch.nn.Module, steps: int, generator: torch.Generator, optimizer=None):
+    """(last loss, the optimizer) after ``steps`` steps."""
+    optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=3e-3)
     for inputs, targets in batches(64, steps, generator):
         loss = torch.nn.functional.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    return loss.item()
+    return loss.item(), optimizer
 
 
 def main() -> None:
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
     small = GPT(vocab=64, dim=32, heads=4, hidden=64, layers=2)
-    print(f"small model: loss {train(small, 150, generator):.3f} after 150 steps")
+    loss, optimizer = train(small, 150, generator)
+    print(f"small model: loss {loss:.3f} after 150 steps")
     small.eval()
     ids = torch.randint(0, 64, (2, 16))
     grown = rewrite.apply(small, [
@@ -48,8 +51,10 @@ def main() -> None:
     with torch.no_grad():
         print(f"grown vs small: max abs difference {(grown.module(ids) - small(ids)).abs().max().item():.2g}")
     model = grown.module.train()
-    print(f"grown model ({sum(p.numel() for p in model.parameters()):,} parameters): "
-          f"loss {train(model, 50, generator):.3f} after 50 more steps")
+    carried = rewrite.carry_optimizer(optimizer, grown, model, policy="sparkling")
+    loss, _ = train(model, 50, generator, carried)
+    print(f"grown model ({sum(p.numel() for p in model.parameters()):,} parameters): loss {loss:.3f} after 50 more "
+          f"steps, its optimizer carried over")
 
 
 if __name__ == "__main__":

@@ -65,7 +65,8 @@ class ScaledGain(Policy):
 
     def along(self, axis, layout, seed):
         positions = layout.old_positions if self.old_only else None
-        return [replicate(axis, layout, "copy"), Scale(self.scale, self.offset, axis, positions)]
+        fill = "copy" if self.old_only else "split"  # a zero-padded axis's new gains see zeros; clone splits units
+        return [replicate(axis, layout, fill), Scale(self.scale, self.offset, axis, positions)]
 
 
 @dataclasses.dataclass

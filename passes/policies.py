@@ -47,6 +47,9 @@ class Zero(Policy):
     def produces(self, axis, layout, seed):
         return [replicate(axis, layout, "copy"), Noise(axis, layout.new_positions(), seed, NOISE)]
 
+    def along(self, axis, layout, seed):
+        return [replicate(axis, layout, "copy")]
+
     def consumes(self, axis, layout, seed):
         return [pad(axis, layout)]
 

@@ -32,6 +32,7 @@ from rewrite.io.onnx_export import OnnxModel, export_onnx
 from rewrite.ir.compare import Row
 from rewrite.ir.graph import Graph, Lineage, TensorInfo
 from rewrite.ir.trace import trace
+from rewrite.training.carry import Carried, carry, carry_optimizer, carry_scheduler
 from rewrite.transform.apply import Grown, GrownModule, GrowthReport, PassRecord, apply
 from rewrite.transform.edit import Editor
 from rewrite.transform.growth_map import GrowthMap, Recipe
@@ -46,6 +47,6 @@ __all__ = [
     "GrowthMap", "GrowthReport", "InputError", "Lineage", "Match", "Member", "Noise", "NotExactError",
     "NotRepresentableError", "OnnxModel", "PassRecord", "Policy", "Recipe", "Redraw", "Report", "Row", "Rule",
     "RuleSet", "Scale", "Split", "Take", "TensorInfo", "TraceError", "UnsupportedOpError", "VerificationError",
-    "apply", "block", "blocks", "dim_analysis", "dim_groups", "export_onnx", "mlp", "op", "optional", "residual",
+    "Carried", "apply", "block", "blocks", "carry", "carry_optimizer", "carry_scheduler", "dim_analysis", "dim_groups", "export_onnx", "mlp", "op", "optional", "residual",
     "rule", "to_native", "trace", "verify",
 ]

@@ -98,6 +98,7 @@ class Grown:
     module: torch.nn.Module
     graph: Graph
     report: GrowthReport
+    original: Graph  # the traced original: its tensors are the model's own (what an optimizer holds)
 
     @property
     def map(self) -> GrowthMap:
@@ -144,7 +145,7 @@ def apply(model: torch.nn.Module | Graph, passes: list, args=(), kwargs: dict | 
         records.append(record)
     if current.lineage.growth_map is None:  # nothing grew: the map of the model onto itself
         current = current.with_module(current.module, Lineage(growth_map=GrowthMap.identity(current.module)))
-    return Grown(GrownModule(current), current, GrowthReport(records))
+    return Grown(GrownModule(current), current, GrowthReport(records), original)
 
 
 def _moves(step: GrowthMap | None) -> dict[str, str]:

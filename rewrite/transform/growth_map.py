@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from rewrite.transform.growth_ops import Fill, Op, Take, op_from_dict, run_ops
+from rewrite.transform.growth_ops import Fill, Op, Take, op_from_dict, run_dual, run_ops
 
 # -- recipes and maps ----------------------------------------------------------------------------------------
 KEPT, COPY, NEW = "kept", "copy", "new"
@@ -29,7 +29,8 @@ KEPT, COPY, NEW = "kept", "copy", "new"
 class Recipe:
     """How one grown tensor is made. ``role``: ``kept`` (the original tensor ``source``, maybe grown, scaled or
     renamed), ``copy`` (a copy of ``source`` in a new role: a copied block, an expert) or ``new`` (no source;
-    starts from ``start``). ``persistent``: the tensor is in the module's state dict."""
+    starts from ``start``). ``persistent``: the tensor is in the module's state dict; ``parameter``: it is a
+    parameter (not a buffer)."""
 
     source: str | None
     ops: tuple[Op, ...] = ()
@@ -39,6 +40,7 @@ class Recipe:
     dtype: torch.dtype = torch.float32
     persistent: bool = True
     note: str = ""
+    parameter: bool = True
 
     def then(self, *ops: Op, **changes) -> "Recipe":
         return dataclasses.replace(self, ops=(*self.ops, *ops), **changes)
@@ -46,13 +48,14 @@ class Recipe:
     def to_dict(self) -> dict:
         return {"source": self.source, "ops": [op.to_dict() for op in self.ops], "role": self.role,
                 "start": None if self.start is None else self.start.to_dict(), "shape": list(self.shape),
-                "dtype": str(self.dtype).removeprefix("torch."), "persistent": self.persistent, "note": self.note}
+                "dtype": str(self.dtype).removeprefix("torch."), "persistent": self.persistent, "note": self.note,
+                "parameter": self.parameter}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Recipe":
         return cls(d["source"], tuple(op_from_dict(o) for o in d["ops"]), d["role"],
                    None if d["start"] is None else Fill.from_dict(d["start"]), tuple(d["shape"]),
-                   getattr(torch, d["dtype"]), d["persistent"], d["note"])
+                   getattr(torch, d["dtype"]), d["persistent"], d["note"], d["parameter"])
 
 
 class GrowthMap:
@@ -73,6 +76,7 @@ class GrowthMap:
         """The map of one rewrite: every tensor of ``result`` is in ``made`` (by identity), or is the tensor of
         ``source`` that ``names`` maps its identity to (kept as it was), or is unknown (recorded opaque)."""
         state = set(result.state_dict(keep_vars=True))
+        parameters = {id(p) for p in result.parameters()}
         recipes, aliases, seen = {}, {}, {}
         for name, tensor in _named_tensors(result):
             if id(tensor) in seen:
@@ -88,7 +92,7 @@ class GrowthMap:
                                                            value=tensor.detach().clone()),
                                 note="opaque: a tensor the rewrite registered without the Editor")
             recipes[name] = dataclasses.replace(recipe, shape=tuple(tensor.shape), dtype=tensor.dtype,
-                                                persistent=name in state)
+                                                persistent=name in state, parameter=id(tensor) in parameters)
         original = _originals(source)
         used = {r.source for r in recipes.values() if r.role == KEPT}
         removed = tuple(n for n in original if n not in used)
@@ -131,26 +135,41 @@ class GrowthMap:
                 out.append(alias)
         return out
 
-    def make(self, name: str, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The grown tensor ``name`` from the original's ``tensors`` (a state dict)."""
+    def make(self, name: str, tensors: dict[str, torch.Tensor], kind: str = "weight") -> torch.Tensor:
+        """The grown tensor ``name`` from the original's ``tensors`` (a state dict, or gradients, or one optimizer
+        state field by parameter name). ``kind``: ``weight``; ``gradient`` for what transforms like a gradient
+        (first moments, momentum buffers); ``second_moment`` for its squares; ``preserve`` keeps old entries and
+        zeroes new ones. Under the last three, a copy into a new role (a copied block, an expert) and a tensor
+        with no source are zero: they have no gradient identity with anything of the original."""
         recipe = self.recipes[self.canonical(name)]
+        if kind != "weight" and recipe.role != KEPT:
+            return torch.zeros(recipe.shape, dtype=recipe.dtype)
         if recipe.source is None:
             return run_ops(recipe.start.make(), recipe.ops)
         if recipe.source not in tensors:
             raise KeyError(f"the growth map makes {name} from the original's {recipe.source}, which the given "
-                           f"state dict does not have (non-persistent buffers are not in a state dict: pass "
+                           f"tensors do not include (non-persistent buffers are not in a state dict: pass "
                            f"them too)")
-        return run_ops(tensors[recipe.source], recipe.ops)
+        source = tensors[recipe.source]
+        return run_ops(source, recipe.ops) if kind == "weight" else run_dual(source, recipe.ops, kind)
 
-    def apply(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The grown model's state dict from the original's, tensor by tensor, without the graph: equal bit
-        for bit to ``grown.module.state_dict()`` (tied names share one tensor)."""
+    def apply(self, state_dict: dict[str, torch.Tensor], kind: str = "weight") -> dict[str, torch.Tensor]:
+        """The grown model's tensors from the original's, tensor by tensor, without the graph. With
+        ``kind="weight"`` (a state dict in, the grown state dict out) equal bit for bit to
+        ``grown.module.state_dict()`` (tied names share one tensor). With ``gradient`` or ``second_moment``
+        (gradients or optimizer state by parameter name in, tied parameters once, as ``named_parameters`` gives
+        them), every grown parameter that has a source there or none at all, through the dual of the map (see
+        ``rewrite.transform.growth_ops``)."""
         made = {}
         out = {}
-        for name in self.names(persistent_only=True):
+        names = self.names(persistent_only=True) if kind == "weight" else list(self.recipes)  # tied: once
+        for name in names:
             key = self.canonical(name)
+            recipe = self.recipes[key]
+            if kind != "weight" and (not recipe.parameter or (recipe.role == KEPT and recipe.source not in state_dict)):
+                continue
             if key not in made:
-                made[key] = self.make(key, state_dict)
+                made[key] = self.make(key, state_dict, kind)
             out[name] = made[key]
         return out
 

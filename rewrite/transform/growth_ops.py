@@ -16,6 +16,15 @@
 
 ``run_ops`` is the one implementation: the passes build grown tensors with it and ``GrowthMap.apply`` remakes
 them with it. Every op serialises to JSON (``to_dict``, ``op_from_dict``; index vectors as runs).
+
+**Duals.** Gradients do not follow the weight map; they follow its dual (``run_dual``). With the function
+preserved, a unit split into ``n`` parts (a Take whose ``fill`` is ``split``: Net2WiderNet, uniform cloning)
+gives each part ``g/n`` on its producer rows and along-members, while its consumer columns, divided by ``n`` in
+the weights, receive the full ``g`` (the Split's dual multiplies by ``n``). Other fills (a copy whose consumer
+columns are zero, zero padding) keep the old entries' gradient and give new ones none. A Scale by ``s`` that
+preserves the function (key temperature, RMSNorm gains) divides the gradient by ``s``; Noise changes nothing.
+``second_moment`` squares every factor (``v/n^2``); ``preserve`` keeps old entries as they are and zeroes new ones
+(SPARKLING's asymmetric reset).
 """
 
 from __future__ import annotations
@@ -258,6 +267,42 @@ def run_ops(tensor: torch.Tensor, ops: tuple[Op, ...] | list[Op]) -> torch.Tenso
             else:
                 raise TypeError(f"unknown growth op {op!r}")
     return x
+
+
+GRADIENT, SECOND_MOMENT, PRESERVE = "gradient", "second_moment", "preserve"
+
+
+def run_dual(tensor: torch.Tensor, ops: tuple[Op, ...] | list[Op], kind: str) -> torch.Tensor:
+    """What ``ops`` make of a tensor that transforms like a gradient (``kind="gradient"``: first moments,
+    momentum buffers), like its square (``"second_moment"``) or that keeps its old entries (``"preserve"``)."""
+    if kind not in (GRADIENT, SECOND_MOMENT, PRESERVE):
+        raise ValueError(f"unknown kind {kind!r}: weight, gradient, second_moment or preserve")
+    power = 2 if kind == SECOND_MOMENT else 1
+    x = tensor.detach().clone()
+    with torch.no_grad():
+        for op in ops:
+            if isinstance(op, Take):
+                if op.fill == "split" and kind != PRESERVE:
+                    counts = torch.bincount(op.index[op.index >= 0], minlength=x.shape[op.axis])
+                    shares = counts.index_select(0, op.index.clamp(min=0)).to(x.dtype) ** power
+                    x = _take(x, op.axis, op.index).div_(_along(shares, op.axis, x.dim()))
+                else:
+                    x = _take(x, op.axis, _padding(op))
+            elif isinstance(op, Split) and kind != PRESERVE:
+                x.mul_(_along(op.divisors.to(x.dtype) ** power, op.axis, x.dim()))
+            elif isinstance(op, Scale) and kind != PRESERVE:
+                with _region(x, op.axis, op.positions) as target:
+                    target.mul_(0.0 if op.factor == 0 else 1.0 / op.factor ** power)
+            elif isinstance(op, Redraw):
+                x.zero_()  # a fresh draw has no gradient identity with what it replaced
+    return x
+
+
+def _padding(take: Take) -> torch.Tensor:
+    """The index that keeps the old units where ``take`` puts them and leaves every new position empty."""
+    index = torch.full((len(take.index),), -1, dtype=torch.long)
+    index[take.old_positions] = torch.arange(len(take.old_positions))
+    return index
 
 
 @contextlib.contextmanager

@@ -53,7 +53,7 @@ class Policy:
         return [replicate(axis, layout, "split")]
 
     def along(self, axis: int, layout: Layout, seed: int) -> list[Op]:
-        return [replicate(axis, layout, "copy")]
+        return [replicate(axis, layout, "split")]  # a bias or gain is part of the unit that is split
 
     def consumes(self, axis: int, layout: Layout, seed: int) -> list[Op]:
         counts = torch.bincount(layout.source, minlength=layout.old_size)
@@ -61,7 +61,9 @@ class Policy:
 
 
 def replicate(axis: int, layout: Layout, fill: str) -> Take:
-    """Every new unit a copy of its source unit (``layout.source``)."""
+    """Every new unit a copy of its source unit (``layout.source``). ``fill``: ``split`` when the copies are
+    parts of one unit (their consumer columns share its weight: gradients are shared too), ``copy`` when they
+    are independent (their consumer columns are zero)."""
     return Take(axis, layout.source, layout.old_positions, fill)
 
 
@@ -86,7 +88,7 @@ def fused(axis: int, parts: list[tuple[int, int, Layout, list[Op]]]) -> list[Op]
         old_positions.append(take.old_positions + new_at)
         for op in ops[1:]:
             after.append(_shifted(op, axis, new_at, layout.new_size, new_size))
-    fills = "/".join(dict.fromkeys(ops[0].fill for _, _, _, ops in parts))
+    fills = "/".join(dict.fromkeys(ops[0].fill for _, _, _, ops in parts))  # "split" only if every part is
     return [Take(axis, torch.cat(index), torch.cat(old_positions), fills), *after]
 
 

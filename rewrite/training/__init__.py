@@ -1,0 +1,1 @@
+"""Training through growth: optimizer and learning-rate scheduler state carried onto the grown model."""

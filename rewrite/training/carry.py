@@ -1,0 +1,296 @@
+"""Optimizer and scheduler state through growth: ``carry`` (both at once), ``carry_optimizer``, ``carry_scheduler``.
+
+The new optimizer is of the same class, with the same hyperparameters and parameter groups: a grown tensor stays
+in its original's group, a copy (a block copied elsewhere, an expert) joins its source's group, a tensor with no
+source joins the group of its module's other tensors (else the first). Its state goes through the growth map by
+the kind of each field (``rewrite.transform.growth_ops``: gradients follow the dual of the weight map):
+
+    optimizer     field                             kind
+    Adam, AdamW   exp_avg                           gradient (a split unit's parts share g: g/n; its consumer
+                  exp_avg_sq, max_exp_avg_sq        second_moment  columns keep g; v/n^2 likewise)
+                  step                              kept
+    SGD, Muon     momentum_buffer                   gradient
+    Adafactor     variance (1-d)                    second_moment
+                  row_var, col_var (factored)       second_moment along the axis they keep, when growth did not
+                                                    touch the axis they average over; otherwise reset (reported)
+
+Policies: ``mapped`` (every field through the map; new entries zero), ``sparkling`` (old entries keep their state
+as it was, new entries start from zero: SPARKLING's asymmetric reset) and ``reset`` (fresh state). A copy into a
+new role or a tensor with no source starts fresh (no state: its own step count), or with ``copies="source"``
+takes its source's state as it was.
+
+Adam's bias correction and new entries. A widened tensor keeps one ``step`` for all its entries, so entries that
+start from zero moments would skip the bias correction their age calls for: their first updates come out about
+``(1 - beta1) / sqrt(1 - beta2)`` (3.2x) the learning rate. With ``protect=True`` (the default for ``sparkling``)
+a step hook recomputes the new entries' update with their own age ``a`` (Adam's exact formula, ``1 - beta^a``)
+until both corrections are within 0.1% of one, so every update of a new entry is what a fresh Adam would take.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import inspect
+import math
+import warnings
+import weakref
+
+import torch
+
+from rewrite.errors import GrowthError
+from rewrite.transform.growth_map import KEPT, GrowthMap, tensor_names
+
+MOMENTS = {
+    "Adam": {"exp_avg": "gradient", "exp_avg_sq": "second_moment", "max_exp_avg_sq": "second_moment"},
+    "AdamW": {"exp_avg": "gradient", "exp_avg_sq": "second_moment", "max_exp_avg_sq": "second_moment"},
+    "SGD": {"momentum_buffer": "gradient"},
+    "Muon": {"momentum_buffer": "gradient"},
+    "Adafactor": {"variance": "second_moment", "row_var": "second_moment", "col_var": "second_moment"},
+}
+KEPT_FIELDS = {"step"}
+POLICIES = ("mapped", "sparkling", "reset")
+
+
+@dataclasses.dataclass
+class Carried:
+    """What ``carry`` made: the optimizer (and scheduler) for the grown module, and every state field it could
+    not carry, with the reason."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: object | None = None
+    reset: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)  # (parameter, field, why)
+    fresh: list[str] = dataclasses.field(default_factory=list)  # parameters that start with no state
+
+
+def carry_optimizer(optimizer: torch.optim.Optimizer, grown, module: torch.nn.Module, *, policy: str = "mapped",
+                    copies: str = "fresh", protect: bool | None = None) -> torch.optim.Optimizer:
+    """An optimizer of ``optimizer``'s class for the grown ``module`` with its groups and state carried (see the
+    module docstring); a state field that could not be carried is reported in a warning."""
+    carried = carry(optimizer, grown, module, policy=policy, copies=copies, protect=protect)
+    for name, field, why in carried.reset:
+        warnings.warn(f"carry_optimizer reset {field} of {name}: {why}", stacklevel=2)
+    return carried.optimizer
+
+
+def carry(optimizer: torch.optim.Optimizer, grown, module: torch.nn.Module, scheduler=None, *,
+          policy: str = "mapped", copies: str = "fresh", protect: bool | None = None) -> Carried:
+    """The optimizer and (optionally) the learning-rate scheduler for the grown ``module``, in one call."""
+    kind = type(optimizer).__name__
+    if kind not in MOMENTS:
+        raise GrowthError(f"carry_optimizer does not know the state of {kind} (it carries "
+                          f"{', '.join(MOMENTS)}); its state would be dropped, so it refuses")
+    if policy not in POLICIES:
+        raise GrowthError(f"unknown optimizer policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    if copies not in ("fresh", "source"):
+        raise GrowthError(f"copies must be 'fresh' or 'source', got {copies!r}")
+    growth: GrowthMap = grown.map
+    old_names = tensor_names(grown.original.module)
+    by_name = {old_names[id(p)]: p for group in optimizer.param_groups for p in group["params"] if id(p) in old_names}
+    missing = [p for group in optimizer.param_groups for p in group["params"] if id(p) not in old_names]
+    if missing:
+        raise GrowthError(f"{len(missing)} tensors of the optimizer are not parameters of the grown model's "
+                          f"original (shape {tuple(missing[0].shape)}): pass the optimizer of that model")
+    groups = _groups(optimizer, growth, module, old_names)
+    new = type(optimizer)(groups, **_constructor_defaults(optimizer))
+    carried = Carried(new)
+    if policy != "reset":
+        for name, parameter in _named_parameters(module):
+            _carry_state(optimizer, new, growth, name, parameter, by_name, policy, copies, carried)
+    if protect if protect is not None else policy == "sparkling":
+        _protect_new_entries(new, growth, module)
+    check_groups(new, module)
+    if scheduler is not None:
+        carried.scheduler = carry_scheduler(scheduler, new)
+    return carried
+
+
+def _named_parameters(module: torch.nn.Module):
+    return list(module.named_parameters())  # tied parameters once, under their first name
+
+
+def _groups(optimizer, growth: GrowthMap, module, old_names: dict[int, str]) -> list[dict]:
+    """The original's groups with the grown parameters: each with the group of its source, else of its module."""
+    group_of = {old_names[id(p)]: i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
+    named = _named_parameters(module)
+    chosen: dict[str, int] = {}
+    for name, _ in named:
+        if growth.canonical(name) not in growth.recipes:
+            raise GrowthError(f"{name} is not a tensor of the grown model this map describes: pass the grown module")
+        source = growth.recipes[growth.canonical(name)].source
+        if source in group_of:
+            chosen[name] = group_of[source]
+    for name, _ in named:
+        if name not in chosen:
+            owner = name.rpartition(".")[0]
+            siblings = [chosen[n] for n in chosen if n.rpartition(".")[0] == owner]
+            chosen[name] = siblings[0] if siblings else 0
+    groups = [{k: v for k, v in g.items() if k != "params"} | {"params": []} for g in optimizer.param_groups]
+    for name, parameter in named:
+        groups[chosen[name]]["params"].append(parameter)
+    return groups  # one to one with the original's (a scheduler's per-group rates stay aligned)
+
+
+def _constructor_defaults(optimizer) -> dict:
+    """The constructor keywords of the optimizer's defaults (its groups carry their own values too)."""
+    accepted = inspect.signature(type(optimizer).__init__).parameters
+    return {k: v for k, v in optimizer.defaults.items() if k in accepted and k != "params"}
+
+
+def _carry_state(old_opt, new_opt, growth: GrowthMap, name: str, parameter, by_name: dict, policy: str,
+                 copies: str, carried: Carried) -> None:
+    recipe = growth.recipes[growth.canonical(name)]
+    source = by_name.get(recipe.source) if recipe.source is not None else None
+    state = old_opt.state.get(source) if source is not None else None
+    if not state:
+        carried.fresh.append(name)
+        return
+    if recipe.role != KEPT and copies == "fresh":
+        carried.fresh.append(name)  # no gradient identity with its source: its own state, its own step count
+        return
+    fields = MOMENTS[type(old_opt).__name__]
+    carried_state = {}
+    for field, value in state.items():
+        if field in KEPT_FIELDS or not torch.is_tensor(value):
+            carried_state[field] = value.clone() if torch.is_tensor(value) else copy.deepcopy(value)
+            continue
+        kind = "weight" if recipe.role != KEPT else ("preserve" if policy == "sparkling" else fields.get(field))
+        if kind is None:
+            carried.reset.append((name, field, "a state field this optimizer is not known to keep"))
+            carried_state = {}
+            break
+        made = _field(growth, name, recipe, field, value, kind, parameter)
+        if made is None:
+            carried.reset.append((name, field, "it averages over an axis that growth changed: not derivable"))
+            carried_state = {}
+            break
+        carried_state[field] = made
+    if carried_state:
+        new_opt.state[parameter] = carried_state
+    else:
+        carried.fresh.append(name)
+
+
+def _field(growth: GrowthMap, name: str, recipe, field: str, value: torch.Tensor, kind: str, parameter):
+    """One state field of the grown parameter ``name``; None when it cannot be derived."""
+    tensors = {recipe.source: value}
+    if value.shape == recipe_shape(growth, recipe):
+        made = growth.make(name, tensors, kind) if kind != "weight" else growth.make(name, tensors)
+        return made.to(value.dtype)
+    # a factored statistic (Adafactor's row_var [.., rows, 1], col_var [.., 1, cols]): it keeps one axis and
+    # averages over the other; derivable when growth did not touch the averaged axis
+    rank = value.dim()
+    averaged = {axis for axis in range(rank) if value.shape[axis] == 1 and parameter.shape[axis] != 1}
+    touched = {op.axis % rank for op in recipe.ops if getattr(op, "axis", None) is not None}
+    if not averaged or averaged & touched or any(getattr(op, "axis", 0) is None for op in recipe.ops):
+        return None
+    expanded = value.expand(recipe_shape(growth, recipe)).contiguous()
+    made = growth.make(name, {recipe.source: expanded}, kind)
+    index = [slice(None)] * rank
+    for axis in averaged:
+        index[axis] = slice(0, 1)
+    return made[tuple(index)].contiguous().to(value.dtype)
+
+
+def recipe_shape(growth: GrowthMap, recipe) -> tuple[int, ...]:
+    """The original shape of a recipe's source tensor."""
+    return tuple(growth.original[recipe.source][0])
+
+
+def check_groups(optimizer: torch.optim.Optimizer, module: torch.nn.Module) -> None:
+    """Every parameter of ``module`` is in exactly one group of ``optimizer``, and nothing else is."""
+    seen: dict[int, int] = {}
+    for i, group in enumerate(optimizer.param_groups):
+        for p in group["params"]:
+            if id(p) in seen:
+                raise GrowthError(f"a parameter of shape {tuple(p.shape)} is in groups {seen[id(p)]} and {i}")
+            seen[id(p)] = i
+    names = {id(p): n for n, p in module.named_parameters()}
+    missing = [n for i, n in names.items() if i not in seen]
+    extra = [p for group in optimizer.param_groups for p in group["params"] if id(p) not in names]
+    if missing:
+        raise GrowthError(f"the optimizer does not train {', '.join(missing[:3])}"
+                          + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
+    if extra:
+        raise GrowthError(f"the optimizer holds {len(extra)} tensors the module does not have "
+                          f"(shape {tuple(extra[0].shape)})")
+
+
+def carry_scheduler(scheduler, optimizer: torch.optim.Optimizer):
+    """The learning-rate scheduler ``scheduler`` driving ``optimizer`` (same class, same position): it keeps its
+    epoch and base rates and drives every group (the groups correspond one to one)."""
+    if len(getattr(scheduler, "base_lrs", optimizer.param_groups)) != len(optimizer.param_groups):
+        raise GrowthError("the scheduler drives a different number of parameter groups than the optimizer")
+    new = copy.copy(scheduler)
+    new.optimizer = optimizer
+    if hasattr(new, "_schedulers"):  # SequentialLR, ChainedScheduler
+        new._schedulers = [carry_scheduler(s, optimizer) for s in scheduler._schedulers]
+    _track_steps(optimizer)
+    return new
+
+
+def _track_steps(optimizer: torch.optim.Optimizer) -> None:
+    """What a scheduler's constructor does to its optimizer (marks its steps), so the scheduler does not warn
+    that it stepped first: training continues, the optimizer has stepped before."""
+    if hasattr(optimizer.step, "_wrapped_by_lr_sched"):
+        return
+    reference = weakref.ref(optimizer)
+    step = type(optimizer).step
+
+    @functools.wraps(step)
+    def wrapper(*args, **kwargs):
+        opt = reference()
+        opt._opt_called = True
+        return step(opt, *args, **kwargs)
+
+    wrapper._wrapped_by_lr_sched = True
+    optimizer.step = wrapper
+    optimizer._opt_called = True
+
+
+def _protect_new_entries(optimizer: torch.optim.Optimizer, growth: GrowthMap, module: torch.nn.Module) -> None:
+    """Adam's update of each new entry of a widened tensor recomputed with the entry's own age (see the module
+    docstring), until both bias corrections are within 0.1% of one."""
+    if type(optimizer).__name__ not in ("Adam", "AdamW"):
+        return
+    protected = {}
+    for name, parameter in _named_parameters(module):
+        recipe = growth.recipes[growth.canonical(name)]
+        if recipe.role == KEPT and parameter in optimizer.state:
+            mask = growth.new_entries(name)
+            if mask.any():
+                protected[parameter] = mask
+    if not protected:
+        return
+    ages = {p: 0 for p in protected}
+    before: dict = {}
+
+    def pre(opt, args, kwargs):
+        for p in protected:
+            before[p] = p.detach()[protected[p]].clone()
+
+    def post(opt, args, kwargs):
+        finished = True
+        for group in opt.param_groups:
+            beta1, beta2 = (float(b) for b in group["betas"])
+            for p in group["params"]:
+                if p not in protected or p.grad is None:
+                    continue
+                ages[p] += 1
+                age, mask, state = ages[p], protected[p], opt.state[p]
+                second = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
+                correction1, correction2 = 1 - beta1 ** age, 1 - beta2 ** age
+                lr = float(group["lr"])
+                denom = second[mask].sqrt() / math.sqrt(correction2) + group["eps"]
+                update = (lr / correction1) * state["exp_avg"][mask] / denom
+                start = before[p]
+                if type(opt).__name__ == "AdamW":
+                    start = start * (1 - lr * group["weight_decay"])
+                with torch.no_grad():
+                    p[mask] = start + update if group.get("maximize") else start - update
+                finished &= min(correction1, correction2) > 0.999
+        if finished:
+            handles[0].remove()
+            handles[1].remove()
+
+    handles = [optimizer.register_step_pre_hook(pre), optimizer.register_step_post_hook(post)]
