@@ -144,6 +144,11 @@ def test_groups_follow_sources_and_every_parameter_is_trained_once():
     carried.optimizer.step()
     carried.scheduler.step()  # the schedule continues where it was: step 3 of lambda 1/(1+step)
     assert groups[0]["lr"] == pytest.approx(1e-3 / 4) and groups[1]["lr"] == pytest.approx(5e-4 / 4)
+    assert "blocks.1.attn.q.weight" in carried.fresh  # a copied block starts fresh by default ...
+    sourced = rewrite.carry(optimizer, grown, grown.module, copies="source").optimizer  # ... or takes its source's
+    source = optimizer.state[dict(model.named_parameters())["blocks.0.ln1.weight"]]
+    assert torch.equal(sourced.state[params["blocks.1.ln1.weight"]]["exp_avg"], source["exp_avg"])
+    assert not sourced.state[params["blocks.1.attn.q.weight"]]["exp_avg"].any()  # redrawn by init="zero": no identity
 
 
 @pytest.mark.parametrize("make", [

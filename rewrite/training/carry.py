@@ -40,6 +40,7 @@ import torch
 
 from rewrite.errors import GrowthError
 from rewrite.transform.growth_map import KEPT, GrowthMap, tensor_names
+from rewrite.transform.growth_ops import run_dual
 
 MOMENTS = {
     "Adam": {"exp_avg": "gradient", "exp_avg_sq": "second_moment", "max_exp_avg_sq": "second_moment"},
@@ -154,7 +155,7 @@ def _carry_state(old_opt, new_opt, growth: GrowthMap, name: str, parameter, by_n
         if field in KEPT_FIELDS or not torch.is_tensor(value):
             carried_state[field] = value.clone() if torch.is_tensor(value) else copy.deepcopy(value)
             continue
-        kind = "weight" if recipe.role != KEPT else ("preserve" if policy == "sparkling" else fields.get(field))
+        kind = "preserve" if policy == "sparkling" or recipe.role != KEPT else fields.get(field)
         if kind is None:
             carried.reset.append((name, field, "a state field this optimizer is not known to keep"))
             carried_state = {}
@@ -173,10 +174,8 @@ def _carry_state(old_opt, new_opt, growth: GrowthMap, name: str, parameter, by_n
 
 def _field(growth: GrowthMap, name: str, recipe, field: str, value: torch.Tensor, kind: str, parameter):
     """One state field of the grown parameter ``name``; None when it cannot be derived."""
-    tensors = {recipe.source: value}
     if value.shape == recipe_shape(growth, recipe):
-        made = growth.make(name, tensors, kind) if kind != "weight" else growth.make(name, tensors)
-        return made.to(value.dtype)
+        return _through(growth, name, recipe, value, kind).to(value.dtype)
     # a factored statistic (Adafactor's row_var [.., rows, 1], col_var [.., 1, cols]): it keeps one axis and
     # averages over the other; derivable when growth did not touch the averaged axis
     rank = value.dim()
@@ -185,11 +184,20 @@ def _field(growth: GrowthMap, name: str, recipe, field: str, value: torch.Tensor
     if not averaged or averaged & touched or any(getattr(op, "axis", 0) is None for op in recipe.ops):
         return None
     expanded = value.expand(recipe_shape(growth, recipe)).contiguous()
-    made = growth.make(name, {recipe.source: expanded}, kind)
+    made = _through(growth, name, recipe, expanded, kind)
     index = [slice(None)] * rank
     for axis in averaged:
         index[axis] = slice(0, 1)
     return made[tuple(index)].contiguous().to(value.dtype)
+
+
+def _through(growth: GrowthMap, name: str, recipe, value: torch.Tensor, kind: str) -> torch.Tensor:
+    """A state field of the grown parameter ``name`` made from its source's: through the map's dual, or, for a
+    copy into a new role taking its source's state (``copies="source"``), that state as it was where the copy
+    keeps the source's entries."""
+    if recipe.role == KEPT:
+        return growth.make(name, {recipe.source: value}, kind)
+    return run_dual(value, recipe.ops, "preserve")
 
 
 def recipe_shape(growth: GrowthMap, recipe) -> tuple[int, ...]:
