@@ -1,1 +1,2 @@
-"""Training through growth: optimizer and learning-rate scheduler state carried onto the grown model."""
+"""Training through growth: optimizer and learning-rate scheduler state carried onto the grown model
+(``carry``), and when to grow (``triggers``)."""
