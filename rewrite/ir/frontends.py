@@ -118,7 +118,83 @@ def trace_export(model: torch.nn.Module, args: tuple, kwargs: dict) -> torch.fx.
         program = torch.export.export(model, tuple(args), dict(kwargs), dynamic_shapes=dynamic, strict=False)
     except Exception:  # noqa: BLE001 - symbolic shapes are a bonus; a static graph is still a graph
         program = torch.export.export(model, tuple(args), dict(kwargs), strict=False)
-    return program.module()
+    module = program.module()
+    _dropout_as_modules(module)
+    _batch_norm_as_modules(module)
+    return module
+
+
+def _dropout_as_modules(gm: torch.fx.GraphModule) -> None:
+    """Dropout that follows the module's mode. Export traces in eval mode and bakes ``train=False`` into each
+    ``aten.dropout``, so a grown model trained from such a graph would silently train without dropout. Each one
+    becomes a ``call_module`` of an ``nn.Dropout(p)`` at the path of the module it belonged to (the original's
+    name, ``transformer.h.0.attn.resid_dropout``), which ``.train()`` and ``.eval()`` switch like the original.
+    (Dropout inside ``scaled_dot_product_attention`` is traced as ``dropout_p=0`` and stays off.)"""
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not torch.ops.aten.dropout.default:
+            continue
+        x, p = node.args[0], float(node.args[1])
+        stack = node.meta.get("nn_module_stack") or {}
+        owner = list(stack.values())[-1][0] if stack else ""
+        path = owner if owner and not owner.startswith("_empty") else "dropout"
+        candidate, n = path, 0
+        while _taken(gm, candidate):
+            n += 1
+            candidate = f"{path}_{n}"
+        gm.add_submodule(candidate, torch.nn.Dropout(p).eval())  # traced in eval mode; .train() turns it on
+        with gm.graph.inserting_before(node):
+            replacement = gm.graph.call_module(candidate, (x,))
+        replacement.meta = dict(node.meta)
+        node.replace_all_uses_with(replacement)
+        gm.graph.erase_node(node)
+    gm.recompile()
+
+
+BATCH_NORMS = {3: torch.nn.BatchNorm1d, 2: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}
+
+
+def _batch_norm_as_modules(gm: torch.fx.GraphModule) -> None:
+    """BatchNorm that follows the module's mode. Export bakes ``training=False`` into ``aten.batch_norm``, so in
+    train mode it would keep normalising with the running statistics and never update them. Each one whose
+    tensors live on one module becomes a ``call_module`` of a real ``nn.BatchNorm{1,2,3}d`` at that module's path,
+    holding the very same weight, bias and running statistics (the names do not change)."""
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not torch.ops.aten.batch_norm.default:
+            continue
+        x, weight, bias, mean, var, _, momentum, eps = node.args[:8]
+        tensors = [t for t in (weight, bias, mean, var) if isinstance(t, torch.fx.Node)]
+        owners = {str(t.target).rpartition(".")[0] for t in tensors if t.op == "get_attr"}
+        value = x.meta.get("val") if isinstance(x, torch.fx.Node) else None
+        if len(owners) != 1 or not isinstance(mean, torch.fx.Node) or value is None or value.dim() not in BATCH_NORMS:
+            continue  # not one module's tensors: leave the op as traced
+        path = owners.pop()
+        holder = gm.get_submodule(path)
+        norm = BATCH_NORMS[value.dim()](mean.meta["val"].shape[0], eps=eps, momentum=momentum,
+                                        affine=isinstance(weight, torch.fx.Node), device="meta")
+        for name, ref in (("weight", weight), ("bias", bias), ("running_mean", mean), ("running_var", var)):
+            if isinstance(ref, torch.fx.Node):
+                setattr(norm, name, getattr(holder, str(ref.target).rpartition(".")[2]))
+        tracked = getattr(holder, "num_batches_tracked", None)
+        norm.register_buffer("num_batches_tracked", tracked)  # None when the original kept no count
+        norm.eval()  # traced in eval mode; .train() turns batch statistics on
+        gm.add_submodule(path, norm)
+        with gm.graph.inserting_before(node):
+            replacement = gm.graph.call_module(path, (x,))
+        replacement.meta = dict(node.meta)
+        node.replace_all_uses_with(replacement)
+        gm.graph.erase_node(node)
+        for ref in tensors:
+            if not ref.users:
+                gm.graph.erase_node(ref)
+    gm.recompile()
+
+
+def _taken(gm: torch.nn.Module, path: str) -> bool:
+    try:
+        gm.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
 
 
 TRACERS: dict[str, Callable[[torch.nn.Module, tuple, dict], torch.fx.GraphModule]] = {
