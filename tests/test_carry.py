@@ -246,3 +246,28 @@ def test_sparkling_keeps_old_state_and_new_entries_take_fresh_adam_steps():
     assert sizes[False][0] > 3.0  # the skipped bias correction: (1 - 0.9) / sqrt(1 - 0.999) = 3.16
     assert sizes[True][0] == pytest.approx(1.0, abs=1e-3)  # a fresh Adam's first step: exactly lr
     assert max(sizes[True]) < 1.1  # after it, what a fresh Adam does (|m^|/sqrt(v^) ~ 1 on these gradients)
+
+
+def test_rewarm_scales_the_updates_of_what_growth_added_and_nothing_else():
+    """Plain SGD (an update is exactly -lr * g): new entries move by (1 + 0.3 a / 4) lr g for a = 1..4, then back
+    down to 1 by a = 8; old entries by exactly lr g throughout."""
+    built = zoo.build("llama")
+    model = built.model.eval()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    grown = rewrite.apply(model, [passes.widen_mlp(factor=2), passes.add_layers(1, init="copy")], built.args)
+    new = rewrite.carry_optimizer(optimizer, grown, grown.module, rewarm=(1.3, 4))
+    params = dict(grown.module.named_parameters())
+    widened, copied = params["blocks.0.mlp.down.weight"], params["blocks.2.attn.q.weight"]
+    mask = grown.map.new_entries("blocks.0.mlp.down.weight")
+    expected = [1.075, 1.15, 1.225, 1.3, 1.225, 1.15, 1.075, 1.0, 1.0]
+    for scale in expected:
+        before = {p: p.detach().clone() for p in (widened, copied)}
+        new.zero_grad()
+        grown.module(*built.args).square().mean().backward()
+        gradients = {p: p.grad.detach().clone() for p in (widened, copied)}
+        new.step()
+        step = {p: p.detach() - before[p] for p in (widened, copied)}
+        close = dict(rtol=1e-4, atol=1e-7)  # atol: the float rounding of w + step, w ~ 0.1
+        assert torch.allclose(step[widened][mask], -0.1 * scale * gradients[widened][mask], **close)
+        assert torch.allclose(step[widened][~mask], -0.1 * gradients[widened][~mask], **close)
+        assert torch.allclose(step[copied], -0.1 * scale * gradients[copied], **close)

@@ -157,7 +157,8 @@ class Scale:
                 "positions": None if self.positions is None else runs(self.positions)}
 
     def describe(self, shape) -> str:
-        where = "" if self.positions is None else f" at {_axis_name(self.axis, len(shape))} {_describe_runs(runs(self.positions))}"
+        where = "" if self.positions is None else (
+            f" at {_axis_name(self.axis, len(shape))} {_describe_runs(runs(self.positions))}")
         what = f"({self.offset:g} + w) * {self.factor:.6g} - {self.offset:g}" if self.offset else f"* {self.factor:.6g}"
         return f"scaled {what}{where}"
 

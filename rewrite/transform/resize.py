@@ -3,9 +3,10 @@
 ``check_resize`` says, before anything runs, whether a group can grow with a policy and whether the
 result is exact (and if not, why). ``resize`` builds the grown Graph from a :class:`Layout` per grown
 group: the policy says, role by role, which growth-map ops make each grown tensor, and each is made once by
-running them (allocated once, filled by slices); everything else is cloned so the grown model owns its parameters (training it never touches the original) and tied
-tensors stay tied; standard modules' size attributes and the literal sizes in views, norms and splits
-follow. The grown graph's lineage carries the growth map and ``node_map``, projecting each grown activation back onto the original units
+running them (allocated once, filled by slices); everything else is cloned so the grown model owns its
+parameters (training it never touches the original) and tied tensors stay tied; standard modules' size
+attributes and the literal sizes in views, norms and splits follow. The grown graph's lineage carries the
+growth map and ``node_map``, projecting each grown activation back onto the original units
 (``old_positions``), so ``rewrite.verify`` names the first node a faulty rule breaks.
 """
 
