@@ -43,6 +43,9 @@ class Trigger:
     def reset(self) -> None:
         """Forget the curve seen so far (called after a growth)."""
 
+    def __post_init__(self):  # dataclass subclasses start afresh
+        self.reset()
+
 
 @dataclasses.dataclass
 class Fixed(Trigger):
@@ -55,7 +58,7 @@ class Fixed(Trigger):
     def __post_init__(self):
         if (self.step, self.tokens, self.flops) == (None, None, None):
             raise ValueError("Fixed needs step=, tokens= or flops=")
-        self._fired = False
+        super().__post_init__()
 
     def __call__(self, *, step, tokens=0, flops=0.0, loss=None) -> Decision:
         reached = {name: (value, limit) for name, value, limit in
@@ -78,9 +81,6 @@ class Plateau(Trigger):
     window: int = 10
     threshold: float = 0.01
     patience: int = 3
-
-    def __post_init__(self):
-        self.reset()
 
     def reset(self) -> None:
         self._best: list[float] = []
@@ -112,9 +112,6 @@ class Slope(Trigger):
     fit_fraction: float = 0.5
     min_points: int = 12
     patience: int = 3
-
-    def __post_init__(self):
-        self.reset()
 
     def reset(self) -> None:
         self._curve: list[tuple[float, float]] = []
