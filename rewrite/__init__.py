@@ -33,6 +33,7 @@ from rewrite.ir.compare import Row
 from rewrite.ir.graph import Graph, Lineage, TensorInfo
 from rewrite.ir.trace import trace
 from rewrite.training.carry import Carried, carry, carry_optimizer, carry_scheduler
+from rewrite.training.progressive import ProgressiveTrainer
 from rewrite.transform.apply import Grown, GrownModule, GrowthReport, PassRecord, apply
 from rewrite.transform.edit import Editor
 from rewrite.transform.growth_map import GrowthMap, Recipe
@@ -45,7 +46,7 @@ from rewrite.verification.verify import Report, verify
 __all__ = [
     "Block", "DimGroup", "Editor", "Fill", "Graph", "GrowfxError", "Grown", "GrownModule", "GrowthError",
     "GrowthMap", "GrowthReport", "InputError", "Lineage", "Match", "Member", "Noise", "NotExactError",
-    "NotRepresentableError", "OnnxModel", "PassRecord", "Policy", "Recipe", "Redraw", "Report", "Row", "Rule",
+    "NotRepresentableError", "OnnxModel", "PassRecord", "Policy", "ProgressiveTrainer", "Recipe", "Redraw", "Report", "Row", "Rule",
     "RuleSet", "Scale", "Split", "Take", "TensorInfo", "TraceError", "UnsupportedOpError", "VerificationError",
     "Carried", "apply", "block", "blocks", "carry", "carry_optimizer", "carry_scheduler", "dim_analysis", "dim_groups", "export_onnx", "mlp", "op", "optional", "residual",
     "rule", "to_native", "trace", "verify",

@@ -176,3 +176,18 @@ def test_the_map_of_hugging_face_models_rebuilds_them_too():
         kept = set(built.model.state_dict()) - set(grown.map.removed)  # upcycling removes the dense MLPs
         assert kept and set(expected) >= kept  # the original names, nothing prefixed or renamed
         assert_same_state(grown.map.apply(built.model.state_dict()), expected)
+
+
+def test_growing_a_grown_graph_again_maps_from_that_graph():
+    """Two apply calls in a row (what a training loop does at its second growth): the second map's sources are
+    the first result's tensors, and its verification projects onto that graph's nodes."""
+    torch.manual_seed(0)
+    model = Llama(vocab=32, dim=16, heads=4, kv_heads=2, hidden=24, layers=2).eval()
+    ids = torch.randint(0, 32, (2, 6))
+    first = rewrite.apply(model, [passes.widen_mlp(size=40)], (ids,))
+    second = rewrite.apply(first.graph, [passes.widen_mlp(size=80, init="clone")], (ids,))
+    down = second.map.recipes["blocks.0.mlp.down.weight"]
+    assert down.source == "blocks.0.mlp.down.weight" and len(down.ops) == 2  # one Take and its Split
+    assert second.map.original["blocks.0.mlp.down.weight"][0] == (16, 40)
+    assert_same_state(second.map.apply(first.module.state_dict()), second.module.state_dict())
+    assert second.report.passes[0].verification.max_abs_error < 1e-5

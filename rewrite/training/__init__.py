@@ -1,2 +1,2 @@
 """Training through growth: optimizer and learning-rate scheduler state carried onto the grown model
-(``carry``), and when to grow (``triggers``)."""
+(``carry``), when to grow (``triggers``), and the loop that does both (``progressive.ProgressiveTrainer``)."""

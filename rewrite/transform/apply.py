@@ -102,7 +102,8 @@ class Grown:
 
     @property
     def map(self) -> GrowthMap:
-        """How every tensor of the grown model is made from the original's (``rewrite.GrowthMap``)."""
+        """How every tensor of the grown model is made from the tensors of the model (or graph) ``apply`` grew
+        (``rewrite.GrowthMap``)."""
         return self.graph.lineage.growth_map
 
 
@@ -112,6 +113,10 @@ def apply(model: torch.nn.Module | Graph, passes: list, args=(), kwargs: dict | 
     args = args if isinstance(args, tuple) else (args,)
     kwargs = dict(kwargs or {})
     original = model if isinstance(model, Graph) else trace(model, args, kwargs)
+    if isinstance(model, Graph) and (original.lineage.growth_map is not None or original.lineage.node_map):
+        # a graph grown before: this growth is relative to it (the map from its tensors, the node map onto its
+        # nodes); where modules came from keeps pointing at the traced model
+        original = original.with_module(original.module, Lineage(origins=original.lineage.origins))
     current = original
     shapes = _parameter_shapes(current)
     records = []

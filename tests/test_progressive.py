@@ -1,0 +1,87 @@
+"""``ProgressiveTrainer``: train -> detect -> grow -> continue on a small GPT and a toy language."""
+
+import json
+
+import torch
+import torch.nn.functional as F
+
+import passes
+import rewrite
+from rewrite.app.zoo.handwritten import GPT
+from rewrite.training.triggers import Fixed, Plateau
+
+VOCAB = 32
+
+
+def batches(generator: torch.Generator, size: int = 16):
+    """A toy language: each token is the previous one plus one, modulo the vocabulary."""
+    while True:
+        start = torch.randint(0, VOCAB, (size, 1), generator=generator)
+        sequence = (start + torch.arange(13)) % VOCAB
+        yield sequence[:, :-1], sequence[:, 1:]
+
+
+def noisy_batches(generator: torch.Generator, size: int = 16):
+    """The toy language with half of the next tokens random: its loss has a floor the model reaches."""
+    while True:
+        tokens = [torch.randint(0, VOCAB, (size,), generator=generator)]
+        for _ in range(12):
+            follow = torch.rand(size, generator=generator) < 0.5
+            random = torch.randint(0, VOCAB, (size,), generator=generator)
+            tokens.append(torch.where(follow, (tokens[-1] + 1) % VOCAB, random))
+        sequence = torch.stack(tokens, 1)
+        yield sequence[:, :-1], sequence[:, 1:]
+
+
+def loss(model, batch):
+    inputs, targets = batch
+    return F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
+
+
+def test_two_growths_keep_the_loss_and_training_continues(tmp_path):
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    validation = [next(batches(torch.Generator().manual_seed(1))) for _ in range(2)]
+    trainer = rewrite.ProgressiveTrainer(
+        GPT(vocab=VOCAB, dim=16, heads=2, hidden=32, layers=1),
+        loss=loss,
+        optimizer=lambda params: torch.optim.AdamW(params, lr=3e-3),
+        scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / 10)),
+        stages=[[passes.widen_mlp(factor=2)], [passes.add_layers(1, init="copy"), passes.add_heads(2)]],
+        trigger=[Fixed(step=30), Fixed(step=60)],
+        evaluate_every=10,
+        log=tmp_path / "run.jsonl",
+    ).fit(batches(generator), validation, steps=90)
+    growths = [r for r in trainer.history if r["event"] == "growth"]
+    assert [g["step"] for g in growths] == [30, 60]
+    for g in growths:  # exact plans: the loss on the fixed batch is unchanged, and the model grew
+        assert g["exact"] and abs(g["loss_after"] - g["loss_before"]) <= 1e-5
+        assert g["parameters_after"] > g["parameters_before"]
+    evals = [r for r in trainer.history if r["event"] == "eval"]
+    assert all(b["flops"] > a["flops"] for a, b in zip(evals, evals[1:]))
+    assert evals[-1]["val_loss"] < evals[3]["val_loss"]  # it kept learning after both growths
+    assert evals[-1]["parameters"] == growths[-1]["parameters_after"]
+    assert evals[-1]["lr"] == [3e-3]  # the warmup schedule carried across both growths, at its plateau
+    lines = [json.loads(line) for line in (tmp_path / "run.jsonl").read_text().splitlines()]
+    assert [line["event"] for line in lines] == [r["event"] for r in trainer.history]
+    assert "widen_mlp(factor=2)" in lines[3]["report"]
+    rewrite.training.carry.check_groups(trainer._optimizer, trainer.model)  # every parameter is trained
+
+
+def test_a_plateau_triggers_growth_with_its_evidence():
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    noisy = noisy_batches(torch.Generator().manual_seed(1))
+    validation = [next(noisy) for _ in range(4)]
+    trainer = rewrite.ProgressiveTrainer(
+        GPT(vocab=VOCAB, dim=8, heads=2, hidden=8, layers=1),
+        loss=loss,
+        optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2),
+        stages=[[passes.widen_mlp(factor=2)]],
+        trigger=Plateau(window=3, threshold=0.02, patience=2),
+        evaluate_every=10,
+    ).fit(noisy_batches(generator), validation, steps=400)
+    growths = [r for r in trainer.history if r["event"] == "growth"]
+    assert len(growths) == 1
+    assert growths[0]["evidence"]["trigger"] == "plateau"
+    assert growths[0]["evidence"]["relative_improvement"] < 0.02
