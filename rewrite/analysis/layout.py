@@ -37,9 +37,21 @@ class Layout:
         return bool(torch.equal(self.old_positions, torch.arange(self.old_size)))
 
     def new_positions(self) -> torch.Tensor:
-        keep = torch.ones(self.new_size, dtype=torch.bool)
-        keep[self.old_positions] = False
-        return torch.nonzero(keep).flatten()
+        return new_positions(self.new_size, self.old_positions)
+
+
+def new_positions(size: int, old_positions: torch.Tensor) -> torch.Tensor:
+    """The positions of an axis of ``size`` units that no old unit occupies."""
+    keep = torch.ones(size, dtype=torch.bool)
+    keep[old_positions] = False
+    return torch.nonzero(keep).flatten()
+
+
+def padding_index(size: int, old_positions: torch.Tensor) -> torch.Tensor:
+    """For each of ``size`` positions, the old unit placed there, or -1 where no old unit is."""
+    index = torch.full((size,), -1, dtype=torch.long)
+    index[old_positions] = torch.arange(len(old_positions))
+    return index
 
 
 def identity(n: int) -> Layout:

@@ -121,6 +121,7 @@ def trace_export(model: torch.nn.Module, args: tuple, kwargs: dict) -> torch.fx.
     module = program.module()
     _dropout_as_modules(module)
     _batch_norm_as_modules(module)
+    module.recompile()
     return module
 
 
@@ -142,12 +143,7 @@ def _dropout_as_modules(gm: torch.fx.GraphModule) -> None:
             n += 1
             candidate = f"{path}_{n}"
         gm.add_submodule(candidate, torch.nn.Dropout(p).eval())  # traced in eval mode; .train() turns it on
-        with gm.graph.inserting_before(node):
-            replacement = gm.graph.call_module(candidate, (x,))
-        replacement.meta = dict(node.meta)
-        node.replace_all_uses_with(replacement)
-        gm.graph.erase_node(node)
-    gm.recompile()
+        _call_module_instead(gm, node, candidate, x)
 
 
 BATCH_NORMS = {3: torch.nn.BatchNorm1d, 2: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}
@@ -178,15 +174,19 @@ def _batch_norm_as_modules(gm: torch.fx.GraphModule) -> None:
         norm.register_buffer("num_batches_tracked", tracked)  # None when the original kept no count
         norm.eval()  # traced in eval mode; .train() turns batch statistics on
         gm.add_submodule(path, norm)
-        with gm.graph.inserting_before(node):
-            replacement = gm.graph.call_module(path, (x,))
-        replacement.meta = dict(node.meta)
-        node.replace_all_uses_with(replacement)
-        gm.graph.erase_node(node)
+        _call_module_instead(gm, node, path, x)
         for ref in tensors:
             if not ref.users:
                 gm.graph.erase_node(ref)
-    gm.recompile()
+
+
+def _call_module_instead(gm: torch.fx.GraphModule, node: torch.fx.Node, path: str, x: torch.fx.Node) -> None:
+    """``node`` replaced by a call of the module at ``path`` on ``x`` (same metadata, same users)."""
+    with gm.graph.inserting_before(node):
+        replacement = gm.graph.call_module(path, (x,))
+    replacement.meta = dict(node.meta)
+    node.replace_all_uses_with(replacement)
+    gm.graph.erase_node(node)
 
 
 def _taken(gm: torch.nn.Module, path: str) -> bool:

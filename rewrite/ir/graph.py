@@ -107,9 +107,7 @@ class Graph:
         if self.disposable:
             for tensor in (*self.module.parameters(), *self.module.buffers()):
                 memo.setdefault(id(tensor), tensor)
-        with warnings.catch_warnings():  # deepcopy of export's pytree specs warns about a deprecated alias
-            warnings.simplefilter("ignore", FutureWarning)
-            return copy.deepcopy(self.module, memo)
+        return _deep_copied(self.module, memo)
 
     def with_module(self, module: torch.fx.GraphModule, lineage: Lineage | None = None,
                     disposable: bool = False) -> "Graph":
@@ -129,8 +127,7 @@ class Graph:
     def __deepcopy__(self, memo: dict) -> "Graph":
         """A copy with its own module and tensors; the lineage is immutable and shared, derived facts are not
         copied (they are recomputed on the copy when asked for)."""
-        module = self.module_copy(memo) if not self.disposable else copy.deepcopy(self.module, memo)
-        return Graph(module, frontend=self.frontend, source_class=self.source_class,
+        return Graph(_deep_copied(self.module, memo), frontend=self.frontend, source_class=self.source_class,
                      example_args=copy.deepcopy(self.example_args, memo),
                      example_kwargs=copy.deepcopy(self.example_kwargs, memo),
                      fixed_kwargs=copy.deepcopy(self.fixed_kwargs, memo), lineage=self.lineage)
@@ -313,6 +310,12 @@ class Graph:
             f"<Graph of {self.source_class} via {self.frontend}: {len(self.compute_nodes())} ops, "
             f"{self.num_parameters:,} parameters>"
         )
+
+
+def _deep_copied(module: torch.fx.GraphModule, memo: dict) -> torch.fx.GraphModule:
+    with warnings.catch_warnings():  # deepcopy of export's pytree specs warns about a deprecated alias
+        warnings.simplefilter("ignore", FutureWarning)
+        return copy.deepcopy(module, memo)
 
 
 def attribute(root: torch.nn.Module, target: str):

@@ -165,7 +165,7 @@ def _carry_state(old_opt, new_opt, growth: GrowthMap, name: str, parameter, by_n
             carried.reset.append((name, field, "a state field this optimizer is not known to keep"))
             carried_state = {}
             break
-        made = _field(growth, name, recipe, field, value, kind, parameter)
+        made = _field(growth, name, recipe, value, kind, parameter)
         if made is None:
             carried.reset.append((name, field, "it averages over an axis that growth changed: not derivable"))
             carried_state = {}
@@ -177,9 +177,9 @@ def _carry_state(old_opt, new_opt, growth: GrowthMap, name: str, parameter, by_n
         carried.fresh.append(name)
 
 
-def _field(growth: GrowthMap, name: str, recipe, field: str, value: torch.Tensor, kind: str, parameter):
+def _field(growth: GrowthMap, name: str, recipe, value: torch.Tensor, kind: str, parameter):
     """One state field of the grown parameter ``name``; None when it cannot be derived."""
-    if value.shape == recipe_shape(growth, recipe):
+    if value.shape == _source_shape(growth, recipe):
         return _through(growth, name, recipe, value, kind).to(value.dtype)
     # a factored statistic (Adafactor's row_var [.., rows, 1], col_var [.., 1, cols]): it keeps one axis and
     # averages over the other; derivable when growth did not touch the averaged axis
@@ -188,7 +188,7 @@ def _field(growth: GrowthMap, name: str, recipe, field: str, value: torch.Tensor
     touched = {op.axis % rank for op in recipe.ops if getattr(op, "axis", None) is not None}
     if not averaged or averaged & touched or any(getattr(op, "axis", 0) is None for op in recipe.ops):
         return None
-    expanded = value.expand(recipe_shape(growth, recipe)).contiguous()
+    expanded = value.expand(_source_shape(growth, recipe)).contiguous()
     made = _through(growth, name, recipe, expanded, kind)
     index = [slice(None)] * rank
     for axis in averaged:
@@ -205,7 +205,7 @@ def _through(growth: GrowthMap, name: str, recipe, value: torch.Tensor, kind: st
     return run_dual(value, recipe.ops, "preserve")
 
 
-def recipe_shape(growth: GrowthMap, recipe) -> tuple[int, ...]:
+def _source_shape(growth: GrowthMap, recipe) -> tuple[int, ...]:
     """The original shape of a recipe's source tensor."""
     return tuple(growth.original[recipe.source][0])
 

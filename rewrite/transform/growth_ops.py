@@ -38,6 +38,8 @@ from typing import Union
 
 import torch
 
+from rewrite.analysis.layout import new_positions, padding_index
+
 NOISE = 1e-2  # relative scale of the symmetry-breaking noise the built-in policies draw
 
 
@@ -110,9 +112,7 @@ class Take:
     fill: str
 
     def new_positions(self) -> torch.Tensor:
-        keep = torch.ones(len(self.index), dtype=torch.bool)
-        keep[self.old_positions] = False
-        return torch.nonzero(keep).flatten()
+        return new_positions(len(self.index), self.old_positions)
 
     def to_dict(self) -> dict:
         return {"op": "take", "axis": self.axis, "index": runs(self.index),
@@ -288,7 +288,7 @@ def run_dual(tensor: torch.Tensor, ops: tuple[Op, ...] | list[Op], kind: str) ->
                     shares = counts.index_select(0, op.index.clamp(min=0)).to(x.dtype) ** power
                     x = _take(x, op.axis, op.index).div_(_along(shares, op.axis, x.dim()))
                 else:
-                    x = _take(x, op.axis, _padding(op))
+                    x = _take(x, op.axis, padding_index(len(op.index), op.old_positions))
             elif isinstance(op, Split) and kind != PRESERVE:
                 x.mul_(_along(op.divisors.to(x.dtype) ** power, op.axis, x.dim()))
             elif isinstance(op, Scale) and kind != PRESERVE:
@@ -297,13 +297,6 @@ def run_dual(tensor: torch.Tensor, ops: tuple[Op, ...] | list[Op], kind: str) ->
             elif isinstance(op, Redraw):
                 x.zero_()  # a fresh draw has no gradient identity with what it replaced
     return x
-
-
-def _padding(take: Take) -> torch.Tensor:
-    """The index that keeps the old units where ``take`` puts them and leaves every new position empty."""
-    index = torch.full((len(take.index),), -1, dtype=torch.long)
-    index[take.old_positions] = torch.arange(len(take.old_positions))
-    return index
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from rewrite.analysis.layout import Layout, appended
+from rewrite.analysis.layout import Layout, appended, padding_index
 from rewrite.transform.growth_ops import Noise, Op, Scale, Split, Take
 
 REDUCTION_NAMES = {"layer_norm": "LayerNorm", "rms_norm": "RMSNorm", "softmax": "a softmax",
@@ -69,9 +69,7 @@ def replicate(axis: int, layout: Layout, fill: str) -> Take:
 
 def pad(axis: int, layout: Layout) -> Take:
     """Old units where the layout puts them, new units zero."""
-    index = torch.full((layout.new_size,), -1, dtype=torch.long)
-    index[layout.old_positions] = torch.arange(layout.old_size)
-    return Take(axis, index, layout.old_positions, "zero")
+    return Take(axis, padding_index(layout.new_size, layout.old_positions), layout.old_positions, "zero")
 
 
 def fused(axis: int, parts: list[tuple[int, int, Layout, list[Op]]]) -> list[Op]:
