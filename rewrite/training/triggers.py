@@ -15,11 +15,11 @@ After a growth, ``reset()`` starts it afresh on the grown model's curve.
   below ``ratio * alpha``, ``patience`` times in a row. (Staged training's criterion, with the power law of
   the curve so far standing in for the bigger model's scaling law.)
 
-The defaults (window 10, patience 3) come from synthetic curves (``tests/test_triggers.py``: ``10 C^-0.3``,
+The defaults (window 10, patience 3) come from synthetic curves (``examples/bench_triggers.py``: ``10 C^-0.3``,
 evaluated at evenly spaced compute, flattening to slope 0.01). Over 50 noise seeds at 0.5% multiplicative
 noise, neither trigger fired on the falling curve, and both fired after it flattened: the slope trigger 6-9
 evaluations later, the plateau trigger 10-17. At 1% noise the slope trigger fired early on 5 of 50 curves.
-A window of 5 fired early on 8 to 13 of 20 curves at 0.5% noise.
+A window of 5 with patience 2 fired early on 23 (plateau) and 37 (slope) of 50 curves at 0.5% noise.
 """
 
 from __future__ import annotations
