@@ -85,3 +85,39 @@ def test_a_plateau_triggers_growth_with_its_evidence():
     assert len(growths) == 1
     assert growths[0]["evidence"]["trigger"] == "plateau"
     assert growths[0]["evidence"]["relative_improvement"] < 0.02
+
+
+def test_a_hugging_face_llama_keeps_training_in_its_own_class(tmp_path):
+    from rewrite.app import zoo
+
+    torch.manual_seed(0)
+    model = zoo.build("hf-llama").model
+    vocab = model.config.vocab_size
+
+    def lm_loss(m, batch):
+        inputs, targets = batch
+        return F.cross_entropy(m(inputs).logits.flatten(0, 1), targets.flatten() % vocab)
+
+    validation = [next(batches(torch.Generator().manual_seed(1)))]
+    trainer = rewrite.ProgressiveTrainer(
+        model, loss=lm_loss, optimizer=lambda params: torch.optim.AdamW(params, lr=3e-3),
+        stages=[[passes.widen_mlp(factor=2)], [passes.add_layers(1, init="copy")]],
+        trigger=[Fixed(step=6), Fixed(step=12)], evaluate_every=3, checkpoints=tmp_path,
+    ).fit(batches(torch.Generator().manual_seed(0)), validation, steps=15)
+    growths = [r for r in trainer.history if r["event"] == "growth"]
+    assert [g["native"] for g in growths] == ["continues in its own class"] * 2
+    assert all(abs(g["loss_after"] - g["loss_before"]) <= 1e-5 * g["loss_before"] for g in growths)
+    grown = trainer.model
+    assert type(grown) is type(model) and model.config.num_hidden_layers == 2  # the original is untouched
+    assert grown.config.num_hidden_layers == 3
+    assert grown.config.intermediate_size == 2 * model.config.intermediate_size
+    assert grown.generate(validation[0][0][:1, :4], max_new_tokens=2, do_sample=False).shape == (1, 6)
+    rewrite.training.carry.check_groups(trainer._optimizer, grown)
+    resumed = rewrite.ProgressiveTrainer(  # resuming replays both growths into the native class
+        zoo.build("hf-llama").model, loss=lm_loss, optimizer=lambda params: torch.optim.AdamW(params, lr=3e-3),
+        stages=[[passes.widen_mlp(factor=2)], [passes.add_layers(1, init="copy")]],
+        trigger=[Fixed(step=6), Fixed(step=12)], evaluate_every=3, checkpoints=tmp_path,
+    ).fit(batches(torch.Generator().manual_seed(0)), validation, steps=15, resume=tmp_path / "step-00000006-2-after")
+    assert type(resumed.model) is type(model)
+    for (name, a), b in zip(grown.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name

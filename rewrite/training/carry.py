@@ -19,15 +19,10 @@ as it was, new entries start from zero: SPARKLING's asymmetric reset) and ``rese
 new role or a tensor with no source starts fresh (no state: its own step count), or with ``copies="source"``
 takes its source's state as it was.
 
-Adam's bias correction and new entries. A widened tensor keeps one ``step`` for all its entries, so entries that
-start from zero moments would skip the bias correction their age calls for: their first updates come out about
-``(1 - beta1) / sqrt(1 - beta2)`` (3.2x) the learning rate. With ``protect=True`` (the default for ``sparkling``)
-a step hook recomputes the new entries' update with their own age ``a`` (Adam's exact formula, ``1 - beta^a``)
-until both corrections are within 0.1% of one, so every update of a new entry is what a fresh Adam would take.
-
-Re-warmup (SPARKLING). ``rewarm=(1.3, 250)`` re-warms the learning rate of what growth added (new entries and
-copied or new tensors) from the schedule's rate to 1.3 times it over 250 steps, then back to the schedule over
-as many; it is applied to their updates by the same step hook, since entries of one tensor share a group.
+Step hooks on what growth added (``rewrite.training.hooks``, returned as ``Carried.hooks``): ``protect=True``
+(the default for ``sparkling``) gives new entries of widened tensors Adam's bias correction for their own age;
+``rewarm=(1.3, 250)`` re-warms their learning rate to 1.3 times the schedule's over 250 steps (SPARKLING);
+``train="added"`` trains only what growth added, leaving every original entry bit-identical (LLaMA Pro).
 """
 
 from __future__ import annotations
@@ -36,7 +31,6 @@ import copy
 import dataclasses
 import functools
 import inspect
-import math
 import warnings
 import weakref
 
@@ -45,6 +39,7 @@ import torch
 from rewrite.errors import GrowthError
 from rewrite.transform.growth_map import KEPT, GrowthMap, tensor_names
 from rewrite.transform.growth_ops import run_dual
+from rewrite.training.hooks import GrowthHooks
 
 MOMENTS = {
     "Adam": {"exp_avg": "gradient", "exp_avg_sq": "second_moment", "max_exp_avg_sq": "second_moment"},
@@ -66,14 +61,16 @@ class Carried:
     scheduler: object | None = None
     reset: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)  # (parameter, field, why)
     fresh: list[str] = dataclasses.field(default_factory=list)  # parameters that start with no state
+    hooks: GrowthHooks | None = None  # protection, re-warmup, train="added" (their state_dict goes in checkpoints)
 
 
 def carry_optimizer(optimizer: torch.optim.Optimizer, grown, module: torch.nn.Module, *, policy: str = "mapped",
                     copies: str = "fresh", protect: bool | None = None,
-                    rewarm: tuple[float, int] | None = None) -> torch.optim.Optimizer:
+                    rewarm: tuple[float, int] | None = None, train: str = "all") -> torch.optim.Optimizer:
     """An optimizer of ``optimizer``'s class for the grown ``module`` with its groups and state carried (see the
     module docstring); a state field that could not be carried is reported in a warning."""
-    carried = carry(optimizer, grown, module, policy=policy, copies=copies, protect=protect, rewarm=rewarm)
+    carried = carry(optimizer, grown, module, policy=policy, copies=copies, protect=protect, rewarm=rewarm,
+                    train=train)
     for name, field, why in carried.reset:
         warnings.warn(f"carry_optimizer reset {field} of {name}: {why}", stacklevel=2)
     return carried.optimizer
@@ -81,7 +78,7 @@ def carry_optimizer(optimizer: torch.optim.Optimizer, grown, module: torch.nn.Mo
 
 def carry(optimizer: torch.optim.Optimizer, grown, module: torch.nn.Module, scheduler=None, *,
           policy: str = "mapped", copies: str = "fresh", protect: bool | None = None,
-          rewarm: tuple[float, int] | None = None) -> Carried:
+          rewarm: tuple[float, int] | None = None, train: str = "all") -> Carried:
     """The optimizer and (optionally) the learning-rate scheduler for the grown ``module``, in one call."""
     kind = type(optimizer).__name__
     if kind not in MOMENTS:
@@ -104,7 +101,8 @@ def carry(optimizer: torch.optim.Optimizer, grown, module: torch.nn.Module, sche
     if policy != "reset":
         for name, parameter in _named_parameters(module):
             _carry_state(optimizer, new, growth, name, parameter, by_name, policy, copies, carried)
-    _new_entry_hooks(new, growth, module, protect if protect is not None else policy == "sparkling", rewarm)
+    carried.hooks = GrowthHooks(new, growth, module, protect=protect if protect is not None else policy == "sparkling",
+                                rewarm=rewarm, train=train)
     check_groups(new, module)
     if scheduler is not None:
         carried.scheduler = carry_scheduler(scheduler, new)
@@ -259,69 +257,3 @@ def _track_steps(optimizer: torch.optim.Optimizer) -> None:
     wrapper._wrapped_by_lr_sched = True
     optimizer.step = wrapper
     optimizer._opt_called = True
-
-
-def _new_entry_hooks(optimizer: torch.optim.Optimizer, growth: GrowthMap, module: torch.nn.Module, protect: bool,
-                     rewarm: tuple[float, int] | None) -> None:
-    """Step hooks on what growth added (new entries of widened tensors; every entry of copied and new tensors):
-    ``protect`` recomputes Adam's update of new entries of widened tensors with their own age (see the module
-    docstring); ``rewarm=(peak, steps)`` multiplies every new entry's update (weight decay included, as a
-    learning rate would) by ``1 + (peak - 1) * a / steps`` for ``a`` steps after growth up to ``steps``, then back
-    down to 1 over as many steps: the new parameters' learning rate re-warmed to ``peak`` times the schedule's.
-    The hooks remove themselves when neither has anything left to do."""
-    adam = type(optimizer).__name__ in ("Adam", "AdamW")
-    masks, widened = {}, set()
-    for name, parameter in _named_parameters(module):
-        recipe = growth.recipes[growth.canonical(name)]
-        mask = growth.new_entries(name)
-        if mask.any():
-            masks[parameter] = mask
-            if recipe.role == KEPT and parameter in optimizer.state:
-                widened.add(parameter)
-    protected = widened if protect and adam else set()
-    if not masks or (not protected and rewarm is None):
-        return
-    peak, steps = rewarm if rewarm is not None else (1.0, 0)
-    ages = {p: 0 for p in masks}
-    before: dict = {}
-
-    def pre(opt, args, kwargs):
-        for p, mask in masks.items():
-            before[p] = p.detach()[mask].clone()
-
-    def post(opt, args, kwargs):
-        done = True
-        for group in opt.param_groups:
-            for p in group["params"]:
-                if p not in masks or p.grad is None:
-                    continue
-                ages[p] += 1
-                age, mask = ages[p], masks[p]
-                after = p.detach()[mask]
-                if p in protected:
-                    after, settled = _adam_update(opt, group, p, mask, before[p], age)
-                    done &= settled
-                scale = 1 + (peak - 1) * (age / steps if age <= steps else max(0.0, 2 - age / steps)) if steps else 1.0
-                done &= age >= 2 * steps
-                with torch.no_grad():
-                    p[mask] = before[p] + scale * (after - before[p])
-        if done:
-            for handle in handles:
-                handle.remove()
-
-    handles = [optimizer.register_step_pre_hook(pre), optimizer.register_step_post_hook(post)]
-
-
-def _adam_update(opt, group, p, mask, start: torch.Tensor, age: int) -> tuple[torch.Tensor, bool]:
-    """The new entries of ``p`` after an Adam step taken with their own age (fresh bias corrections), and
-    whether both corrections are now within 0.1% of one."""
-    beta1, beta2 = (float(b) for b in group["betas"])
-    state = opt.state[p]
-    second = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
-    correction1, correction2 = 1 - beta1 ** age, 1 - beta2 ** age
-    lr = float(group["lr"])
-    denom = second[mask].sqrt() / math.sqrt(correction2) + group["eps"]
-    update = (lr / correction1) * state["exp_avg"][mask] / denom
-    if type(opt).__name__ == "AdamW":
-        start = start * (1 - lr * group["weight_decay"])
-    return (start + update if group.get("maximize") else start - update), min(correction1, correction2) > 0.999

@@ -24,6 +24,7 @@ A window of 5 with patience 2 fired early on 23 (plateau) and 37 (slope) of 50 c
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 
@@ -45,6 +46,13 @@ class Trigger:
 
     def __post_init__(self):  # dataclass subclasses start afresh
         self.reset()
+
+    def state_dict(self) -> dict:
+        """What the trigger has seen (its private fields), for a checkpoint."""
+        return {key: copy.deepcopy(value) for key, value in vars(self).items() if key.startswith("_")}
+
+    def load_state_dict(self, state: dict) -> None:
+        vars(self).update(copy.deepcopy(state))
 
 
 @dataclasses.dataclass

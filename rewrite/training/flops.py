@@ -1,0 +1,37 @@
+"""Training compute: ``6 * N * tokens`` plus attention.
+
+``6 N`` per token is the matrix products with the weights, forward (2N) and backward (4N) (Kaplan et al.).
+Attention's products between activations (``q k^T`` and ``p v``) have no weights, so ``6 N`` misses them:
+``attention_per_token`` measures them once per model size, with ``torch.utils.flop_counter`` on one forward
+pass of a batch (the scaled-dot-product-attention kernels and batched matrix products, where a written-out
+attention does its ``q k^T`` and ``p v``), per token, times three for forward and backward. It grows with the
+sequence length, which is why it is measured on a real batch. A batched matrix product that is not attention
+(an expert stack written with ``bmm``) is counted as attention too; ``6 N`` already counts its weights.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+ACTIVATION_PRODUCTS = ("bmm", "baddbmm", "_scaled_dot_product")
+
+
+def attention_per_token(model: torch.nn.Module, args: tuple, kwargs: dict, tokens: int) -> float:
+    """Training FLOPs per token of attention's activation-by-activation products (see the module docstring)."""
+    counter = FlopCounterMode(display=False)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), counter:
+            model(*args, **kwargs)
+    finally:
+        model.train(was_training)
+    forward = sum(count for op, count in counter.get_flop_counts().get("Global", {}).items()
+                  if any(name in str(op) for name in ACTIVATION_PRODUCTS))
+    return 3.0 * forward / max(tokens, 1)
+
+
+def parameters(model: torch.nn.Module) -> int:
+    """Every parameter (frozen ones too: the backward still passes through them)."""
+    return sum(p.numel() for p in model.parameters())
