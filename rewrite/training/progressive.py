@@ -127,6 +127,7 @@ class ProgressiveTrainer:
         self._attention = self._measure_attention(fixed)
         self.history = []
         if self.log is not None:
+            Path(self.log).parent.mkdir(parents=True, exist_ok=True)
             Path(self.log).write_text("")
         for trigger in self._triggers():
             trigger.reset()
