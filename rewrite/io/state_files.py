@@ -55,7 +55,7 @@ def _encode(value, path: str, tensors: dict):
         tensors[path] = value.detach().cpu().clone().contiguous()
         return {"__tensor__": path}
     if isinstance(value, dict):
-        items = [[key, _encode(item, f"{path}.{key}", tensors)] for key, item in value.items()]
+        items = [[key, _encode(item, _join(path, key), tensors)] for key, item in value.items()]
         for key, _ in items:
             if key is not None and not isinstance(key, (str, int, float, bool)):
                 raise GrowfxError(f"cannot save the key {key!r} at {path or 'the top'} without pickle")
@@ -63,12 +63,16 @@ def _encode(value, path: str, tensors: dict):
             return dict(items)
         return {"__items__": items}
     if isinstance(value, (list, tuple)):
-        encoded = [_encode(item, f"{path}.{i}", tensors) for i, item in enumerate(value)]
+        encoded = [_encode(item, _join(path, i), tensors) for i, item in enumerate(value)]
         return {"__tuple__": encoded} if isinstance(value, tuple) else encoded
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     raise GrowfxError(f"cannot save {type(value).__name__} at {path or 'the top'} without pickle "
                       "(only tensors, numbers, strings, lists, tuples and dicts)")
+
+
+def _join(path: str, key) -> str:
+    return f"{path}.{key}" if path else str(key)
 
 
 def _decode(value, tensors: dict):

@@ -81,7 +81,7 @@ class ProgressiveTrainer:
     checkpoints: str | Path | None = None
     checkpoint_every: int | None = None
     progress: bool = False
-    history: list[dict] = dataclasses.field(default_factory=list)
+    history: list[dict] = dataclasses.field(default_factory=list, init=False)
 
     def fit(self, train: Iterable | Sequence[Iterable], validation: Sequence, steps: int, *,
             per_stage: bool = False, resume: bool | str | Path = False) -> "ProgressiveTrainer":
