@@ -21,8 +21,7 @@ import torch.nn.functional as F
 import passes
 import rewrite
 from rewrite.app.shakespeare import Batches, Characters, text
-from rewrite.app.train import plot
-from rewrite.app.zoo.handwritten import GPT
+from rewrite.app.train import char_gpt, plot
 from rewrite.training.triggers import Fixed
 
 STEPS, WARMUP = 2400, 120
@@ -45,7 +44,7 @@ def main(out: Path) -> None:
     validation = [b for b, _ in zip(Batches(chars.validation, 32, 64, seed=1), range(4))]
     checkpoints = out / "checkpoints"
     trainer = rewrite.ProgressiveTrainer(
-        GPT(vocab=len(chars.alphabet), dim=64, heads=4, hidden=128, layers=2, max_len=64),
+        char_gpt(len(chars.alphabet), (64, 4, 128, 2), 64),  # the zoo GPT, GPT-2's initialisation
         loss=loss,
         optimizer=lambda params: torch.optim.AdamW(params, lr=3e-3, weight_decay=0.1),
         scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine),

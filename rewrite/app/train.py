@@ -62,6 +62,19 @@ def trigger_of(job: Job):
     raise GrowfxError(f"unknown trigger {job.trigger!r}: choose one of {', '.join(TRIGGERS)}")
 
 
+def char_gpt(vocab: int, size: tuple[int, int, int, int], length: int) -> GPT:
+    """The zoo GPT with GPT-2's initialisation (weights N(0, 0.02), biases zero; the zoo's N(0, 1) tied
+    embeddings start a language model's loss far above log(vocab))."""
+    dim, heads, hidden, layers = size
+    model = GPT(vocab=vocab, dim=dim, heads=heads, hidden=hidden, layers=layers, max_len=length)
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+            torch.nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, torch.nn.Linear) and module.bias is not None:
+            torch.nn.init.zeros_(module.bias)
+    return model
+
+
 def loss(model, batch) -> torch.Tensor:
     inputs, targets = batch
     logits = model(inputs)
@@ -71,7 +84,6 @@ def loss(model, batch) -> torch.Tensor:
 def run(job: Job) -> ProgressiveTrainer:
     torch.manual_seed(job.seed)
     chars = Characters.of(text(job.characters))
-    dim, heads, hidden, layers = job.size
     warmup = max(1, job.steps // 20)
 
     def schedule(step: int) -> float:  # linear warmup, cosine to a tenth
@@ -82,7 +94,7 @@ def run(job: Job) -> ProgressiveTrainer:
     job.out.mkdir(parents=True, exist_ok=True)
     validation = [b for b, _ in zip(Batches(chars.validation, job.batch, job.length, seed=job.seed + 1), range(4))]
     trainer = ProgressiveTrainer(
-        GPT(vocab=len(chars.alphabet), dim=dim, heads=heads, hidden=hidden, layers=layers, max_len=job.length),
+        char_gpt(len(chars.alphabet), job.size, job.length),
         loss=loss,
         optimizer=lambda params: torch.optim.AdamW(params, lr=job.lr, weight_decay=0.1),
         scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
