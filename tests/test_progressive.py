@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 import torch
 import torch.nn.functional as F
 
@@ -121,3 +123,13 @@ def test_a_hugging_face_llama_keeps_training_in_its_own_class(tmp_path):
     assert type(resumed.model) is type(model)
     for (name, a), b in zip(grown.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("layers, dim, length", [(1, 16, 12), (3, 32, 20)])
+def test_attention_flops_are_the_analytic_count(layers, dim, length):
+    """Forward q k^T and p v: 2 * 2 * length * dim per token per layer, times 3 with the backward pass."""
+    from rewrite.training.flops import attention_per_token
+
+    model = GPT(vocab=VOCAB, dim=dim, heads=4, hidden=2 * dim, layers=layers)
+    ids = torch.randint(0, VOCAB, (3, length))
+    assert attention_per_token(model, (ids,), {}, ids.numel()) == 3 * 4 * length * dim * layers

@@ -1,0 +1,487 @@
+"""Does growing save compute? Three arms on character-level Shakespeare, measured the honest way.
+
+    python benchmarks/savings.py                 # the CPU benchmark (about 50 minutes on two cores)
+    python benchmarks/savings.py --quick         # the pipeline in about a minute (what the test runs)
+    python benchmarks/savings.py --report-only   # tables and plots again from the saved CSV
+
+Arms (the same data order: the batch of step ``s`` is a function of the seed and ``s`` alone):
+* ``small``: the small GPT only;
+* ``big``: the big GPT from scratch;
+* ``grown``: the small GPT, grown to exactly the big architecture at a growth point, then continued; its
+  variants change one thing each (init, optimizer state, growth time, width vs depth vs both, trigger).
+
+Every FLOP is charged (``6 N`` per token plus attention's products, ``rewrite.training.flops``; the grown
+arm's small phase included). Every arm uses AdamW with a warmup-stable-decay schedule, and every compared
+budget ``C`` is fully decayed: from one stable run per arm, a branch decays the learning rate linearly to zero
+over the last 20% of ``C``'s FLOPs, is evaluated, and the stable run resumes from where it branched. So each
+arm's loss at ``C`` is a fully decayed run of exactly ``C`` FLOPs.
+
+Savings at budget ``C``: the FLOPs the grown arm needs to reach the big arm's fully decayed loss at ``C``,
+interpolated (log FLOPs, linear in loss) between the grown arm's own fully decayed budgets, as
+``1 - FLOPs_grown / C``. When the grown arm reaches the target at a budget where it had not grown yet, the
+small model alone did it: that budget is marked invalid. Writes ``curves.csv`` (every evaluation of every
+run: ``arm, variant, seed, budget, step, flops, val_loss, lr, parameters, event``), ``runs.csv`` (one row per
+run and budget), ``results.md`` (the tables) and two PNGs, into ``benchmarks/results/savings`` (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import passes
+import rewrite
+from rewrite.app.shakespeare import Characters, text
+from rewrite.app.train import char_gpt
+from rewrite.training.flops import attention_per_token, parameters
+from rewrite.training.triggers import Plateau, Slope
+
+CURVE_COLUMNS = ["arm", "variant", "seed", "budget", "step", "flops", "val_loss", "lr", "parameters", "event"]
+RUN_COLUMNS = ["arm", "variant", "seed", "budget", "flops", "val_loss", "grown_at_flops", "loss_before_growth",
+               "loss_after_growth", "jump_after_growth", "seconds"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """Sizes (dim, heads, MLP hidden, layers), the budgets as fractions of the largest, and the optimizer."""
+
+    big: tuple = (64, 4, 256, 4)
+    small: dict = dataclasses.field(default_factory=lambda: {
+        "depth": (64, 4, 256, 2), "width": (32, 2, 128, 4), "both": (32, 2, 128, 2)})
+    steps: int = 2400  # the big model's steps at the largest budget (about 24 characters per parameter)
+    fractions: tuple = (0.25, 0.5, 0.75, 1.0)
+    batch: int = 32
+    length: int = 64
+    lr: float = 3e-3
+    betas: tuple = (0.9, 0.99)
+    weight_decay: float = 0.1
+    warmup: int = 100
+    decay: float = 0.2  # the last fifth of each budget's FLOPs
+    evaluate_every: int = 100
+    validation_batches: int = 8
+    seeds: tuple = (0, 1, 2)
+    characters: int | None = None
+
+
+QUICK = Setup(big=(32, 2, 64, 2), small={"depth": (32, 2, 64, 1), "width": (16, 1, 32, 2), "both": (16, 1, 32, 1)},
+              steps=120, fractions=(0.5, 1.0), batch=8, length=32, warmup=10, evaluate_every=20,
+              validation_batches=2, seeds=(0,), characters=200_000)
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """How the grown arm grows: ``structure`` (depth, width or both), ``init``, the optimizer ``policy``, when
+    (``at``: the fraction of the largest budget's FLOPs, for the fixed trigger) and the ``trigger``."""
+
+    name: str
+    structure: str = "depth"
+    init: str = "copy"
+    policy: str = "sparkling"
+    at: float = 0.4
+    trigger: str = "fixed"
+
+    def stage(self, setup: Setup) -> list:
+        dim, heads, hidden, layers = setup.big
+        small = setup.small[self.structure]
+        width = self.init if self.init != "copy" else "zero"
+        plan = []
+        if small[0] != dim:
+            plan.append(passes.widen_hidden(size=dim, init="clone"))  # the only exact init under LayerNorm
+        if small[1] != heads:
+            plan.append(passes.add_heads(heads - small[1], init=width))
+        if small[2] != hidden:
+            plan.append(passes.widen_mlp(size=hidden, init=width))
+        if small[3] != layers:
+            plan.append(passes.add_layers(layers - small[3], init="copy" if self.init == "copy" else "zero"))
+        return plan
+
+
+VARIANTS = [
+    Variant("default"),
+    Variant("init=zero", init="zero"),
+    Variant("optimizer=mapped", policy="mapped"),
+    Variant("optimizer=reset", policy="reset"),
+    Variant("at=0.2", at=0.2),
+    Variant("at=0.6", at=0.6),
+    Variant("width", structure="width", init="zero"),
+    Variant("width,init=clone", structure="width", init="clone"),
+    Variant("both", structure="both", init="zero"),
+    Variant("trigger=plateau", trigger="plateau"),
+    Variant("trigger=slope", trigger="slope"),
+]
+
+
+class Data:
+    """Training windows by step (the same for every arm) and fixed validation batches."""
+
+    def __init__(self, setup: Setup):
+        chars = Characters.of(text(setup.characters))
+        self.vocab, self.setup, self.train = len(chars.alphabet), setup, chars.train
+        generator = torch.Generator().manual_seed(12345)
+        self.validation = [self._window(chars.validation, generator) for _ in range(setup.validation_batches)]
+
+    def _window(self, ids: torch.Tensor, generator: torch.Generator):
+        starts = torch.randint(0, len(ids) - self.setup.length - 1, (self.setup.batch, 1), generator=generator)
+        window = ids[starts + torch.arange(self.setup.length + 1)]
+        return window[:, :-1], window[:, 1:]
+
+    def batch(self, seed: int, step: int):
+        return self._window(self.train, torch.Generator().manual_seed(seed * 1_000_003 + step))
+
+
+def loss_of(model, batch) -> torch.Tensor:
+    inputs, targets = batch
+    return F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
+
+
+class Run:
+    """One arm on one seed: the stable run, its decayed branches, and (grown arm) its growth."""
+
+    def __init__(self, setup: Setup, data: Data, arm: str, variant: Variant | None, seed: int, budgets: list[float],
+                 curves: csv.DictWriter):
+        self.setup, self.data, self.arm, self.variant, self.seed = setup, data, arm, variant, seed
+        self.budgets, self.curves = budgets, curves
+        size = setup.big if arm == "big" else setup.small[variant.structure if variant else "depth"]
+        torch.manual_seed(seed)
+        self.model = char_gpt(data.vocab, size, setup.length)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=setup.lr, betas=setup.betas,
+                                           weight_decay=setup.weight_decay)
+        self.hooks, self.step, self.flops = None, 0, 0.0
+        self.grown_at, self.before, self.after, self.jump = None, None, None, None
+        self.trigger = {"plateau": Plateau(), "slope": Slope()}.get(variant.trigger) if variant else None
+        self._per_step()
+
+    def _per_step(self) -> None:
+        inputs = self.data.validation[0][0]
+        tokens = inputs.numel()
+        self.per_step = (6.0 * parameters(self.model) + attention_per_token(self.model, (inputs,), {}, tokens)) * tokens
+
+    def validation_loss(self) -> float:
+        self.model.eval()
+        with torch.no_grad():
+            return sum(float(loss_of(self.model, b)) for b in self.data.validation) / len(self.data.validation)
+
+    def train_step(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        loss = loss_of(self.model, self.data.batch(self.seed, self.step))
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        self.step += 1
+        self.flops += self.per_step
+
+    def record(self, budget, loss: float, lr: float, event: str = "eval") -> None:
+        self.curves.writerow({"arm": self.arm, "variant": self.variant.name if self.variant else "", "seed": self.seed,
+                              "budget": budget, "step": self.step, "flops": f"{self.flops:.6g}",
+                              "val_loss": f"{loss:.6f}", "lr": f"{lr:.6g}", "parameters": parameters(self.model),
+                              "event": event})
+
+    def stable_lr(self) -> float:
+        return self.setup.lr * min(1.0, (self.step + 1) / self.setup.warmup)
+
+    def grow(self) -> None:
+        before = self.validation_loss()
+        args = (self.data.validation[0][0],)
+        grown = rewrite.apply(self.model, self.variant.stage(self.setup), args)
+        carried = rewrite.carry(self.optimizer, grown, grown.module, policy=self.variant.policy)
+        self.model, self.optimizer, self.hooks = grown.module, carried.optimizer, carried.hooks
+        self.grown_at, self.grown_step, self.before, self.after = self.flops, self.step, before, self.validation_loss()
+        self.jump = self.after - before
+        if grown.report.exact and abs(self.after - before) > 1e-5 * before:
+            raise rewrite.GrowthError(f"{self.variant.name}: an exact growth moved the loss {before} -> {self.after}")
+        self._per_step()
+        self.record("stable", self.after, self.stable_lr(), "growth")
+
+    def should_grow(self, evaluated: float | None) -> bool:
+        if self.arm != "grown" or self.grown_at is not None:
+            return False
+        if self.variant.trigger == "fixed":
+            return self.flops >= self.variant.at * self.budgets[-1]
+        if evaluated is None or self.flops >= (1 - self.setup.decay) * self.budgets[-1]:
+            return False
+        return self.trigger(step=self.step, flops=self.flops, loss=evaluated).grow
+
+    def run(self, runs: csv.DictWriter) -> None:
+        start = time.perf_counter()
+        pending = list(self.budgets)
+        last = self.budgets[-1]
+        while self.flops < (1 - self.setup.decay) * last:
+            while pending[:-1] and self.flops >= (1 - self.setup.decay) * pending[0]:
+                self.branch(pending.pop(0), runs, start)
+            evaluated, watching = None, self._watching()
+            if self.step % self.setup.evaluate_every == 0 or watching:
+                evaluated = self.validation_loss()
+                self.record("stable", evaluated, self.stable_lr(), "after-growth" if watching else "eval")
+                if watching:
+                    self.jump = max(self.jump, evaluated - self.before)
+            if self.should_grow(evaluated):
+                self.grow()
+            self.train_step(self.stable_lr())
+        while pending[:-1]:  # budgets too close to the last to branch before its decay: decay them now
+            self.branch(pending.pop(0), runs, start)
+        self.decay(last, runs, start)
+
+    def _watching(self) -> bool:
+        """Every 25 steps for 100 steps after growth: the largest rise of the validation loss over the loss
+        before growth (the optimizer's shock; the growth itself is exact) is the jump."""
+        since = self.step - self.grown_step if self.grown_at is not None else -1
+        return 0 < since <= 100 and since % 25 == 0
+
+    def branch(self, budget: float, runs: csv.DictWriter, start: float) -> None:
+        """Decay a copy of the run to ``budget``, then go back to where it branched."""
+        saved = ({k: v.clone() for k, v in self.model.state_dict().items()},
+                 _clone(self.optimizer.state_dict()), self.hooks.state_dict() if self.hooks else None,
+                 self.step, self.flops)
+        self.decay(budget, runs, start)
+        weights, optimizer, hooks, self.step, self.flops = saved
+        self.model.load_state_dict(weights)
+        self.optimizer.load_state_dict(optimizer)
+        if self.hooks is not None:
+            self.hooks.load_state_dict(hooks, self.optimizer)
+
+    def decay(self, budget: float, runs: csv.DictWriter, start: float) -> None:
+        begin = (1 - self.setup.decay) * budget
+        while self.flops < budget:
+            lr = self.setup.lr * max(0.0, (budget - self.flops) / (budget - begin)) if self.flops >= begin else self.stable_lr()
+            self.train_step(lr)
+        loss = self.validation_loss()
+        self.record(f"{budget:.6g}", loss, 0.0, "decayed")
+        runs.writerow({"arm": self.arm, "variant": self.variant.name if self.variant else "", "seed": self.seed,
+                       "budget": f"{budget:.6g}", "flops": f"{self.flops:.6g}", "val_loss": f"{loss:.6f}",
+                       "grown_at_flops": "" if self.grown_at is None else f"{self.grown_at:.6g}",
+                       "loss_before_growth": "" if self.before is None else f"{self.before:.6f}",
+                       "loss_after_growth": "" if self.after is None else f"{self.after:.6f}",
+                       "jump_after_growth": "" if self.jump is None else f"{self.jump:.6f}",
+                       "seconds": f"{time.perf_counter() - start:.1f}"})
+
+
+def _clone(tree):
+    if torch.is_tensor(tree):
+        return tree.clone()
+    if isinstance(tree, dict):
+        return {k: _clone(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_clone(v) for v in tree]
+    return tree
+
+
+def budgets_of(setup: Setup, data: Data) -> list[float]:
+    """The budgets in FLOPs: fractions of the big model's FLOPs over ``setup.steps`` steps."""
+    model = char_gpt(data.vocab, setup.big, setup.length)
+    inputs = data.validation[0][0]
+    per_step = (6.0 * parameters(model) + attention_per_token(model, (inputs,), {}, inputs.numel())) * inputs.numel()
+    return [fraction * setup.steps * per_step for fraction in setup.fractions]
+
+
+def run_all(setup: Setup, variants: list[Variant], out: Path, seeds_for_variants: tuple) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    data = Data(setup)
+    budgets = budgets_of(setup, data)
+    done = _done(out / "runs.csv")
+    jobs = [(arm, None, seed) for seed in setup.seeds for arm in ("small", "big")]
+    jobs += [("grown", variants[0], seed) for seed in setup.seeds]
+    jobs += [("grown", v, seed) for seed in seeds_for_variants for v in variants[1:]]
+    for arm, variant, seed in jobs:
+        key = (arm, variant.name if variant else "", str(seed))
+        if key in done:
+            continue
+        began = time.perf_counter()
+        with open(out / "curves.csv", "a", newline="") as c, open(out / "runs.csv", "a", newline="") as r:
+            curves, runs = _writer(c, CURVE_COLUMNS), _writer(r, RUN_COLUMNS)
+            Run(setup, data, arm, variant, seed, budgets, curves).run(runs)
+        print(f"{arm:<6} {key[1]:<18} seed {seed}: {time.perf_counter() - began:.0f} s", file=sys.stderr, flush=True)
+
+
+def _writer(handle, columns) -> csv.DictWriter:
+    writer = csv.DictWriter(handle, columns)
+    if handle.tell() == 0:
+        writer.writeheader()
+    return writer
+
+
+def _done(path: Path) -> set:
+    """Runs already in ``runs.csv`` (the benchmark continues where an interrupted one stopped)."""
+    if not path.exists():
+        return set()
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    budgets = {}
+    for row in rows:
+        budgets.setdefault((row["arm"], row["variant"], row["seed"]), set()).add(row["budget"])
+    most = max((len(b) for b in budgets.values()), default=0)
+    return {key for key, b in budgets.items() if len(b) == most}
+
+
+# -- the report ----------------------------------------------------------------------------------------------
+def flops_to_reach(points: list[tuple[float, float]], target: float) -> float | None:
+    """The FLOPs at which a curve of (FLOPs, fully decayed loss) first reaches ``target``: linear in loss
+    between log FLOPs of neighbouring budgets; None when it never does."""
+    points = sorted(points)
+    if points[0][1] <= target:
+        return points[0][0]
+    for (f0, l0), (f1, l1) in zip(points, points[1:]):
+        if l1 <= target < l0:
+            t = (l0 - target) / (l0 - l1)
+            return math.exp(math.log(f0) + t * (math.log(f1) - math.log(f0)))
+    return None
+
+
+def report(out: Path) -> str:
+    with open(out / "runs.csv") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        row["budget"], row["flops"], row["val_loss"] = float(row["budget"]), float(row["flops"]), float(row["val_loss"])
+    budgets = sorted({row["budget"] for row in rows})
+    seeds = sorted({row["seed"] for row in rows if row["arm"] == "big"})
+    loss = {(r["arm"], r["variant"], r["seed"], r["budget"]): r["val_loss"] for r in rows}
+    grown_at = {(r["arm"], r["variant"], r["seed"]): r["grown_at_flops"] for r in rows}
+    lines = ["# Does growing save compute? (benchmarks/savings.py)", "",
+             f"Budgets (FLOPs): {', '.join(f'{b:.3g}' for b in budgets)}; seeds {', '.join(seeds)}.", "",
+             "## Fully decayed validation loss (mean ± std over seeds)", "",
+             "| arm | " + " | ".join(f"{b:.3g}" for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
+    for arm, variant in (("small", ""), ("big", ""), ("grown", "default")):
+        cells = []
+        for b in budgets:
+            values = [loss[(arm, variant, s, b)] for s in seeds if (arm, variant, s, b) in loss]
+            cells.append(_mean_std(values, "{:.4f}"))
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    lines += ["", "## Savings against big from scratch: 1 - FLOPs_grown / FLOPs_big at the big arm's loss", "",
+              "| arm / variant | seeds | " + " | ".join(f"{b:.3g}" for b in budgets) + " | loss jump after growth |",
+              "|---|---|" + "---|" * (len(budgets) + 1)]
+    variants = [("small", "")] + sorted({(r["arm"], r["variant"]) for r in rows if r["arm"] == "grown"},
+                                        key=lambda v: (v[1] != "default", v[1]))
+    savings_at_last = {}
+    for arm, variant in variants:
+        its_seeds = sorted({r["seed"] for r in rows if r["arm"] == arm and r["variant"] == variant})
+        cells, notes = [], []
+        for b in budgets:
+            values = []
+            for s in its_seeds:
+                target = loss.get(("big", "", s, b))
+                curve = [(c, loss[(arm, variant, s, c)]) for c in budgets if (arm, variant, s, c) in loss]
+                if target is None or not curve:
+                    continue
+                reached = flops_to_reach(curve, target)
+                if reached is None:
+                    values.append(float("-inf"))
+                    continue
+                at = grown_at.get((arm, variant, s))
+                if arm == "grown" and (not at or float(at) >= reached):
+                    notes.append(f"{b:.3g}: reached before growing (seed {s})")
+                values.append(1 - reached / b)
+            cells.append(_savings(values))
+            if b == budgets[-1]:
+                savings_at_last[(arm, variant)] = values
+        jumps = [float(r["jump_after_growth"]) for r in rows if r["arm"] == arm and r["variant"] == variant
+                 and r["budget"] == budgets[-1] and r["jump_after_growth"]]
+        lines.append(f"| {arm} {variant} | {len(its_seeds)} | " + " | ".join(cells) + f" | {_mean_std(jumps, '{:+.4f}')} |")
+        if notes:
+            lines.append(f"|  invalid budgets: {'; '.join(notes)} |")
+    seconds = {}
+    for r in rows:
+        if r["budget"] == budgets[-1]:
+            seconds.setdefault((r["arm"], r["variant"]), []).append(float(r["seconds"]))
+    lines += ["", "## Wall time of one run (all its decayed branches; median over seeds)", "",
+              "| arm / variant | seconds |", "|---|---|"]
+    lines += [f"| {arm} {variant} | {statistics.median(v):.0f} |" for (arm, variant), v in sorted(seconds.items())]
+    lines += ["", "'not reached' (-inf): the arm never reached the big arm's loss within the largest budget."]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    _plots(out, savings_at_last, budgets)
+    return "\n".join(lines)
+
+
+def _mean_std(values: list[float], fmt: str) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return fmt.format(values[0])
+    return f"{fmt.format(statistics.mean(values))} ± {statistics.stdev(values):.4f}"
+
+
+def _savings(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if any(math.isinf(v) for v in values):
+        return f"not reached ({sum(math.isinf(v) for v in values)}/{len(values)})"
+    if len(values) == 1:
+        return f"{100 * values[0]:.0f}%"
+    return f"{100 * statistics.mean(values):.0f}% ± {100 * statistics.stdev(values):.0f}"
+
+
+def _plots(out: Path, savings: dict, budgets: list[float]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(out / "curves.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["seed"] == "0"]
+    figure, axes = plt.subplots(figsize=(7.5, 4.5), dpi=120)
+    for (arm, variant), color in ((("small", ""), "tab:blue"), (("big", ""), "tab:red"), (("grown", "default"), "tab:green")):
+        mine = [r for r in rows if r["arm"] == arm and r["variant"] == variant]
+        stable = [r for r in mine if r["budget"] == "stable"]
+        decayed = [r for r in mine if r["event"] == "decayed"]
+        label = f"{arm} {variant}".strip()
+        axes.plot([float(r["flops"]) for r in stable], [float(r["val_loss"]) for r in stable], color=color, alpha=0.5,
+                  linewidth=1, label=f"{label} (stable)")
+        axes.plot([float(r["flops"]) for r in decayed], [float(r["val_loss"]) for r in decayed], color=color,
+                  marker="o", linestyle="none", label=f"{label} (fully decayed)")
+        for r in mine:
+            if r["event"] == "growth":
+                axes.axvline(float(r["flops"]), color=color, linestyle="--", linewidth=0.8)
+    axes.set_xscale("log")
+    axes.set_ylim(top=max(float(r["val_loss"]) for r in rows if r["event"] == "decayed") + 0.5)
+    axes.set_xlabel("training FLOPs (all charged)")
+    axes.set_ylabel("validation loss (nats per character)")
+    axes.set_title("Shakespeare characters, seed 0: growth point dashed", fontsize=10)
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(out / "loss_vs_flops.png")
+    plt.close(figure)
+
+    names = [f"{arm} {variant}".strip() for arm, variant in savings]
+    finite = [[v for v in values if not math.isinf(v)] for values in savings.values()]
+    means = [100 * statistics.mean(v) if v else 0.0 for v in finite]
+    errors = [100 * statistics.stdev(v) if len(v) > 1 else 0.0 for v in finite]
+    figure, axes = plt.subplots(figsize=(7.5, 4.5), dpi=120)
+    axes.barh(names, means, xerr=errors, color=["tab:blue" if n == "small" else "tab:green" for n in names])
+    for i, values in enumerate(savings.values()):
+        if any(math.isinf(v) for v in values):
+            axes.annotate("not reached", (0, i), fontsize=7, va="center")
+    axes.axvline(0, color="black", linewidth=0.8)
+    axes.set_xlabel(f"FLOPs saved at the big model's loss, largest budget ({budgets[-1]:.3g} FLOPs), % (± std over seeds)")
+    axes.invert_yaxis()
+    figure.tight_layout()
+    figure.savefig(out / "savings.png")
+    plt.close(figure)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, one seed, three variants (~1 minute)")
+    parser.add_argument("--out", type=Path, default=None, help="default benchmarks/results/savings[-quick]")
+    parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--variant-seeds", type=int, default=3, help="seeds for the variants (the arms get 3)")
+    options = parser.parse_args(argv)
+    setup = QUICK if options.quick else Setup()
+    out = options.out or Path(__file__).parent / "results" / ("savings-quick" if options.quick else "savings")
+    variants = VARIANTS[:3] if options.quick else VARIANTS
+    if not options.report_only:
+        run_all(setup, variants, out, setup.seeds[:options.variant_seeds])
+    print(report(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
