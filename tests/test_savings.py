@@ -34,7 +34,7 @@ def test_every_run_is_fully_decayed_at_every_budget_and_charged_every_flop(quick
     budgets = sorted({float(r["budget"]) for r in runs})
     assert len(budgets) == len(savings.QUICK.fractions)
     arms = {(r["arm"], r["variant"]) for r in runs}
-    assert arms == {("small", ""), ("big", ""), ("grown", "default"), ("grown", "init=zero"),
+    assert arms == {("small", ""), ("big", ""), ("grown", "default"), ("grown", "init=clone"),
                     ("grown", "optimizer=mapped")}
     for r in runs:  # each branch ends at its budget (within one step's FLOPs)
         assert float(r["budget"]) <= float(r["flops"]) < 1.1 * float(r["budget"])
