@@ -44,7 +44,6 @@ from rewrite.transform.rules import Rule, RuleSet, rule
 from rewrite.verification.verify import Report, verify
 
 
-
 def __getattr__(name: str):
     if name == "GrowingTrainer":  # imports transformers.Trainer (and accelerate): only when asked for
         from rewrite.training.hf_trainer import GrowingTrainer
