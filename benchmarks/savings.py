@@ -27,6 +27,7 @@ run and budget), ``results.md`` (the tables) and two PNGs, into ``benchmarks/res
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import dataclasses
 import math
@@ -36,13 +37,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import passes
 import rewrite
-from rewrite.app.shakespeare import Characters, text
-from rewrite.app.train import char_gpt
-from rewrite.training.flops import attention_per_token, parameters
+from rewrite.app.shakespeare import Characters, text, windows
+from rewrite.app.train import char_gpt, loss
+from rewrite.training.flops import parameters, per_token
 from rewrite.training.triggers import Plateau, Slope
 
 CURVE_COLUMNS = ["arm", "variant", "seed", "budget", "step", "flops", "val_loss", "lr", "parameters", "event"]
@@ -128,20 +128,12 @@ class Data:
         chars = Characters.of(text(setup.characters))
         self.vocab, self.setup, self.train = len(chars.alphabet), setup, chars.train
         generator = torch.Generator().manual_seed(12345)
-        self.validation = [self._window(chars.validation, generator) for _ in range(setup.validation_batches)]
-
-    def _window(self, ids: torch.Tensor, generator: torch.Generator):
-        starts = torch.randint(0, len(ids) - self.setup.length - 1, (self.setup.batch, 1), generator=generator)
-        window = ids[starts + torch.arange(self.setup.length + 1)]
-        return window[:, :-1], window[:, 1:]
+        self.validation = [windows(chars.validation, setup.batch, setup.length, generator)
+                           for _ in range(setup.validation_batches)]
 
     def batch(self, seed: int, step: int):
-        return self._window(self.train, torch.Generator().manual_seed(seed * 1_000_003 + step))
-
-
-def loss_of(model, batch) -> torch.Tensor:
-    inputs, targets = batch
-    return F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
+        return windows(self.train, self.setup.batch, self.setup.length,
+                       torch.Generator().manual_seed(seed * 1_000_003 + step))
 
 
 class Run:
@@ -163,21 +155,20 @@ class Run:
 
     def _per_step(self) -> None:
         inputs = self.data.validation[0][0]
-        tokens = inputs.numel()
-        self.per_step = (6.0 * parameters(self.model) + attention_per_token(self.model, (inputs,), {}, tokens)) * tokens
+        self.per_step = per_token(self.model, (inputs,), {}, inputs.numel()) * inputs.numel()
 
     def validation_loss(self) -> float:
         self.model.eval()
         with torch.no_grad():
-            return sum(float(loss_of(self.model, b)) for b in self.data.validation) / len(self.data.validation)
+            return sum(float(loss(self.model, b)) for b in self.data.validation) / len(self.data.validation)
 
     def train_step(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
-        loss = loss_of(self.model, self.data.batch(self.seed, self.step))
+        value = loss(self.model, self.data.batch(self.seed, self.step))
         self.optimizer.zero_grad()
-        loss.backward()
+        value.backward()
         self.optimizer.step()
         self.step += 1
         self.flops += self.per_step
@@ -242,7 +233,7 @@ class Run:
     def branch(self, budget: float, runs: csv.DictWriter, start: float) -> None:
         """Decay a copy of the run to ``budget``, then go back to where it branched."""
         saved = ({k: v.clone() for k, v in self.model.state_dict().items()},
-                 _clone(self.optimizer.state_dict()), self.hooks.state_dict() if self.hooks else None,
+                 copy.deepcopy(self.optimizer.state_dict()), self.hooks.state_dict() if self.hooks else None,
                  self.step, self.flops)
         self.decay(budget, runs, start)
         weights, optimizer, hooks, self.step, self.flops = saved
@@ -267,21 +258,11 @@ class Run:
                        "seconds": f"{time.perf_counter() - start:.1f}"})
 
 
-def _clone(tree):
-    if torch.is_tensor(tree):
-        return tree.clone()
-    if isinstance(tree, dict):
-        return {k: _clone(v) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [_clone(v) for v in tree]
-    return tree
-
-
 def budgets_of(setup: Setup, data: Data) -> list[float]:
     """The budgets in FLOPs: fractions of the big model's FLOPs over ``setup.steps`` steps."""
     model = char_gpt(data.vocab, setup.big, setup.length)
     inputs = data.validation[0][0]
-    per_step = (6.0 * parameters(model) + attention_per_token(model, (inputs,), {}, inputs.numel())) * inputs.numel()
+    per_step = per_token(model, (inputs,), {}, inputs.numel()) * inputs.numel()
     return [fraction * setup.steps * per_step for fraction in setup.fractions]
 
 

@@ -16,20 +16,14 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import passes
 import rewrite
 from rewrite.app.shakespeare import Batches, Characters, text
-from rewrite.app.train import char_gpt, plot
+from rewrite.app.train import char_gpt, loss, plot
 from rewrite.training.triggers import Fixed
 
 STEPS, WARMUP = 2400, 120
-
-
-def loss(model, batch):
-    inputs, targets = batch
-    return F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
 
 
 def warmup_cosine(step: int) -> float:

@@ -80,8 +80,13 @@ class Batches:
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed)
-        offsets = torch.arange(self.length + 1)
         while True:
-            starts = torch.randint(0, len(self.ids) - self.length - 1, (self.size, 1), generator=generator)
-            window = self.ids[starts + offsets]
-            yield window[:, :-1], window[:, 1:]
+            yield windows(self.ids, self.size, self.length, generator)
+
+
+def windows(ids: torch.Tensor, size: int, length: int, generator: torch.Generator):
+    """``size`` random windows of ``length + 1`` characters from ``ids``, drawn with ``generator``: ``(inputs,
+    next characters)``."""
+    starts = torch.randint(0, len(ids) - length - 1, (size, 1), generator=generator)
+    window = ids[starts + torch.arange(length + 1)]
+    return window[:, :-1], window[:, 1:]

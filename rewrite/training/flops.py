@@ -41,6 +41,12 @@ def attention_per_token(model: torch.nn.Module, args: tuple, kwargs: dict, token
     return 3.0 * forward / max(tokens, 1)
 
 
+def per_token(model: torch.nn.Module, args: tuple, kwargs: dict, tokens: int) -> float:
+    """Training FLOPs per token: ``6 N`` plus attention, measured on a batch of ``tokens`` tokens (once per model
+    size: neither changes while the model trains)."""
+    return 6.0 * parameters(model) + attention_per_token(model, args, kwargs, tokens)
+
+
 def parameters(model: torch.nn.Module) -> int:
     """Every parameter (frozen ones too: the backward still passes through them)."""
     return sum(p.numel() for p in model.parameters())

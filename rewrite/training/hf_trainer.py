@@ -31,6 +31,7 @@ from rewrite.io.hf import example_inputs
 from rewrite.io.native import to_native
 from rewrite.ir.trace import trace
 from rewrite.training.carry import carry
+from rewrite.training.flops import parameters
 from rewrite.transform.apply import apply
 
 
@@ -76,8 +77,8 @@ class GrowingTrainer(Trainer):
         carried = carry(optimizer, grown, native, self.lr_scheduler, policy=self.policy, rewarm=self.rewarm,
                         train=self.train_only)
         record = {"step": step, "stage": self._stage, "loss_before": before, "loss_after": after,
-                  "exact": grown.report.exact, "parameters_before": sum(p.numel() for p in model.parameters()),
-                  "parameters_after": sum(p.numel() for p in native.parameters()), "report": str(grown.report),
+                  "exact": grown.report.exact, "parameters_before": parameters(model),
+                  "parameters_after": parameters(native), "report": str(grown.report),
                   "optimizer_reset": [list(r) for r in carried.reset], "evidence": evidence}
         staging = folder.with_name(f".{folder.name}.growing")
         shutil.rmtree(staging, ignore_errors=True)

@@ -47,7 +47,7 @@ from rewrite.io.state_files import load_state, write_state
 from rewrite.ir.frontends import first_line, is_huggingface
 from rewrite.ir.trace import trace
 from rewrite.training.carry import carry
-from rewrite.training.flops import attention_per_token, parameters
+from rewrite.training.flops import parameters, per_token
 from rewrite.training.triggers import Trigger
 from rewrite.transform.apply import apply
 
@@ -124,7 +124,7 @@ class ProgressiveTrainer:
         self._optimizer = self.optimizer(self.model.parameters())
         self._scheduler = self.scheduler(self._optimizer) if self.scheduler else None
         self._hooks, self._train_loss, self._started = None, float("nan"), time.perf_counter()
-        self._attention = self._measure_attention(fixed)
+        self._per_token = self._measure_cost(fixed)
         self.history = []
         if self.log is not None:
             Path(self.log).parent.mkdir(parents=True, exist_ok=True)
@@ -142,9 +142,9 @@ class ProgressiveTrainer:
     def _seconds(self) -> float:
         return self._elapsed + time.perf_counter() - self._started
 
-    def _measure_attention(self, fixed) -> float:
+    def _measure_cost(self, fixed) -> float:
         args, kwargs = self.inputs(fixed)
-        return attention_per_token(self.model, args, kwargs, _tokens(fixed))
+        return per_token(self.model, args, kwargs, _tokens(fixed))
 
     def _train_step(self, batch) -> None:
         self.model.train()
@@ -156,7 +156,7 @@ class ProgressiveTrainer:
             self._scheduler.step()
         tokens = _tokens(batch)
         self.tokens += tokens
-        self.flops += (6.0 * parameters(self.model) + self._attention) * tokens
+        self.flops += self._per_token * tokens
         self._train_loss = float(loss.detach())
 
     def _evaluate(self, step: int, validation: Sequence, steps: int) -> dict:
@@ -213,7 +213,7 @@ class ProgressiveTrainer:
         self._optimizer, self._scheduler, self._carried_reset = carried.optimizer, carried.scheduler, carried.reset
         self._trigger().reset()
         self._stage += 1
-        self._attention = self._measure_attention(fixed)
+        self._per_token = self._measure_cost(fixed)
         return grown, note
 
     def _write(self, record: dict) -> dict:
