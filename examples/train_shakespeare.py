@@ -1,6 +1,6 @@
 """Train a character-level GPT on Shakespeare that grows twice while it trains: ``rewrite.ProgressiveTrainer``.
 
-    python examples/train_shakespeare.py [OUT]     # about 70 s on two cores; OUT defaults to out/shakespeare
+    python examples/train_shakespeare.py [OUT]     # about 75 s on two cores; OUT defaults to out/shakespeare
 
 What ``growfx train`` does, written out with the Python API: a 2-layer GPT (76,544 parameters) trains with
 AdamW and a warmup-cosine schedule; at steps 800 and 1600 (``Fixed`` triggers) it grows, first wider MLPs
