@@ -123,8 +123,8 @@ class WidenHidden(Widen):
         if chosen.name == "clone":
             for group, size in sizes.items():
                 for member in _tied(group):
-                    for tensor in _head_norm(graph, group, member):
-                        overrides[tensor] = ScaledGain("clone", group.size / size, old_only=False)
+                    for tensor, offset in _head_norm(graph, group, member):
+                        overrides[tensor] = ScaledGain("clone", group.size / size, old_only=False, offset=offset)
             return overrides, None
         if chosen.name != "zero":
             return overrides, None
@@ -145,23 +145,39 @@ def _tied(group) -> list:
     return [m for m in group.members if {"produces", "consumes"} <= set(m.role_names)]
 
 
-def _head_norm(graph: Graph, group, member) -> list[str]:
-    """Gain and bias of the norm that alone feeds the tied head ``member``; refuses when there is none."""
+def _head_norm(graph: Graph, group, member) -> list[tuple[str, float]]:
+    """(tensor, offset) for the gain and bias of the norm that alone feeds the tied head ``member``; refuses
+    when there is none. The walk back from the head passes ops that do not mix features (casts, views, a
+    last-token selection ``x[:, [-1], :]``) and products with a constant (a config scale); a norm is a norm
+    op, or a written-out one ending in ``x * (c + gain)`` [``+ bias``] (Llama's, Gemma's, in ATen form)."""
+    members = {m.tensor for m in group.members if "along" in m.role_names}
     heads = [graph.node(node) for role, node in member.roles if role == "consumes"]
     for head in heads:
-        current = head.args[0]
-        while isinstance(current, torch.fx.Node):
+        current, biases = head.args[0], []
+        while isinstance(current, torch.fx.Node) and len(real_users(current)) == 1:
             kind = canonical_kind(graph, current)
-            if len(real_users(current)) != 1:
-                break
             if kind in NORMS:
                 names = [m.tensor for m in group.members if any(n == current.name for _, n in m.roles)]
                 if names:
-                    return names
+                    return [(name, 0.0) for name in names] + biases
                 break
-            if kind not in FEATURE_LOCAL:  # a norm's output may reach the head through these
+            tensors = [a for a in current.args if isinstance(a, torch.fx.Node)]
+            parameters = [(a, offset_parameter(graph, a)) for a in tensors]
+            parameters = [(a, p) for a, p in parameters if p is not None and str(p[0].target) in members]
+            others = [a for a in tensors if all(a is not p for p, _ in parameters)]
+            if kind in ("mul", "add") and len(parameters) == 1 and len(others) == 1:
+                (_, (tensor, offset)), = parameters
+                if kind == "mul":  # the gain: the end of a written-out norm
+                    return [(str(tensor.target), offset)] + biases
+                biases.append((str(tensor.target), 0.0))  # a bias after the gain
+                current = others[0]
+            elif kind in ("mul", "div") and len(tensors) == 1 and tensors[0] is current.args[0] and all(
+                    isinstance(a, (int, float)) and not isinstance(a, bool) for a in current.args[1:]):
+                current = tensors[0]  # a constant scale commutes with the head's factor
+            elif kind in FEATURE_LOCAL or kind == "index" and tensors and current.args[0] is tensors[0]:
+                current = current.args[0]  # index: picking tokens (x[:, [-1], :]) mixes no features
+            else:
                 break
-            current = current.args[0]
         raise GrowthError(
             f"widen_hidden with init='clone': the tied head {member} is not fed by a norm alone (reached "
             f"{getattr(current, 'name', current)}), so the replicated columns cannot be compensated; use init='zero'"

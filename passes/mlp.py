@@ -42,20 +42,40 @@ class WidenMLP(Widen):
         return f"widen_mlp at {site}"
 
     def select(self, graph: Graph):
-        found = []
+        return [(block, group) for block, group, reason, _ in self._candidates(graph) if reason is None]
+
+    def explain(self, graph: Graph) -> list[tuple[str, str]]:
+        """Why no MLP matched: per block, the candidate axis that came closest, and the check it failed."""
+        closest = {}
+        for block, group, reason, stage in self._candidates(graph):
+            if block is not None and stage > closest.get(block, (-1, ""))[0]:
+                closest[block] = (stage, f"axis of {group.members[0]} (size {group.size}): {reason}")
+        if not closest:
+            return [("model", "no dimension group lives inside one numbered block: MLPs are found in the blocks "
+                              "of a layer stack (`layers.0`, `layers.1`, ...), and this model has none")]
+        return [(block, reason) for block, (_, reason) in closest.items()]
+
+    def _candidates(self, graph: Graph):
+        """(block, group, None, stage) for each MLP hidden axis; (block, group, why not, stage) for the other
+        groups, ``stage`` counting the checks they passed."""
         for group in dim_groups(graph):
             block = _block_of(group)
-            if block is None or group.reductions:
-                continue
-            if any(c.how != "concat" or c.whole is group for c in group.compositions):
-                continue  # split into heads, or itself a fused whole (found through its parts instead)
-            fused = [c.whole for c in group.compositions]  # gate|up projections that chunk splits
-            if not (group.role("produces") or any(w.role("produces") for w in fused)) or not group.role("consumes"):
-                continue
-            if not in_layers(block, self.layers):
-                continue
-            found.append((block, group))
-        return found
+            against = [c for c in group.compositions if c.how != "concat" or c.whole is group]
+            if block is None:
+                yield None, group, "not inside one numbered block", 0
+            elif group.reductions:
+                kind, node = group.reductions[0]
+                yield block, group, f"mixed by {kind} at {node} (an MLP's hidden units are element-wise)", 1
+            elif against:  # split into heads, or itself a fused whole (found through its parts instead)
+                c = against[0]
+                yield block, group, f"{c.how} {c.side(group)} at {c.node} (heads, or a fused projection)", 2
+            elif not ((group.role("produces") or any(c.whole.role("produces") for c in group.compositions))
+                      and group.role("consumes")):
+                yield block, group, "no layer both produces and consumes it", 3
+            elif not in_layers(block, self.layers):
+                yield block, group, f"the MLP of a block not in layers={self.layers}", 4
+            else:
+                yield block, group, None, 5
 
 
 def _block_of(group) -> str | None:

@@ -31,7 +31,7 @@ from rewrite.transform.growth_ops import NOISE, Noise, Scale
 from rewrite.transform.policy import Policy, pad, replicate
 
 NORM_STATISTICS = frozenset({"layer_norm", "rms_norm", "mean", "var", "std"})  # kept by uniform replication
-MAXIMA = frozenset({"amax", "max", "min"})  # kept by any replication
+MAXIMA = frozenset({"amax", "amin", "max", "min", "any", "all"})  # kept by any replication
 
 
 class Zero(Policy):

@@ -23,7 +23,7 @@ from rewrite.errors import GrowthError, NotExactError
 from rewrite.ir.graph import Graph
 from rewrite.transform.plan import WidthPlan
 from rewrite.transform.policy import Policy
-from rewrite.transform.resize import check_resize, resize
+from rewrite.transform.resize import check_resize, refuse_blocked, resize
 
 from .policies import policy
 
@@ -96,10 +96,16 @@ class WidthPass:
         if reasons and self.exact:
             raise self.not_exact(graph, chosen, *reasons[0])
         grown = layouts(sizes, chosen, torch.Generator().manual_seed(self.seed))
+        refuse_blocked(grown)  # the groups it grows, and those their compositions grow with them
         overrides, finish = self.payload(graph, growths, sizes, grown, chosen)
         reason = reasons[0][3] if reasons else None
         return WidthPlan([g.site for g in growths], not reasons, reason, groups=list(sizes.items()), policy=chosen,
-                         layouts=grown, overrides=overrides, finish=finish, seed=self.seed)
+                         layouts=grown, overrides=overrides, finish=finish, seed=self.seed,
+                         refusals=[] if sizes else self.explain(graph))
+
+    def explain(self, graph: Graph) -> list[tuple[str, str]]:
+        """(site, reason) for the candidates the pass considered and left, when it matched nothing."""
+        return []
 
     def run(self, graph: Graph, plan: WidthPlan) -> Graph:
         return resize(graph, plan.layouts, plan.policy, plan.seed, plan.overrides, plan.finish)

@@ -160,3 +160,25 @@ def test_train_grows_a_shakespeare_gpt_and_writes_its_log_and_picture(tmp_path, 
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] and evals[-1]["step"] == 60
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len((out / "sample.txt").read_text()) == 301
+
+
+def test_a_bfloat16_folder_is_written_back_in_bfloat16(tmp_path, capsys):
+    """Growth computes in float32 and the folder comes back in the source's dtype: a 7B bfloat16 checkpoint
+    must not come back as 28 GB of float32."""
+    from safetensors import safe_open
+    from transformers import LlamaForCausalLM
+
+    from rewrite.app import zoo
+
+    source = zoo.build("hf-llama").model.to(torch.bfloat16)
+    source.save_pretrained(tmp_path / "bf16")
+    out = tmp_path / "grown"
+    assert main(["grow", str(tmp_path / "bf16"), "--pass", "widen_mlp:factor=2", "--out", str(out)]) == 0
+    assert "torch.bfloat16" in capsys.readouterr().out
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    loaded = LlamaForCausalLM.from_pretrained(out)
+    assert loaded.dtype == torch.bfloat16 and loaded.config.intermediate_size == 96
+    ids = zoo.build("hf-llama").args[0]
+    with torch.no_grad():  # zero new columns: the same function, to bfloat16's accumulation order
+        torch.testing.assert_close(loaded.eval()(ids).logits, source.eval()(ids).logits, rtol=1.6e-2, atol=1e-2)

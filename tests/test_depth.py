@@ -54,6 +54,23 @@ def test_add_layers_is_exact_on_pre_norm_stacks(name, stack, per_block, init):
                     f"{stack}.2.", f"{stack}.0.", 1)]), n
 
 
+@pytest.mark.parametrize("name, stack, per_block", PRE_NORM[1:4])
+def test_several_new_blocks_at_several_places(name, stack, per_block):
+    """Each site renumbers the stack; the blocks copied at an earlier site move with it (they used to be
+    looked up under their old names: AttributeError)."""
+    built, graph = traced(name)
+    grown = rewrite.apply(graph, [passes.add_layers(2, at=[0, 1], init="zero")], built.args, built.kwargs)
+    (record,) = grown.report.passes
+    assert record.exact and record.parameters_after - record.parameters_before == 4 * per_block
+    assert [b.name for b in rewrite.blocks(grown.graph)] == [f"{stack}.{i}" for i in range(6)]
+    params, source = _parameters(grown), dict(graph.module.named_parameters())
+    for old, new in ((0, 0), (1, 3)):  # the original blocks, moved, unchanged
+        for n, p in source.items():
+            if n.startswith(f"{stack}.{old}."):
+                assert torch.equal(params[n.replace(f"{stack}.{old}.", f"{stack}.{new}.", 1)], p), n
+    torch.testing.assert_close(_outputs(grown.module, built), _outputs(built.model, built), rtol=1e-5, atol=1e-6)
+
+
 def test_add_layers_appends_after_the_last_block_by_default():
     built, graph = traced("gpt")
     grown = rewrite.apply(graph, [passes.add_layers(1)], built.args, built.kwargs)

@@ -7,6 +7,7 @@ from conftest import traced
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import passes
 import rewrite
 from rewrite.app import zoo
 
@@ -184,12 +185,19 @@ class Kron(nn.Module):
         return torch.kron(self.lin(x), x)
 
 
-def test_op_without_rule_on_a_growable_axis_stops_the_analysis_naming_it():
+def test_an_op_without_rule_blocks_the_groups_it_touches_and_growing_one_names_it():
     x = torch.randn(3, 4)
+    graph = rewrite.trace(Cumulative(), (x,))
+    hidden = group_of(graph, "lin.weight", 0)
+    assert [(op, node) for op, node, _ in hidden.blocked] == [("cumsum", "cumsum")]
+    assert "blocked:  cumsum (cumsum)" in hidden.describe()
+    assert not group_of(graph, "lin.weight", 1).blocked  # the input axis does not reach it
     with pytest.raises(rewrite.UnsupportedOpError, match=r"op 'cumsum' \(node 'cumsum'\).*lin.weight\[0\]"):
-        rewrite.dim_groups(rewrite.trace(Cumulative(), (x,)))
-    with pytest.raises(rewrite.UnsupportedOpError, match=r"op 'kron' \(node 'kron'\)"):
-        rewrite.dim_groups(rewrite.trace(Kron(), (x,)))
+        rewrite.apply(Cumulative(), [passes.widen("lin", factor=2)], (x,))
+    graph = rewrite.trace(Kron(), (x,))
+    assert [op for op, _, why in group_of(graph, "lin.weight", 0).blocked] == ["kron"]
+    with pytest.raises(rewrite.UnsupportedOpError, match=r"op 'kron' \(node 'kron'\): no axis rule"):
+        rewrite.apply(Kron(), [passes.widen("lin", factor=2)], (x,))
 
 
 class Scaled(nn.Module):

@@ -158,3 +158,35 @@ def test_the_command_line_grows_a_family_outside_the_zoo(tmp_path):
     model, args, kwargs = _build("hf-gemma2")
     loaded = type(model).from_pretrained(out).eval()
     torch.testing.assert_close(_logits(loaded, args, kwargs), _logits(model, args, kwargs), rtol=1e-5, atol=1e-5)
+
+
+def _parallel(family):
+    import transformers as t
+
+    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=64)
+    return {"cohere": lambda: t.CohereForCausalLM(t.CohereConfig(**common, num_key_value_heads=2)),
+            "stablelm": lambda: t.StableLmForCausalLM(t.StableLmConfig(**common, num_key_value_heads=2,
+                                                                       use_parallel_residual=True)),
+            "gpt-neox": lambda: t.GPTNeoXForCausalLM(t.GPTNeoXConfig(**common, use_parallel_residual=True)),
+            }[family]().eval()
+
+
+@pytest.mark.parametrize("family", ["cohere", "stablelm", "gpt-neox"])
+def test_blocks_whose_update_is_a_sum_of_parallel_branches(family, tmp_path):
+    """``x + attn(n(x)) + mlp(n(x))``: the second branch reads the block's input, not the partial sum it is
+    added to; each branch is a residual unit, so new blocks zero both."""
+    torch.manual_seed(0)
+    model = _parallel(family)
+    ids = torch.randint(0, 64, (2, 6))
+    graph = rewrite.trace(model, (ids,))
+    assert len(rewrite.blocks(graph)) == 2
+    grown = rewrite.apply(graph, [passes.add_layers(1, at=0), passes.widen_mlp(factor=2)], (ids,))
+    assert all(record.exact for record in grown.report.passes)
+    fresh = torch.randint(0, 64, (3, 9))
+    reference = _logits(model, (fresh,), {})
+    torch.testing.assert_close(_logits(grown.module, (fresh,), {}), reference, rtol=1e-5, atol=1e-5)
+    native = rewrite.to_native(grown, like=model)
+    assert native.config.num_hidden_layers == 3 and native.config.intermediate_size == 128
+    native.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(_logits(loaded, (fresh,), {}), reference, rtol=1e-5, atol=1e-5)

@@ -80,3 +80,42 @@ def test_what_the_class_cannot_express_is_refused_with_the_reason():
     built, graph = traced("gpt")
     with pytest.raises(NotRepresentableError, match="GPT is not a Hugging Face model"):
         to_native(rewrite.apply(graph, [passes.add_layers(1)], built.args), like=built.model)
+
+
+def test_the_user_s_dtype_is_kept_by_the_native_class():
+    """A bfloat16 model grows in bfloat16 and comes back in bfloat16 (config included), not as float32."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, vocab_size=50,
+                                         num_attention_heads=4, num_key_value_heads=2)).to(torch.bfloat16).eval()
+    ids = torch.randint(0, 50, (2, 5))
+    grown = rewrite.apply(model, [passes.widen_mlp(factor=2), passes.add_layers(1)], ids)
+    assert grown.report.exact and {p.dtype for p in grown.module.parameters()} == {torch.bfloat16}
+    native = rewrite.to_native(grown, like=model)
+    assert {p.dtype for p in native.parameters()} == {torch.bfloat16} and native.config.dtype == torch.bfloat16
+    with torch.no_grad():
+        torch.testing.assert_close(native(ids).logits, model(ids).logits)  # zero columns: exact in bfloat16 too
+
+
+def test_distilbert_s_mlp_size_goes_to_hidden_dim():
+    from transformers import DistilBertConfig, DistilBertModel
+
+    model = DistilBertModel(DistilBertConfig(dim=32, hidden_dim=64, n_layers=2, n_heads=4, vocab_size=50)).eval()
+    ids = torch.randint(0, 50, (2, 5))
+    native = rewrite.to_native(rewrite.apply(model, [passes.widen_mlp(factor=2)], ids), like=model)
+    assert native.config.hidden_dim == 128 and native.transformer.layer[0].ffn.lin1.out_features == 128
+    with torch.no_grad():
+        torch.testing.assert_close(native(ids).last_hidden_state, model(ids).last_hidden_state)
+
+
+def test_constructor_flags_outside_the_config_round_trip():
+    """``BertModel(config, add_pooling_layer=False)`` has no pooler; the native model is built the same way."""
+    from transformers import BertConfig, BertModel
+
+    model = BertModel(BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                 vocab_size=50), add_pooling_layer=False).eval()
+    ids = torch.randint(0, 50, (2, 5))
+    native = rewrite.to_native(rewrite.apply(model, [passes.widen_mlp(factor=2)], ids), like=model)
+    assert native.pooler is None and native.config.intermediate_size == 128
+    with torch.no_grad():
+        torch.testing.assert_close(native(ids).last_hidden_state, model(ids).last_hidden_state)

@@ -70,3 +70,24 @@ def test_export_leaves_the_model_untouched(tmp_path):
     assert report.ok  # exported in eval mode: dropout off
     assert model.training
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+class WithoutTargets(nn.Module):
+    """A hand-written GPT's habit: ``(logits, None)`` when no targets are given."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Embedding(20, 8), nn.Linear(8, 20)
+
+    def forward(self, ids, targets=None):
+        logits = self.head(self.embed(ids))
+        loss = None if targets is None else nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        return logits, loss
+
+
+def test_outputs_with_none_leaves_compare_as_the_same_structure(tmp_path):
+    model, ids = WithoutTargets(), torch.randint(0, 20, (2, 5))
+    report = rewrite.export_onnx(model, (ids,), tmp_path / "gpt.onnx")
+    assert report.ok, str(report)
+    logits, loss = rewrite.OnnxModel(tmp_path / "gpt.onnx", like=model(ids))(ids)
+    assert loss is None and torch.allclose(logits, model(ids)[0], atol=1e-6)

@@ -5,6 +5,7 @@ residual stream ``x`` in and hand one stream out, and in between update it only 
 
     pre-norm   x <- x + F(norm(x))           (GPT, Llama, Mixtral: the block's output is the last add)
     post-norm  x <- LN(x + F(x))             (BERT: the add feeds a norm, and the norm is the new stream)
+    parallel   x <- x + F(n1(x)) + G(n2(x))  (Cohere, StableLM, GPT-J: each added branch is a unit)
 
 Other values may enter a block (masks, RoPE tables); they are *side inputs*, shared by copies of it.
 ``residual_units`` tells which add belongs to which branch; ``branch_layers`` walks a branch back from its
@@ -80,21 +81,40 @@ def owned_by(graph, prefix: str) -> list[torch.fx.Node]:
 
 def blocks(graph) -> list[Block]:
     """Every block of the model's layer stacks, stack by stack in graph order (see the module docstring)."""
+    found = []
+    for stack, indices in numbered_modules(graph).items():
+        stack_blocks = [block_at(graph, stack, i) for i in indices]
+        if stack_blocks and all(isinstance(b, Block) for b in stack_blocks):
+            found.extend(stack_blocks)
+    return found
+
+
+def numbered_modules(graph) -> dict[str, list[int]]:
+    """Candidate layer stacks: for each ``stack`` with numbered modules ``stack.i`` owning nodes, the indices."""
     members: dict[str, set[int]] = defaultdict(set)
     for node in graph.module.graph.nodes:
-        owner = graph.owner(node)
-        parts = owner.split(".")
+        parts = graph.owner(node).split(".")
         for end in range(1, len(parts) + 1):
             match = _NUMBERED.match(".".join(parts[:end]))
             if match:
                 members[match.group(1)].add(int(match.group(2)))
                 break
-    found = []
-    for stack, indices in members.items():
-        stack_blocks = [block_at(graph, stack, i) for i in sorted(indices)]
-        if stack_blocks and all(isinstance(b, Block) for b in stack_blocks):
-            found.extend(stack_blocks)
-    return found
+    return {stack: sorted(indices) for stack, indices in members.items()}
+
+
+def why_no_blocks(graph) -> list[tuple[str, str]]:
+    """(site, reason) for each candidate stack whose modules are not all residual blocks, or one line saying
+    there is no numbered module at all: what a pass that matched no block tells its user."""
+    stacks = numbered_modules(graph)
+    if not stacks:
+        return [("model", "no numbered modules (a layer stack is a ModuleList whose modules are `stack.0`, "
+                          "`stack.1`, ...), so there are no blocks")]
+    reasons = []
+    for stack, indices in stacks.items():
+        failed = next((b for b in (block_at(graph, stack, i) for i in indices) if isinstance(b, str)), None)
+        if failed is not None:
+            reasons.append((stack, failed))
+    return reasons
 
 
 def block_at(graph, stack: str, index: int) -> Block | str:
@@ -131,7 +151,7 @@ def residual_units(graph, stream_in, stream_out, inside: set) -> list[ResidualUn
     """The residual adds that take ``stream_in`` to ``stream_out`` inside a block, or None."""
     stream, units = stream_in, []
     while resolve(graph, stream_out) is not resolve(graph, stream):
-        add = _residual_add(graph, stream, inside)
+        add = _residual_add(graph, stream, inside, stream_in)
         if add is None:
             return None
         a, b = add.args[:2]
@@ -147,8 +167,11 @@ def residual_units(graph, stream_in, stream_out, inside: set) -> list[ResidualUn
     return units
 
 
-def _residual_add(graph, stream, inside: set):
-    base = resolve(graph, stream)
+def _residual_add(graph, stream, inside: set, block_in):
+    """The add that updates ``stream`` by a branch computed from it, or from the block's input: in a parallel
+    block (``x + attn(x) + mlp(x)``, Cohere, StableLM) the second branch reads the block's input, not the
+    partial sum it is added to."""
+    base, origin = resolve(graph, stream), resolve(graph, block_in)
     for user in _through_transparent(graph, stream):
         if user not in inside or canonical_kind(graph, user) != "add" or len(user.args) < 2:
             continue
@@ -156,7 +179,7 @@ def _residual_add(graph, stream, inside: set):
         if not (isinstance(a, torch.fx.Node) and isinstance(b, torch.fx.Node)):
             continue
         other = b if resolve(graph, a) is base else a if resolve(graph, b) is base else None
-        if other is not None and depends_on(other, base):
+        if other is not None and (depends_on(other, base) or depends_on(other, origin)):
             return user
     return None
 

@@ -22,7 +22,7 @@ import torch.fx
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from rewrite.errors import UnsupportedOpError
-from rewrite.ops import RULES, Axis, Call, Facts, canonical_kind
+from rewrite.ops import RULES, Axis, Call, Facts, all_axes, canonical_kind
 
 from rewrite.ir.graph import Graph
 
@@ -68,6 +68,8 @@ class DimGroup:
     reductions: list[tuple[str, str]]  # (kind, node) of ops that mix values along the axis
     encoded_by: list[str]  # nodes whose literal sizes encode the axis (views into heads, repeats)
     compositions: list[Composition]  # how this axis is made of, or makes, other groups
+    blocked: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)  # (op, node, why): an op
+    # without axis semantics touches the group, so it cannot grow (the rest of the graph still can)
 
     @property
     def growable(self) -> bool:
@@ -90,7 +92,17 @@ class DimGroup:
         if self.compositions:
             shown = sorted({f"{c.how} {c.side(self)} at {c.node}" for c in self.compositions})
             lines.append(f"  {'composes:':<10}{', '.join(shown[:6])}{' ...' if len(shown) > 6 else ''}")
+        if self.blocked:
+            shown = sorted({f"{op} ({node})" for op, node, _ in self.blocked})
+            lines.append(f"  {'blocked:':<10}{', '.join(shown[:6])}{' ...' if len(shown) > 6 else ''}")
         return "\n".join(lines)
+
+    def unsupported(self) -> UnsupportedOpError | None:
+        """The error that stops growing this group: the first op without axis semantics it reaches."""
+        if not self.blocked:
+            return None
+        op, node, why = self.blocked[0]
+        return UnsupportedOpError(op, node, why)
 
 
 @dataclasses.dataclass
@@ -108,8 +120,9 @@ def dim_groups(graph: Graph, *, all_groups: bool = False) -> list[DimGroup]:
     """Groups of coupled ``(tensor, axis)`` pairs that must grow together.
 
     By default only the growable ones (those that reach a parameter); ``all_groups=True`` adds the
-    batch, sequence and other activation-only axes. Raises ``UnsupportedOpError`` naming the op
-    and node when an op whose semantics are unknown touches a growable axis.
+    batch, sequence and other activation-only axes. An op whose semantics are unknown blocks exactly the groups
+    its axes are in (``DimGroup.blocked``; growing one raises ``UnsupportedOpError`` naming the op and node);
+    every other group stays growable.
     """
     groups = dim_analysis(graph).groups
     return groups if all_groups else [g for g in groups if g.growable]
@@ -140,7 +153,7 @@ def analyse(graph: "Graph") -> DimAnalysis:
             component[axis] = index
     groups = _groups(dims, component, facts, shapes)
     groups = {i: g for i, g in groups.items() if g.activations or any(m.roles for m in g.members)}
-    _check_opaque(facts, component, groups, graph)
+    _block(facts, component, groups)
     ordered = sorted(groups.values(), key=lambda g: (not g.growable, _first_position(g, graph)))
     for new_id, group in enumerate(ordered):
         group.id = new_id
@@ -180,16 +193,17 @@ def _groups(dims: nx.Graph, component: dict, facts: Facts, shapes: dict) -> dict
     return groups
 
 
-def _check_opaque(facts: Facts, component: dict, groups: dict[int, DimGroup], graph: "Graph") -> None:
-    """An op without a rule may only touch axes that no parameter reaches."""
-    for node_name, kind, axes in facts.opaque:
+def _block(facts: Facts, component: dict, groups: dict[int, DimGroup]) -> None:
+    """An op without a rule couples nothing, so the analysis cannot tell what growing its axes would do to
+    it: every growable group one of its axes is in is blocked, naming the op; the other groups are not."""
+    for node_name, kind, axes, *why in facts.opaque:
         for axis in axes:
             group = groups.get(component.get(axis, -1))
-            if group is not None and group.growable:
+            if group is not None and group.growable and all(node != node_name for _, node, _ in group.blocked):
                 anchor = (group.role("produces") or group.members)[0]
-                raise UnsupportedOpError(
-                    kind, node_name, f"its axis {axis[1]} of {axis[0][2:]} is coupled to parameter axis {anchor}"
-                )
+                detail = f"{why[0]}; " if why else ""
+                group.blocked.append((kind, node_name, f"{detail}its axis {axis[1]} of {axis[0][2:]} is coupled "
+                                                       f"to parameter axis {anchor}"))
 
 
 def _first_position(group: DimGroup, graph: "Graph") -> int:
@@ -232,8 +246,12 @@ def collect(graph: "Graph") -> tuple[Facts, dict[str, tuple]]:
         call = _call(graph, node, refs, shapes, canonical)
         rule = RULES.get(call.kind)
         if rule is None:
-            raise UnsupportedOpError(graph.op_kind(node), node.name)
-        rule(facts, call)
+            facts.opaque.append((node.name, graph.op_kind(node), all_axes(call), "no axis rule"))
+            continue
+        try:
+            rule(facts, call)
+        except UnsupportedOpError as error:  # a form of a known op the rule cannot describe (grouped conv)
+            facts.opaque.append((node.name, graph.op_kind(node), all_axes(call), str(error).partition(": ")[2]))
     return facts, shapes
 
 

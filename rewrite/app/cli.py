@@ -193,10 +193,11 @@ def _grow(options) -> int:
     if source.is_huggingface:
         progress(f"writing the native {type(source.model).__name__} to {options.out}")
         native = to_native(grown, like=source.model)
-        save_huggingface(native, options.out, source.tokenizer, replace=options.force)
+        save_huggingface(native, options.out, source.tokenizer, replace=options.force, dtype=source.dtype)
         config = native.config
         print(f"wrote {options.out}: {type(native).__name__}, {sum(p.numel() for p in native.parameters()):,} "
-              f"parameters, {config.num_hidden_layers} layers, hidden {config.hidden_size}")
+              f"parameters, {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+              f"{source.dtype or native.dtype}")
     else:
         progress(f"writing a torch.export archive to {options.out}")
         save_pt2(grown.graph, options.out, replace=options.force)

@@ -23,6 +23,8 @@ with the reason. The graph form stays usable either way.
 from __future__ import annotations
 
 import copy
+import inspect
+import itertools
 
 import torch
 
@@ -35,8 +37,9 @@ from rewrite.transform.pattern import mlp
 from rewrite.verification.verify import verify
 
 EPSILON_FIELDS = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon")
-# The MLP size under the names Hugging Face configs give it (GPT-2: n_inner, OPT: ffn_dim, T5: d_ff).
-MLP_FIELDS = ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "ffn_hidden_size")
+# The MLP size under the names Hugging Face configs give it (GPT-2: n_inner, OPT: ffn_dim, T5: d_ff,
+# DistilBERT: hidden_dim). A name that meant something else would be caught by the check after loading.
+MLP_FIELDS = ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "ffn_hidden_size", "hidden_dim")
 
 
 def to_native(grown, like: torch.nn.Module) -> torch.nn.Module:
@@ -61,8 +64,10 @@ def to_native(grown, like: torch.nn.Module) -> torch.nn.Module:
             raise NotRepresentableError(
                 f"{type(config).__name__}.{field} would be {getattr(config, field)!r} where the grown model "
                 f"needs {value!r} (the config derives it from other fields)")
-    with torch.random.fork_rng():
-        native = type(like)(config).eval()
+    dtype = _dtype(graph, like)
+    if hasattr(config, "dtype"):
+        config.dtype = dtype  # what save_pretrained writes, and from_pretrained loads as
+    native = _build(type(like), config, graph).to(dtype).eval()  # the class builds float32: keep the dtype
     _load(native, graph)
     report = verify(graph, native, graph.example_args, graph.example_kwargs, title="native vs grown graph")
     if not report.ok:
@@ -254,6 +259,36 @@ def _load(native: torch.nn.Module, graph: Graph) -> None:
         for name, target in state.items():
             if name in grown:
                 target.copy_(grown[name])
+
+
+def _build(cls, config, graph: Graph) -> torch.nn.Module:
+    """``cls(config)``, or, when its parameters are not the grown graph's, ``cls(config, flag=...)`` with the
+    constructor's boolean arguments (``add_pooling_layer=False``) set as the original instance was built:
+    the combination whose parameter names are the grown graph's."""
+    names = {name for name, _ in _named_tensors(graph.module)}
+    flags = [p.name for p in list(inspect.signature(cls.__init__).parameters.values())[2:]
+             if isinstance(p.default, bool)][:3]
+    def fits(model) -> bool:
+        return {n for n, _ in model.named_parameters()} <= names
+
+    with torch.random.fork_rng():
+        native = cls(config)
+    if fits(native) or not flags:
+        return native
+    for values in itertools.product((True, False), repeat=len(flags)):
+        with torch.random.fork_rng():
+            candidate = cls(config, **dict(zip(flags, values)))
+        if fits(candidate):
+            return candidate
+    return native  # _load then names what has no place
+
+
+def _dtype(graph: Graph, like: torch.nn.Module) -> torch.dtype:
+    """The floating-point dtype of the grown model's parameters (the original's, which growth keeps)."""
+    dtypes = {t.dtype for t in graph.module.parameters() if t.is_floating_point()}
+    if len(dtypes) == 1:
+        return dtypes.pop()
+    return getattr(like, "dtype", torch.get_default_dtype())
 
 
 def _named_tensors(module: torch.nn.Module):

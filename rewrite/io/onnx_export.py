@@ -37,7 +37,8 @@ class OnnxModel:
 
     Tensor inputs are matched to the file's inputs by keyword name where the names agree, the rest in
     order; non-tensor inputs (flags the exporter fixed as constants) are ignored. With ``like`` (an
-    output of the torch module), outputs come back in that structure, e.g. a ``ModelOutput``.
+    output of the torch module), outputs come back in that structure, e.g. a ``ModelOutput`` or
+    ``(logits, None)``: the file's outputs fill its tensor leaves, its other leaves are kept.
     """
 
     def __init__(self, path: str | os.PathLike, like: Any = None):
@@ -49,7 +50,7 @@ class OnnxModel:
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
-        self.out_spec = pytree.tree_structure(like) if like is not None else None
+        self.like = pytree.tree_flatten(like) if like is not None else None
 
     def match(self, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
         """The file's input names, each with the tensor of the call that feeds it."""
@@ -72,8 +73,12 @@ class OnnxModel:
 
     def __call__(self, *args, **kwargs):
         outputs = [torch.from_numpy(o) for o in self.session.run(None, self.feed(args, kwargs))]
-        if self.out_spec is not None and self.out_spec.num_leaves == len(outputs):
-            return pytree.tree_unflatten(outputs, self.out_spec)
+        if self.like is not None:  # the file returns the tensor leaves; None, ints and flags stay as they were
+            leaves, spec = self.like
+            if sum(isinstance(leaf, torch.Tensor) for leaf in leaves) == len(outputs):
+                produced = iter(outputs)
+                return pytree.tree_unflatten(
+                    [next(produced) if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves], spec)
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import shutil
 import tempfile
@@ -33,6 +34,7 @@ class Source:
     kind: str  # "zoo", "hf", "gguf", "pt2"
     label: str
     tokenizer: object | None = None  # for Hugging Face language models, when one can be loaded
+    dtype: torch.dtype | None = None  # the dtype the weights are stored in (a folder's), written back in it
 
     @property
     def is_huggingface(self) -> bool:
@@ -82,10 +84,30 @@ def _load_folder(folder: Path) -> Source:
         raise GrowfxError(f"{folder} is not a Hugging Face model folder: it has no config.json")
     if not any(folder.glob("*.safetensors")):
         raise GrowfxError(f"{folder} has no .safetensors weights (pickled weights are never loaded)")
-    model = load_folder(folder)
+    model = load_folder(folder)  # in float32: growth's corrections (divisions by k) computed in full precision
     tokenizer = _tokenizer(folder)
     args, kwargs = _language_inputs(model, tokenizer)
-    return Source(model, args, kwargs, "hf", f"{folder} ({type(model).__name__})", tokenizer)
+    dtype = stored_dtype(folder)
+    label = f"{folder} ({type(model).__name__}{f', stored as {dtype}' if dtype != torch.float32 else ''})"
+    return Source(model, args, kwargs, "hf", label, tokenizer, dtype)
+
+
+def stored_dtype(folder: Path) -> torch.dtype:
+    """The dtype of a folder's floating-point weights: the config's ``dtype`` (``torch_dtype``), else the first
+    floating-point tensor's in the first safetensors file's header; float32 when neither says."""
+    config = json.loads((folder / "config.json").read_text())
+    name = config.get("dtype") or config.get("torch_dtype")
+    if isinstance(name, str) and isinstance(getattr(torch, name, None), torch.dtype):
+        return getattr(torch, name)
+    from safetensors import safe_open
+
+    with safe_open(str(sorted(folder.glob("*.safetensors"))[0]), framework="pt") as f:
+        for key in f.keys():
+            dtype = getattr(torch, {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}.get(
+                f.get_slice(key).get_dtype(), "int64"))
+            if dtype.is_floating_point:
+                return dtype
+    return torch.float32
 
 
 def load_gguf(path: Path) -> Source:
@@ -135,8 +157,13 @@ def atomic_path(destination: Path, *, replace: bool):
         shutil.rmtree(temporary, ignore_errors=True)
 
 
-def save_huggingface(native: torch.nn.Module, destination: Path, tokenizer=None, *, replace: bool = False) -> Path:
-    """``save_pretrained`` (safetensors) of the native model, with the tokenizer, written atomically."""
+def save_huggingface(native: torch.nn.Module, destination: Path, tokenizer=None, *, replace: bool = False,
+                     dtype: torch.dtype | None = None) -> Path:
+    """``save_pretrained`` (safetensors) of the native model, with the tokenizer, written atomically; with
+    ``dtype`` (the source folder's), the weights and the config are written in it, as the source was."""
+    if dtype is not None and dtype != native.dtype:
+        native = native.to(dtype)
+        native.config.dtype = dtype
     with atomic_path(destination, replace=replace) as folder:
         native.save_pretrained(folder, safe_serialization=True)
         if tokenizer is not None:

@@ -1,7 +1,8 @@
 """The two tracers that feed the one IR, and the choice between them.
 
 * ``fx``: ``torch.fx.symbolic_trace``. Hand-written modules, in milliseconds; standard leaf modules
-  (``nn.Linear``, norms, activations) stay ``call_module`` nodes. Fails on Hugging Face models
+  (``nn.Linear``, norms, activations) stay ``call_module`` nodes, composite ``torch.nn`` layers are traced
+  through. Fails on Hugging Face models
   (control flow in masking code, ``co_varnames``), on data-dependent Python control flow, and on
   in-place item assignment of proxies.
 * ``export``: ``torch.export.export`` (non-strict). Every model PyTorch can export, Hugging Face ones
@@ -25,6 +26,8 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 from torch.export import Dim
+
+from rewrite.ops.kinds import MODULE_KINDS
 
 FRONTENDS = ("fx", "export")
 
@@ -94,9 +97,15 @@ def fixed_inputs(kwargs: dict) -> dict:
 
 
 class _BufferProxyTracer(torch.fx.Tracer):
-    """symbolic_trace's tracer, but buffers read in code (RoPE tables) become ``get_attr`` nodes."""
+    """symbolic_trace's tracer, but buffers read in code (RoPE tables) become ``get_attr`` nodes, and only the
+    ``torch.nn`` modules the op knowledge has a kind for stay leaves: composites (``TransformerEncoderLayer``,
+    ``MultiheadAttention``) are traced through, so the analysis sees their linears and norms. Where their code
+    cannot be traced symbolically, fx fails and ``auto`` goes on to torch.export."""
 
     proxy_buffer_attributes = True
+
+    def is_leaf_module(self, module: torch.nn.Module, qualified_name: str) -> bool:
+        return super().is_leaf_module(module, qualified_name) and type(module).__name__ in MODULE_KINDS
 
 
 def auto_dynamic_shapes(fn, args: tuple, kwargs: dict) -> dict:

@@ -10,7 +10,7 @@
 A new op is taught here: alias it to a kind in ``kinds.ALIASES``, or give its kind a rule in ``axes.RULES``.
 """
 
-from .axes import RULES, Axis, Call, Facts
+from .axes import RULES, Axis, Call, Facts, all_axes
 from .kinds import ELEMENTWISE, canonical_kind, is_bookkeeping, op_name, real_users, short_name
 from .literals import patch_literals, patch_split, resize_module_attributes
 from .structure import (

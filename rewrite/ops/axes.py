@@ -17,13 +17,15 @@ Every call form a front-end produces is normalised to a canonical kind (``rewrit
 Axes are ``(ref, axis)`` with ``ref`` ``"n:<node>"`` (``"n:<node>#i"`` for the i-th element of a tuple
 output), ``"p:<parameter or floating-point buffer>"`` (tied names resolved to one) or ``"c:<integer or
 boolean buffer>"`` (index tables such as ``position_ids``: constants, never grown). Ops whose rule is ``opaque``
-(index arithmetic, mask building, ``arange``) couple nothing; the analysis then checks that none of
-their axes lies in a group that reaches a parameter, and stops with ``UnsupportedOpError`` otherwise.
+(index arithmetic, mask building, ``arange``), and ops with no rule at all, couple nothing; the analysis blocks
+the growable groups their axes are in (growing one raises ``UnsupportedOpError`` naming the op and node), and
+every other group stays growable.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import Any, Callable
 
 import torch
@@ -72,7 +74,7 @@ class Facts:
         self.roles: list[tuple[Axis, str, str]] = []
         self.reductions: list[tuple[Axis, str, str]] = []
         self.compositions: list[tuple[Axis, list[Axis], str, str]] = []
-        self.opaque: list[tuple[str, str, list[Axis]]] = []
+        self.opaque: list[tuple] = []  # (node, op, axes[, why]): axes of an op the analysis cannot see through
         self.axes: set[Axis] = set()
         self.derived: dict[str, tuple[str, dict[int, int]]] = {}  # ref -> (parameter, {axis: parameter axis})
 
@@ -267,9 +269,44 @@ def pool(facts: Facts, call: Call) -> None:
 
 
 def view(facts: Facts, call: Call) -> None:
-    """Reshape: axes are matched by running products; a split or merged axis is a ``factor`` composition."""
+    """Reshape: axes are matched by running products; a split or merged axis is a ``factor`` composition.
+    A size read from a tensor's shape at run time (``x.view(b, t, x.shape[-1])``) ties the output axis to
+    that tensor's axis: it follows whatever that axis grows to, so both must grow together."""
     x = call.operands[0]
     align_reshape(facts, call.node.name, x, call.shape(x), call.out, call.out_shape)
+    node = call.node
+    if node.op == "call_method" and len(node.args) > 2:
+        sizes = node.args[1:]
+    elif len(node.args) > 1 and isinstance(node.args[1], (list, tuple)):
+        sizes = node.args[1]
+    else:
+        return
+    for out_axis, size in enumerate(sizes):
+        source = size_source(size, call)
+        if source is not None:
+            facts.equal(source, (call.out, out_axis), node.name)
+
+
+def size_source(value, call: Call) -> Axis | None:
+    """The tensor axis a size argument is read from at run time: ``x.shape[i]``, ``x.size(i)``,
+    ``x.size()[i]`` (fx) or ``aten.sym_size.int(x, i)`` (export); None for literals and computed sizes."""
+    if not isinstance(value, torch.fx.Node):
+        return None
+    tensor, axis = None, None
+    if value.op == "call_function" and value.target is operator.getitem and isinstance(value.args[1], int):
+        shape = value.args[0]
+        if isinstance(shape, torch.fx.Node) and (
+                (shape.op == "call_function" and shape.target is getattr and shape.args[1] == "shape")
+                or (shape.op == "call_method" and shape.target == "size" and len(shape.args) == 1)):
+            tensor, axis = shape.args[0], value.args[1]
+    elif value.op == "call_method" and value.target == "size" and len(value.args) == 2:
+        tensor, axis = value.args
+    elif value.op == "call_function" and getattr(value.target, "__name__", "") == "sym_size.int":
+        tensor, axis = value.args[:2]
+    if not isinstance(tensor, torch.fx.Node) or not isinstance(axis, int) or f"n:{tensor.name}" not in call.shapes:
+        return None
+    ref = f"n:{tensor.name}"
+    return (ref, _norm(axis, len(call.shapes[ref])))
 
 
 def align_reshape(facts: Facts, name: str, src: str, src_shape: tuple, dst: str, dst_shape: tuple) -> None:
@@ -349,24 +386,58 @@ def expand(facts: Facts, call: Call) -> None:
 
 
 def reduction(facts: Facts, call: Call) -> None:
-    """mean/sum/var/max over ``dim``: the reduced axes mix values; the others are kept."""
+    """mean/sum/var/max/any over ``dim``: the reduced axes mix values; the others are kept. ``max(x, dim)``
+    returns (values, indices): both keep the same axes."""
     x = call.operands[0]
     rank = len(call.shape(x))
     dims = call.arg(1, "dim", None)
     if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
         dims = list(range(rank))
     dims = [dims] if isinstance(dims, int) else list(dims)
+    if not all(isinstance(d, int) for d in dims):
+        facts.opaque.append((call.node.name, call.raw, all_axes(call), f"reduction over computed axes {dims}"))
+        return
     dims = sorted(_norm(d, rank) for d in dims)
-    keep = len(call.out_shape) == rank
-    out_axis = 0
-    for axis in range(rank):
-        if axis in dims:
-            facts.reduces((x, axis), call.raw, call.node.name)
-            if keep:
-                out_axis += 1
-            continue
-        facts.equal((x, axis), (call.out, out_axis), call.node.name)
-        out_axis += 1
+    outputs = [call.out] if call.out in call.shapes else _parts(call)
+    for axis in dims:
+        facts.reduces((x, axis), call.raw, call.node.name)
+    for out in outputs:
+        keep = len(call.shapes[out]) == rank
+        out_axis = 0
+        for axis in range(rank):
+            if axis not in dims:
+                facts.equal((x, axis), (out, out_axis), call.node.name)
+            out_axis += 1 if axis not in dims or keep else 0
+
+
+def stack(facts: Facts, call: Call) -> None:
+    """stack(tensors, dim): a new axis at ``dim`` (its size is the number of tensors: nothing grows it), the
+    tensors' axes around it. Interleaved rotary embeddings stack two halves and flatten them back."""
+    tensors = [t for t in call.operands[0] if call.is_tensor(t)]
+    rank = len(call.out_shape)
+    dim = _norm(call.arg(1, "dim", 0), rank)
+    for ref in tensors:
+        for axis in range(rank - 1):
+            facts.equal((ref, axis), (call.out, axis + (axis >= dim)), call.node.name)
+    facts.opaque.append((call.node.name, call.raw, [(call.out, dim)], "the number of stacked tensors is its size"))
+
+
+def unbind(facts: Facts, call: Call) -> None:
+    """unbind(x, dim): one tensor per index of ``dim`` (the number of outputs is its size: nothing grows it),
+    each with the other axes."""
+    x = call.operands[0]
+    rank = len(call.shape(x))
+    dim = _norm(call.arg(1, "dim", 0), rank)
+    for part in _parts(call):
+        for axis in range(rank):
+            if axis != dim:
+                facts.equal((x, axis), (part, axis - (axis > dim)), call.node.name)
+    facts.opaque.append((call.node.name, call.raw, [(x, dim)], "the number of outputs is its size"))
+
+
+def _parts(call: Call) -> list[str]:
+    """The refs of a tuple output's tensors, in order."""
+    return [ref for ref in call.shapes if ref.startswith(call.out + "#")]
 
 
 def softmax(facts: Facts, call: Call) -> None:
@@ -393,12 +464,18 @@ def split(facts: Facts, call: Call) -> None:
     x = call.operands[0]
     rank = len(call.shape(x))
     dim = _norm(call.arg(2, "dim", 0), rank)
-    parts = [ref for ref in call.shapes if ref.startswith(call.out + "#")]
+    parts = _parts(call)
     for ref in parts:
         for axis in range(rank):
             if axis != dim:
                 facts.equal((x, axis), (ref, axis), call.node.name)
     facts.compose((x, dim), [(ref, dim) for ref in parts], "concat", call.node.name)
+    size = call.arg(1, "split_size", None)
+    sizes = size if isinstance(size, (list, tuple)) else [size] * len(parts)
+    for ref, part_size in zip(parts, sizes):  # split(x.shape[-1]): each part follows that axis
+        source = size_source(part_size, call)
+        if source is not None and call.shapes[ref][dim] == call.shapes[source[0]][source[1]]:
+            facts.equal(source, (ref, dim), call.node.name)
 
 
 def getitem(facts: Facts, call: Call) -> None:
@@ -413,9 +490,11 @@ def getitem(facts: Facts, call: Call) -> None:
         return
     index = index if isinstance(index, tuple) else (index,)
     shape = call.shape(source)
-    if any(isinstance(i, torch.fx.Node) or isinstance(i, (list, torch.Tensor)) for i in index):
-        facts.opaque.append((name, "advanced indexing", _all_axes(call)))
-        return
+    lists = [i for i in index if isinstance(i, list)]
+    if any(isinstance(i, (torch.fx.Node, torch.Tensor)) for i in index) or len(lists) > 1 or any(
+            not all(isinstance(v, int) for v in i) for i in lists):
+        facts.opaque.append((name, "advanced indexing", all_axes(call)))
+        return  # (one list of constant positions, x[:, [-1], :], picks along its axis like a slice)
     explicit = sum(1 for i in index if i is not None and i is not Ellipsis)
     expanded: list = []
     for i in index:
@@ -432,8 +511,8 @@ def getitem(facts: Facts, call: Call) -> None:
         if isinstance(i, int):
             in_axis += 1
             continue
-        if isinstance(i, slice):
-            if call.out_shape[out_axis] == shape[in_axis]:
+        if isinstance(i, (slice, list)):
+            if isinstance(i, slice) and call.out_shape[out_axis] == shape[in_axis]:
                 facts.equal((source, in_axis), (call.out, out_axis), name)
             else:
                 facts.compose((source, in_axis), [(call.out, out_axis)], "slice", name)
@@ -468,7 +547,7 @@ def index(facts: Facts, call: Call) -> None:
     x, indices = call.operands[0], call.operands[1]
     tensors = [(d, ref) for d, ref in enumerate(indices) if ref is not None]
     if len(tensors) != 1 or not call.is_tensor(tensors[0][1]):
-        facts.opaque.append((call.node.name, "index with several index tensors", _all_axes(call)))
+        facts.opaque.append((call.node.name, "index with several index tensors", all_axes(call)))
         return
     (d, idx), name = tensors[0], call.node.name
     shape, idx_rank = call.shape(x), len(call.shape(tensors[0][1]))
@@ -492,7 +571,7 @@ def repeat(facts: Facts, call: Call) -> None:
     rank = len(call.shape(x))
     dim = call.arg(2, "dim", None)
     if dim is None:
-        facts.opaque.append((call.node.name, "repeat_interleave without dim", _all_axes(call)))
+        facts.opaque.append((call.node.name, "repeat_interleave without dim", all_axes(call)))
         return
     dim = _norm(dim, rank)
     for axis in range(rank):
@@ -542,14 +621,14 @@ def topk(facts: Facts, call: Call) -> None:
             facts.compose((x, dim), [(part, dim)], "select", call.node.name)
 
 
-def _all_axes(call: Call) -> list[Axis]:
+def all_axes(call: Call) -> list[Axis]:
     refs = [o for o in _flat(call.operands) if call.is_tensor(o)]
     refs += [r for r in call.shapes if r == call.out or r.startswith(call.out + "#")]
     return [(r, a) for r in refs for a in range(len(call.shapes[r]))]
 
 
 def opaque(facts: Facts, call: Call) -> None:
-    facts.opaque.append((call.node.name, call.raw, _all_axes(call)))
+    facts.opaque.append((call.node.name, call.raw, all_axes(call)))
 
 
 def ignore(facts: Facts, call: Call) -> None:
@@ -564,7 +643,8 @@ RULES: dict[str, Rule] = {
     "unsqueeze": view, "squeeze": view,  # size-1 axes only
     "expand": expand, "mean": reduction, "softmax": softmax, "cat": cat, "split": split, "getitem": getitem,
     "slice": select_or_slice, "select": select_or_slice, "narrow": select_or_slice, "repeat": repeat,
-    "sdpa": sdpa, "topk": topk, "index": index, "opaque": opaque, "ignore": ignore,
+    "sdpa": sdpa, "topk": topk, "index": index, "stack": stack, "unbind": unbind, "opaque": opaque,
+    "ignore": ignore,
 }
 
 

@@ -11,6 +11,7 @@ import operator
 
 import torch
 import torch.fx
+from torch.fx.passes.shape_prop import TensorMetadata
 
 # -- canonical kinds --------------------------------------------------------------------------------
 ELEMENTWISE = {
@@ -21,7 +22,7 @@ ELEMENTWISE = {
     "half", "bfloat16", "double", "contiguous", "clone", "detach", "alias", "lift_fresh_copy", "_to_copy",
     "square", "reciprocal", "sign", "bitwise_not", "leaky_relu", "hardtanh", "elu", "mish", "hardswish",
     "hardsigmoid", "relu6", "identity", "div_", "mul_", "add_", "type_as", "sigmoid_", "tanh_", "copy",
-    "fill", "zeros_like", "ones_like", "full_like", "empty_like", "logsigmoid",
+    "fill", "zeros_like", "ones_like", "full_like", "empty_like", "logsigmoid", "remainder",
 }
 MODULE_KINDS = {
     "Linear": "linear", "Conv1d": "conv", "Conv2d": "conv", "Conv3d": "conv", "Embedding": "embedding",
@@ -55,8 +56,15 @@ ALIASES = {
     "triu": "opaque", "masked_select": "opaque", "index_put": "opaque", "index_add": "opaque",
     "new_full": "opaque", "new_empty": "opaque", "arange_start": "opaque", "lift_fresh": "opaque",
     "_local_scalar_dense": "ignore", "item": "ignore", "scaled_dot_product_attention": "sdpa",
-    "topk": "topk", "_unsafe_index": "opaque", "embedding_bag": "opaque",
+    "topk": "topk", "_unsafe_index": "opaque", "embedding_bag": "opaque", "amin": "mean", "any": "mean",
+    "all": "mean", "stack": "stack", "unbind": "unbind", "floor_divide": "floordiv", "copy_": "copy",
+    "fmod": "remainder", "bitwise_and": "__and__", "bitwise_or": "__or__",
 }
+# Overloads whose meaning differs from their family's: ``max(x, dim)`` reduces, ``max(x, other)`` is an
+# element-wise maximum (T5 clamps with it). For ATen the overload's name decides; for the fx forms
+# (``torch.max``, ``Tensor.max``), whether the second operand is a tensor.
+BINARY_FORMS = {"max": "maximum", "min": "minimum"}
+BINARY_OVERLOADS = {"other", "binary_out"}
 # Nodes torch.export adds for its own checks (guards, shape and metadata assertions): they compute nothing.
 BOOKKEEPING = {"_guards_fn", "_assert_tensor_metadata", "_assert", "_assert_scalar", "sym_size",
                "sym_constrain_range_for_size"}
@@ -104,7 +112,20 @@ def canonical_kind(graph, node: torch.fx.Node) -> str:
         name = "numpy_T"  # fx records ``x.T`` as getattr(x, "T"); torch.export as aten.numpy_T
     else:
         name = short_name(node)
+    if name in BINARY_FORMS and _binary_form(node):
+        return BINARY_FORMS[name]
     return ALIASES.get(name, name)
+
+
+def _binary_form(node: torch.fx.Node) -> bool:
+    """Is this ``min``/``max`` call the element-wise form with a second tensor?"""
+    if isinstance(node.target, torch._ops.OpOverload):
+        return node.target._overloadname in BINARY_OVERLOADS
+    other = node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+    if not isinstance(other, torch.fx.Node):
+        return False
+    meta = other.meta.get("tensor_meta")
+    return meta is None or isinstance(meta, TensorMetadata)  # before shape propagation, a node is a tensor
 
 
 def real_users(node: torch.fx.Node) -> list[torch.fx.Node]:

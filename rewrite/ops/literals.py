@@ -61,6 +61,17 @@ def patch_literals(node: torch.fx.Node, kind: str, grown: dict[int, tuple[int, i
             changed = True
     if changed:
         node.args = rebuild(sizes)
+        _view_to_reshape(node)
+
+
+def _view_to_reshape(node: torch.fx.Node) -> None:
+    """A ``view`` whose sizes growth changed becomes a ``reshape``: its input may be laid out differently
+    after growth (SDPA returns another layout once the value head size differs from the key's), and a view of
+    a non-contiguous tensor fails where a reshape copies."""
+    if node.op == "call_method" and node.target == "view":
+        node.target = "reshape"
+    elif node.op == "call_function" and node.target is torch.ops.aten.view.default:
+        node.target = torch.ops.aten.reshape.default
 
 
 def patch_split(node: torch.fx.Node, parts: dict[int, "object"]) -> None:
@@ -75,10 +86,14 @@ def patch_split(node: torch.fx.Node, parts: dict[int, "object"]) -> None:
     rank = len(metas[0].shape)
     dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
     dim = dim + rank if dim < 0 else dim
-    sizes = [meta.shape[dim] for meta in metas]
-    for index, axes in parts.items():
-        if dim in axes and sizes[index] == axes[dim].old_size:
-            sizes[index] = axes[dim].new_size
+    grown = {index: axes[dim] for index, axes in parts.items() if dim in axes}
+    if not grown:  # the parts grew along other axes: the split's sizes (literal or computed) still hold
+        return
+    given = node.args[1] if isinstance(node.args[1], (list, tuple)) else [node.args[1]] * len(metas)
+    sizes = [size if isinstance(size, torch.fx.Node) else meta.shape[dim] for size, meta in zip(given, metas)]
+    for index, layout in grown.items():
+        if sizes[index] == layout.old_size:
+            sizes[index] = layout.new_size
     if isinstance(node.args[1], int) and len(set(sizes)) == 1 and sum(sizes) % sizes[0] == 0:
         node.args = (node.args[0], sizes[0], *node.args[2:])
         return

@@ -125,7 +125,8 @@ def apply(model: torch.nn.Module | Graph, passes: list, args=(), kwargs: dict | 
         plan = growth.plan(current)
         if plan.empty:
             if strict:
-                raise GrowthError(f"{growth.name} matched nothing")
+                why = "".join(f"; at {site}: {reason}" for site, reason in plan.refusals)
+                raise GrowthError(f"{growth.name} matched nothing{why}")
             records.append(PassRecord(growth.name, None, before, before, refusals=plan.refusals))
             continue
         # an intermediate this loop made is replaced by the pass's result: its tensors may move on

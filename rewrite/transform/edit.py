@@ -204,6 +204,9 @@ class Editor:
         holder._modules = dict(sorted(holder._modules.items(), key=lambda kv: int(kv[0]) if kv[0].isdigit() else -1))
         origins = {name: origin for name, origin in self.origins.items() if name not in moves}
         self.origins = origins | {new: self.origins.get(old, old) for old, new in moves.items()}
+        # tensors copied earlier in this edit live under the moved modules now (their sources are the
+        # traced model's, which do not move)
+        self.copied = {moved(new, moves): old for new, old in self.copied.items()}
         for node in self.fx.nodes:
             if node.op in ("call_module", "get_attr"):
                 node.target = moved(str(node.target), moves)

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable
 import torch.fx
 from torch.fx.passes.shape_prop import TensorMetadata
 
-from rewrite.analysis.blocks import Block, blocks, depends_on, resolve
+from rewrite.analysis.blocks import Block, blocks, depends_on, resolve, why_no_blocks
 from rewrite.names import numbered_block
 from rewrite.ops import ELEMENTWISE, TRANSPARENT, WEIGHTED, canonical_kind, operand, real_users
 
@@ -95,6 +95,11 @@ class Pattern:
 
     def find(self, graph) -> list[Match]:
         raise NotImplementedError
+
+    def explain(self, graph) -> list[tuple[str, str]]:
+        """(site, reason) for the candidates ``find`` did not match, where the pattern can say: what a rule
+        that matched nothing reports."""
+        return []
 
     def __rshift__(self, other: "Pattern") -> "Chain":
         return Chain([*_steps(self), *_steps(other)])
@@ -232,6 +237,20 @@ class BlockPattern(Pattern):
         if self.layers is not None:
             found = [b for b in found if b.index in self.layers]
         return [Match(graph, {self.name: b}, self.name) for b in found]
+
+    def explain(self, graph) -> list[tuple[str, str]]:
+        found = [b for b in blocks(graph) if self.stack in (None, b.stack)]
+        if not found:
+            reasons = why_no_blocks(graph)
+            if self.stack is not None:
+                reasons = [(s, r) for s, r in reasons if s == self.stack] or [
+                    (self.stack, f"no residual blocks in {self.stack}; stacks with blocks: "
+                                 f"{', '.join(dict.fromkeys(b.stack for b in blocks(graph))) or 'none'}")]
+            return reasons
+        stack = found[0].stack
+        indices = [b.index for b in found if b.stack == stack]
+        return [(stack, f"no block with index {', '.join(map(str, self.layers or ()))}; the stack has blocks "
+                        f"{indices[0]}..{indices[-1]}")]
 
 
 def block(name: str = "block", layers: Iterable[int] | None = None, stack: str | None = None) -> BlockPattern:

@@ -49,6 +49,15 @@ def check_resize(
     return ResizeCheck(refusal, None if refusal else policy.exact(group.reductions))
 
 
+def refuse_blocked(groups) -> None:
+    """Raises ``UnsupportedOpError`` (naming the op and node) when one of ``groups`` is blocked by an op
+    without axis semantics: growing it could break that op."""
+    for group in groups:
+        error = group.unsupported()
+        if error is not None:
+            raise error
+
+
 def _structural_refusal(graph: Graph, group: DimGroup, handled: tuple[str, ...], tied: bool) -> str | None:
     for member in group.members:
         roles = set(member.role_names)
@@ -102,6 +111,7 @@ def resize(
     once on the old tensor, and the grown graph's lineage carries the map. ``finish(module)`` edits the new
     GraphModule before it is compiled (an epsilon). Untouched tensors are cloned, unless ``graph.disposable``
     (an intermediate of ``apply``) lets them move."""
+    refuse_blocked(layouts)
     overrides = overrides or {}
     steps: dict[str, list] = defaultdict(list)  # tensor -> its ops, axis after axis
     for group, layout in layouts.items():

@@ -76,6 +76,8 @@ class Rule:
             site, reason = inexact[0]
             raise NotExactError(f"{self.name} at {site} would not be exact: {reason}; pass exact=False to "
                                 f"apply it anyway (the report then carries the measured error)")
+        if not matches:
+            refusals = self.pattern.explain(graph)
         reasons = [r for _, r in accepted if r]
         return RulePlan(
             sites=[m.site for m, _ in accepted],
