@@ -13,7 +13,8 @@ Arms (the same data order: the batch of step ``s`` is a function of the seed and
 Runs are independent jobs, ``--workers`` processes at a time (default: one per core, each single-threaded:
 small models use a core better alone than two cores together). Each finished run is written atomically to
 ``runs/<arm>-<variant>-<seed>.{curves,runs}.csv``, so an interrupted benchmark continues where it stopped; the
-report merges them.
+report merges them. A run already in ``runs/`` is not run again: to measure from scratch, remove that folder
+(or write elsewhere with ``--out``).
 
 Every FLOP is charged (``6 N`` per token plus attention's products, ``rewrite.training.flops``; the grown
 arm's small phase included). Every arm uses AdamW with a warmup-stable-decay schedule, and every compared

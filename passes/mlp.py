@@ -23,6 +23,7 @@ import dataclasses
 from rewrite.analysis.dims import dim_groups
 from rewrite.ir.graph import Graph
 from rewrite.names import in_layers, numbered_block
+from rewrite.ops import attention
 
 from .net2wider import Widen
 from .policies import Policy, policy
@@ -58,9 +59,11 @@ class WidenMLP(Widen):
     def _candidates(self, graph: Graph):
         """(block, group, None, stage) for each MLP hidden axis; (block, group, why not, stage) for the other
         groups, ``stage`` counting the checks they passed."""
+        head_axes = _attention_head_axes(graph)
         for group in dim_groups(graph):
             block = _block_of(group)
             against = [c for c in group.compositions if c.how != "concat" or c.whole is group]
+            in_attention = next((head_axes[a] for a in group.activations if a in head_axes), None)
             if block is None:
                 yield None, group, "not inside one numbered block", 0
             elif group.reductions:
@@ -69,6 +72,8 @@ class WidenMLP(Widen):
             elif against:  # split into heads, or itself a fused whole (found through its parts instead)
                 c = against[0]
                 yield block, group, f"{c.how} {c.side(group)} at {c.node} (heads, or a fused projection)", 2
+            elif in_attention is not None:  # with one head, nothing else tells a value head from an MLP axis
+                yield block, group, f"the value head size of the attention at {in_attention}", 2
             elif not ((group.role("produces") or any(c.whole.role("produces") for c in group.compositions))
                       and group.role("consumes")):
                 yield block, group, "no layer both produces and consumes it", 3
@@ -76,6 +81,17 @@ class WidenMLP(Widen):
                 yield block, group, f"the MLP of a block not in layers={self.layers}", 4
             else:
                 yield block, group, None, 5
+
+
+def _attention_head_axes(graph: Graph) -> dict:
+    """The head-size axis of every attention's query and value, as ``(ref, axis)`` -> attention node."""
+    axes = {}
+    for node in graph.compute_nodes():
+        found = attention(graph, node)
+        if found is not None:
+            for operand in (found.query, found.value):  # (the keys may be stored transposed)
+                axes[(f"n:{operand.name}", len(graph.shape(operand)) - 1)] = node.name
+    return axes
 
 
 def _block_of(group) -> str | None:

@@ -190,3 +190,35 @@ def test_blocks_whose_update_is_a_sum_of_parallel_branches(family, tmp_path):
     native.save_pretrained(tmp_path)
     loaded = type(model).from_pretrained(tmp_path).eval()
     torch.testing.assert_close(_logits(loaded, (fresh,), {}), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_the_default_grouped_experts_block_only_what_they_touch():
+    """Mixtral as users build it (transformers' default experts kernel, a custom op with no axis rule): the
+    attention still grows, exactly and natively; a pass that reaches the experts is refused naming the op."""
+    model, args, kwargs = _build("hf-mixtral-default")
+    grown = rewrite.apply(model, [passes.add_heads(2)], args, kwargs)
+    assert grown.report.exact
+    native = rewrite.to_native(grown, like=model)
+    assert native.config.num_attention_heads == 6
+    torch.testing.assert_close(_logits(native, args, kwargs), _logits(model, args, kwargs), rtol=1e-5, atol=1e-5)
+    with pytest.raises(rewrite.UnsupportedOpError, match=r"op 'transformers.grouped_mm_fallback' \(node"):
+        rewrite.apply(model, [passes.widen_hidden(factor=2, init="clone")], args, kwargs)
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+def test_gpt_neox_s_per_head_q_k_v_chunk_and_one_head_mlps(heads):
+    """GPT-NeoX cuts each head's q|k|v with ``chunk(3)``: growing only the value part turns the chunk into a
+    split with sizes (it used to stay a chunk, and the grown graph did not run). With one head, nothing but the
+    attention tells the value head size from an MLP axis: ``widen_mlp`` must grow the MLP."""
+    import transformers as t
+
+    torch.manual_seed(0)
+    model = t.GPTNeoXForCausalLM(t.GPTNeoXConfig(hidden_size=8 * heads, intermediate_size=24, num_hidden_layers=1,
+                                                 num_attention_heads=heads, vocab_size=64)).eval()
+    ids, fresh = torch.randint(0, 64, (2, 5)), torch.randint(0, 64, (3, 7))
+    grown = rewrite.apply(model, [passes.widen_heads(v=16)], (ids,))
+    assert grown.report.exact
+    torch.testing.assert_close(_logits(grown.module, (fresh,), {}), _logits(model, (fresh,), {}), rtol=1e-5, atol=1e-5)
+    grown = rewrite.apply(model, [passes.widen_mlp(factor=2)], (ids,))
+    assert dict(grown.module.named_parameters())["gpt_neox.layers.0.mlp.dense_h_to_4h.weight"].shape[0] == 48
+    assert rewrite.to_native(grown, like=model).config.intermediate_size == 48

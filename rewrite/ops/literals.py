@@ -78,10 +78,12 @@ def patch_split(node: torch.fx.Node, parts: dict[int, "object"]) -> None:
     """Rewrite a split's sizes when some of its parts grew along the split axis.
 
     ``parts`` maps an element index to {axis: layout} of that element's grown axes. An equal split
-    (``split(x, 32)``) whose parts no longer share one size becomes ``split_with_sizes``.
+    (``split(x, 32)``) or ``chunk(x, 3)`` whose parts no longer share one size becomes ``split_with_sizes``
+    (GPT-NeoX's per-head q|k|v once the value part grows); a chunk whose parts all grew alike keeps its count.
     """
-    if len(node.args) < 2 or short_name(node) == "chunk":  # chunk(x, n) names a count: equal growth keeps it valid
+    if len(node.args) < 2:
         return
+    chunk = short_name(node) == "chunk"
     metas = node.meta["tensor_meta"]
     rank = len(metas[0].shape)
     dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
@@ -89,11 +91,21 @@ def patch_split(node: torch.fx.Node, parts: dict[int, "object"]) -> None:
     grown = {index: axes[dim] for index, axes in parts.items() if dim in axes}
     if not grown:  # the parts grew along other axes: the split's sizes (literal or computed) still hold
         return
-    given = node.args[1] if isinstance(node.args[1], (list, tuple)) else [node.args[1]] * len(metas)
+    given = node.args[1] if isinstance(node.args[1], (list, tuple)) and not chunk else [None] * len(metas)
     sizes = [size if isinstance(size, torch.fx.Node) else meta.shape[dim] for size, meta in zip(given, metas)]
     for index, layout in grown.items():
         if sizes[index] == layout.old_size:
             sizes[index] = layout.new_size
+    if chunk and len(set(sizes)) == 1:  # chunk(x, n) names a count: equal growth keeps it valid
+        return
+    if chunk:
+        if node.op == "call_method":
+            node.target = "split"
+        elif node.op == "call_function":
+            node.target = torch.ops.aten.split_with_sizes.default if isinstance(
+                node.target, torch._ops.OpOverload) else torch.split
+        node.args = (node.args[0], list(sizes), dim, *node.args[3:])
+        return
     if isinstance(node.args[1], int) and len(set(sizes)) == 1 and sum(sizes) % sizes[0] == 0:
         node.args = (node.args[0], sizes[0], *node.args[2:])
         return

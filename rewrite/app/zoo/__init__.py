@@ -7,6 +7,7 @@ Hugging Face ones are built from tiny configs with random weights (no download).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import torch
@@ -44,6 +45,9 @@ _EVERY: dict[str, tuple[Builder, str, bool]] = {
     "hf-phi3": (huggingface.phi3, "Hugging Face Phi3ForCausalLM: fused qkv and gate_up projections", False),
     "hf-falcon": (huggingface.falcon, "Hugging Face FalconForCausalLM: parallel attention, x @ W.T linears", False),
 }
+_EVERY.update({f"hf-{name}": (functools.partial(huggingface.more, name),
+                              f"Hugging Face {model}: {what}", False)
+               for name, (_, model, _, what) in huggingface.MORE.items()})
 NAMES = tuple(name for name, (_, _, proper) in _EVERY.items() if proper)
 FAMILIES = tuple(name for name, (_, _, proper) in _EVERY.items() if not proper)
 ALL = NAMES + FAMILIES  # every name ``build`` takes

@@ -109,3 +109,52 @@ def falcon():
     from transformers import FalconConfig, FalconForCausalLM
 
     return _with_inputs(FalconForCausalLM(_quiet_config(FalconConfig, **SMALL)))
+
+
+# -- families beyond the ten above, as users build them (the installed transformers' defaults: no implementation
+# overrides), each from a tiny config: name -> (config class, model class, fields beyond DECODER or SMALL, what
+# it adds). examples/bench_families.py runs every pass on each.
+MORE = {
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"head_dim": 8}, "sliding-window attention"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 8}, "q/k RMSNorm per head"),
+    "qwen3-moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", {"head_dim": 8, "num_experts": 4, "num_experts_per_tok": 2,
+                                                            "moe_intermediate_size": 24}, "experts, default kernel"),
+    "mixtral-default": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2},
+                        "Mixtral with the default grouped experts"),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}, "norms after each branch, q/k norms over all heads"),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", {"num_experts": 4, "num_experts_per_tok": 2}, "experts, q/k norms"),
+    "stablelm": ("StableLmConfig", "StableLmForCausalLM", {"use_parallel_residual": True}, "parallel residual, LayerNorm"),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", {"logits_scaling": 4.0, "residual_multiplier": 0.5,
+                                                        "embedding_multiplier": 2.0}, "scaled embeddings, branches, logits"),
+    "cohere": ("CohereConfig", "CohereForCausalLM", {}, "x + attn + mlp in one sum, LayerNorm without bias"),
+    "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", {}, "LayerNorm, GELU MLP with biases"),
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", {}, "RoPE skipped on some layers"),
+    "gpt-neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {"use_parallel_residual": True},
+                 "per-head interleaved q|k|v, partial rotary"),
+    "phi": ("PhiConfig", "PhiForCausalLM", {}, "parallel block, partial rotary, dense output with bias"),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 8}, "q/k norms, sandwich norms, local/global"),
+    "gptj": ("GPTJConfig", "GPTJForCausalLM", {"n_embd": 32, "n_layer": 2, "n_head": 4, "rotary_dim": 4,
+                                               "n_positions": 64}, "interleaved rotary (stack), parallel block"),
+    "roberta": ("RobertaConfig", "RobertaModel", {"intermediate_size": 64, "max_position_embeddings": 70},
+                "post-norm encoder, offset positions"),
+    "distilbert": ("DistilBertConfig", "DistilBertModel", {"dim": 32, "hidden_dim": 64, "n_layers": 2, "n_heads": 4},
+                   "MLP size called hidden_dim"),
+    "modernbert": ("ModernBertConfig", "ModernBertModel", {"intermediate_size": 48, "global_attn_every_n_layers": 2,
+                                                           "local_attention": 8}, "fused Wqkv unbound, GLU MLP"),
+}
+_NOT_DECODER = {"gptj", "distilbert"}  # their configs name the sizes differently: only their own fields
+_ENCODERS = {"roberta", "modernbert"}
+
+
+def more(name: str):
+    import transformers
+
+    config_class, model_class, fields, _ = MORE[name]
+    config_class, model_class = getattr(transformers, config_class), getattr(transformers, model_class)
+    if name in _NOT_DECODER:
+        base = {"vocab_size": 96}
+    elif name in _ENCODERS:
+        base = {**SMALL}
+    else:
+        base = {**DECODER}
+    return _with_inputs(model_class(_quiet_config(config_class, **{**base, **fields})))
