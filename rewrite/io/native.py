@@ -268,6 +268,7 @@ def _build(cls, config, graph: Graph) -> torch.nn.Module:
     names = {name for name, _ in _named_tensors(graph.module)}
     flags = [p.name for p in list(inspect.signature(cls.__init__).parameters.values())[2:]
              if isinstance(p.default, bool)][:3]
+
     def fits(model) -> bool:
         return {n for n, _ in model.named_parameters()} <= names
 
