@@ -7,6 +7,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -21,6 +22,14 @@ spec.loader.exec_module(fuzz)
 def test_random_families_and_plans_never_crash_or_grow_wrong(number):
     kind, detail = fuzz.run(number)
     assert kind not in ("crash", "wrong", "invalid config"), f"{fuzz.draw(number)}: {kind}: {detail}"
+
+
+@pytest.mark.parametrize("number", [208, 350, 713, 898, 980])
+def test_the_cases_that_crashed_once(number):
+    """GPT-NeoX's per-head chunk with a grown value part (713, 980), widen_mlp on a one-head model (898), and
+    the verifier's divergence search after add_heads twice and split_layers (208, 350)."""
+    kind, detail = fuzz.run(number)
+    assert kind in ("exact", "approx", "refused"), f"{fuzz.draw(number)}: {kind}: {detail}"
 
 
 def test_cases_are_reproducible_by_number():
