@@ -28,6 +28,7 @@ class UnsupportedOpError(GrowfxError):
     def __init__(self, op: str, node: str, detail: str = ""):
         self.op = op
         self.node = node
+        self.detail = detail
         message = f"the dimension analysis does not know op {op!r} (node {node!r})"
         super().__init__(f"{message}: {detail}" if detail else message)
 

@@ -196,12 +196,12 @@ def _groups(dims: nx.Graph, component: dict, facts: Facts, shapes: dict) -> dict
 def _block(facts: Facts, component: dict, groups: dict[int, DimGroup]) -> None:
     """An op without a rule couples nothing, so the analysis cannot tell what growing its axes would do to
     it: every growable group one of its axes is in is blocked, naming the op; the other groups are not."""
-    for node_name, kind, axes, *why in facts.opaque:
+    for node_name, kind, axes, why in facts.opaque:
         for axis in axes:
             group = groups.get(component.get(axis, -1))
             if group is not None and group.growable and all(node != node_name for _, node, _ in group.blocked):
                 anchor = (group.role("produces") or group.members)[0]
-                detail = f"{why[0]}; " if why else ""
+                detail = f"{why}; " if why else ""
                 group.blocked.append((kind, node_name, f"{detail}its axis {axis[1]} of {axis[0][2:]} is coupled "
                                                        f"to parameter axis {anchor}"))
 
@@ -246,12 +246,12 @@ def collect(graph: "Graph") -> tuple[Facts, dict[str, tuple]]:
         call = _call(graph, node, refs, shapes, canonical)
         rule = RULES.get(call.kind)
         if rule is None:
-            facts.opaque.append((node.name, graph.op_kind(node), all_axes(call), "no axis rule"))
+            facts.blind(node.name, graph.op_kind(node), all_axes(call), "no axis rule")
             continue
         try:
             rule(facts, call)
         except UnsupportedOpError as error:  # a form of a known op the rule cannot describe (grouped conv)
-            facts.opaque.append((node.name, graph.op_kind(node), all_axes(call), str(error).partition(": ")[2]))
+            facts.blind(node.name, graph.op_kind(node), all_axes(call), error.detail)
     return facts, shapes
 
 

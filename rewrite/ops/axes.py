@@ -34,6 +34,7 @@ import torch.fx
 from rewrite.errors import UnsupportedOpError
 
 from .kinds import ELEMENTWISE
+from .literals import view_sizes
 
 Axis = tuple[str, int]
 
@@ -74,7 +75,8 @@ class Facts:
         self.roles: list[tuple[Axis, str, str]] = []
         self.reductions: list[tuple[Axis, str, str]] = []
         self.compositions: list[tuple[Axis, list[Axis], str, str]] = []
-        self.opaque: list[tuple] = []  # (node, op, axes[, why]): axes of an op the analysis cannot see through
+        self.opaque: list[tuple[str, str, list[Axis], str]] = []  # (node, op, axes, why): axes of an op the
+        # analysis cannot see through
         self.axes: set[Axis] = set()
         self.derived: dict[str, tuple[str, dict[int, int]]] = {}  # ref -> (parameter, {axis: parameter axis})
 
@@ -86,6 +88,10 @@ class Facts:
             parameter, axes = self.derived[ref]
             return (parameter, axes[axis]) if axis in axes else None
         return None
+
+    def blind(self, node: str, op: str, axes: list[Axis], why: str = "") -> None:
+        """The analysis cannot see what ``op`` at ``node`` does to ``axes``: the groups they are in are blocked."""
+        self.opaque.append((node, op, axes, why))
 
     def equal(self, a: Axis, b: Axis, node: str) -> None:
         self.axes.update((a, b))
@@ -274,17 +280,10 @@ def view(facts: Facts, call: Call) -> None:
     that tensor's axis: it follows whatever that axis grows to, so both must grow together."""
     x = call.operands[0]
     align_reshape(facts, call.node.name, x, call.shape(x), call.out, call.out_shape)
-    node = call.node
-    if node.op == "call_method" and len(node.args) > 2:
-        sizes = node.args[1:]
-    elif len(node.args) > 1 and isinstance(node.args[1], (list, tuple)):
-        sizes = node.args[1]
-    else:
-        return
-    for out_axis, size in enumerate(sizes):
+    for out_axis, size in enumerate(view_sizes(call.node) or ()):
         source = size_source(size, call)
         if source is not None:
-            facts.equal(source, (call.out, out_axis), node.name)
+            facts.equal(source, (call.out, out_axis), call.node.name)
 
 
 def size_source(value, call: Call) -> Axis | None:
@@ -395,7 +394,7 @@ def reduction(facts: Facts, call: Call) -> None:
         dims = list(range(rank))
     dims = [dims] if isinstance(dims, int) else list(dims)
     if not all(isinstance(d, int) for d in dims):
-        facts.opaque.append((call.node.name, call.raw, all_axes(call), f"reduction over computed axes {dims}"))
+        facts.blind(call.node.name, call.raw, all_axes(call), f"reduction over computed axes {dims}")
         return
     dims = sorted(_norm(d, rank) for d in dims)
     outputs = [call.out] if call.out in call.shapes else _parts(call)
@@ -419,7 +418,7 @@ def stack(facts: Facts, call: Call) -> None:
     for ref in tensors:
         for axis in range(rank - 1):
             facts.equal((ref, axis), (call.out, axis + (axis >= dim)), call.node.name)
-    facts.opaque.append((call.node.name, call.raw, [(call.out, dim)], "the number of stacked tensors is its size"))
+    facts.blind(call.node.name, call.raw, [(call.out, dim)], "the number of stacked tensors is its size")
 
 
 def unbind(facts: Facts, call: Call) -> None:
@@ -432,7 +431,7 @@ def unbind(facts: Facts, call: Call) -> None:
         for axis in range(rank):
             if axis != dim:
                 facts.equal((x, axis), (part, axis - (axis > dim)), call.node.name)
-    facts.opaque.append((call.node.name, call.raw, [(x, dim)], "the number of outputs is its size"))
+    facts.blind(call.node.name, call.raw, [(x, dim)], "the number of outputs is its size")
 
 
 def _parts(call: Call) -> list[str]:
@@ -493,7 +492,7 @@ def getitem(facts: Facts, call: Call) -> None:
     lists = [i for i in index if isinstance(i, list)]
     if any(isinstance(i, (torch.fx.Node, torch.Tensor)) for i in index) or len(lists) > 1 or any(
             not all(isinstance(v, int) for v in i) for i in lists):
-        facts.opaque.append((name, "advanced indexing", all_axes(call)))
+        facts.blind(name, "advanced indexing", all_axes(call))
         return  # (one list of constant positions, x[:, [-1], :], picks along its axis like a slice)
     explicit = sum(1 for i in index if i is not None and i is not Ellipsis)
     expanded: list = []
@@ -547,7 +546,7 @@ def index(facts: Facts, call: Call) -> None:
     x, indices = call.operands[0], call.operands[1]
     tensors = [(d, ref) for d, ref in enumerate(indices) if ref is not None]
     if len(tensors) != 1 or not call.is_tensor(tensors[0][1]):
-        facts.opaque.append((call.node.name, "index with several index tensors", all_axes(call)))
+        facts.blind(call.node.name, "index with several index tensors", all_axes(call))
         return
     (d, idx), name = tensors[0], call.node.name
     shape, idx_rank = call.shape(x), len(call.shape(tensors[0][1]))
@@ -571,7 +570,7 @@ def repeat(facts: Facts, call: Call) -> None:
     rank = len(call.shape(x))
     dim = call.arg(2, "dim", None)
     if dim is None:
-        facts.opaque.append((call.node.name, "repeat_interleave without dim", all_axes(call)))
+        facts.blind(call.node.name, "repeat_interleave without dim", all_axes(call))
         return
     dim = _norm(dim, rank)
     for axis in range(rank):
@@ -628,7 +627,7 @@ def all_axes(call: Call) -> list[Axis]:
 
 
 def opaque(facts: Facts, call: Call) -> None:
-    facts.opaque.append((call.node.name, call.raw, all_axes(call)))
+    facts.blind(call.node.name, call.raw, all_axes(call))
 
 
 def ignore(facts: Facts, call: Call) -> None:

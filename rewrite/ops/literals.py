@@ -32,6 +32,16 @@ def resize_module_attributes(module: torch.nn.Module) -> None:
         setattr(module, attribute, tuple(tensor.shape) if axis is None else tensor.shape[axis])
 
 
+def view_sizes(node: torch.fx.Node) -> list | None:
+    """The sizes a view, reshape or expand names for its output axes (``x.view(b, t, 4, -1)`` or
+    ``aten.view(x, [b, t, 4, -1])``), literals or nodes; None when it names none (``flatten``, ``view_as``)."""
+    if node.op == "call_method" and len(node.args) > 2:
+        return list(node.args[1:])
+    if len(node.args) > 1 and isinstance(node.args[1], (list, tuple)):
+        return list(node.args[1])
+    return None
+
+
 def patch_literals(node: torch.fx.Node, kind: str, grown: dict[int, tuple[int, int]]) -> None:
     """Rewrite the literal sizes a node's arguments give for its grown output axes.
 
@@ -39,12 +49,13 @@ def patch_literals(node: torch.fx.Node, kind: str, grown: dict[int, tuple[int, i
     size; layer/RMS norms name the normalized (trailing) sizes. Symbolic sizes and -1 are left alone.
     """
     if kind in ("view", "expand"):
-        if node.op == "call_method" and len(node.args) > 2:
-            sizes, rebuild = list(node.args[1:]), lambda s: (node.args[0], *s)
-        elif len(node.args) > 1 and isinstance(node.args[1], (list, tuple)):
-            sizes, rebuild = list(node.args[1]), lambda s: (node.args[0], type(node.args[1])(s), *node.args[2:])
-        else:
+        sizes = view_sizes(node)
+        if sizes is None:
             return
+        if node.op == "call_method" and len(node.args) > 2:
+            rebuild = lambda s: (node.args[0], *s)  # noqa: E731
+        else:
+            rebuild = lambda s: (node.args[0], type(node.args[1])(s), *node.args[2:])  # noqa: E731
         offset = 0
     elif kind in ("layer_norm", "rms_norm") and len(node.args) > 1 and isinstance(node.args[1], (list, tuple)):
         sizes = list(node.args[1])

@@ -239,13 +239,14 @@ class BlockPattern(Pattern):
         return [Match(graph, {self.name: b}, self.name) for b in found]
 
     def explain(self, graph) -> list[tuple[str, str]]:
-        found = [b for b in blocks(graph) if self.stack in (None, b.stack)]
+        every = blocks(graph)
+        found = [b for b in every if self.stack in (None, b.stack)]
         if not found:
             reasons = why_no_blocks(graph)
             if self.stack is not None:
                 reasons = [(s, r) for s, r in reasons if s == self.stack] or [
                     (self.stack, f"no residual blocks in {self.stack}; stacks with blocks: "
-                                 f"{', '.join(dict.fromkeys(b.stack for b in blocks(graph))) or 'none'}")]
+                                 f"{', '.join(dict.fromkeys(b.stack for b in every)) or 'none'}")]
             return reasons
         stack = found[0].stack
         indices = [b.index for b in found if b.stack == stack]
