@@ -129,13 +129,30 @@ def test_grow_argument_errors_exit_2_with_one_line(argv, message):
 
 def test_a_failed_grow_leaves_no_output(tmp_path, capsys):
     out = tmp_path / "moe"
-    assert main(["grow", "hf-llama", "--pass", "upcycle_moe:experts=2,top_k=1", "--out", str(out)]) == 1
-    assert "grown tensors have no place in LlamaForCausalLM" in capsys.readouterr().err
+    assert main(["grow", "hf-gpt2", "--pass", "upcycle_moe:experts=2,top_k=1", "--out", str(out)]) == 1
+    assert "GPT2LMHeadModel has no mixture-of-experts class growfx writes to" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
     (tmp_path / "taken").mkdir()
     with pytest.raises(SystemExit) as exit_:
         main(["grow", "gpt", "--pass", "add_layers", "--out", str(tmp_path / "taken")])
     assert exit_.value.code == 2 and "exists (pass --force to replace it)" in capsys.readouterr().err
+
+def test_an_upcycled_llama_folder_is_written_as_mixtral(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from rewrite.app import zoo
+
+    built = zoo.build("hf-llama")
+    built.model.save_pretrained(tmp_path / "llama")
+    out = tmp_path / "moe"
+    assert main(["grow", str(tmp_path / "llama"), "--pass", "upcycle_moe:experts=4,top_k=2", "--out", str(out)]) == 0
+    assert "wrote " + str(out) + ": MixtralForCausalLM" in capsys.readouterr().out
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(loaded).__name__ == "MixtralForCausalLM" and loaded.config.num_local_experts == 4
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(*built.args).logits, built.model(*built.args).logits, rtol=1e-5,
+                                   atol=1e-5)
+
 
 def test_passes_lists_every_pass_with_its_exactness(capsys):
     assert main(["passes"]) == 0

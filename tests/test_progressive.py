@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import passes
 import rewrite
+from rewrite.app import zoo
 from rewrite.app.zoo.handwritten import GPT
 from rewrite.training.triggers import Fixed, Plateau
 
@@ -89,16 +90,16 @@ def test_a_plateau_triggers_growth_with_its_evidence():
     assert growths[0]["evidence"]["relative_improvement"] < 0.02
 
 
-def test_a_hugging_face_llama_keeps_training_in_its_own_class(tmp_path):
-    from rewrite.app import zoo
+def lm_loss(model, batch):
+    """Next-token loss of a Hugging Face language model on the toy language (ids taken modulo its vocabulary)."""
+    inputs, targets = batch
+    logits = model(inputs).logits
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten() % logits.shape[-1])
 
+
+def test_a_hugging_face_llama_keeps_training_in_its_own_class(tmp_path):
     torch.manual_seed(0)
     model = zoo.build("hf-llama").model
-    vocab = model.config.vocab_size
-
-    def lm_loss(m, batch):
-        inputs, targets = batch
-        return F.cross_entropy(m(inputs).logits.flatten(0, 1), targets.flatten() % vocab)
 
     validation = [next(batches(torch.Generator().manual_seed(1)))]
     trainer = rewrite.ProgressiveTrainer(
@@ -123,6 +124,24 @@ def test_a_hugging_face_llama_keeps_training_in_its_own_class(tmp_path):
     assert type(resumed.model) is type(model)
     for (name, a), b in zip(grown.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_an_upcycled_llama_keeps_training_as_a_graph_and_says_why():
+    """to_native would give MixtralForCausalLM, whose stacked experts have other names than the grown graph's
+    that the optimizer state is carried by: training continues in the graph form, with the reason logged."""
+    torch.manual_seed(0)
+    model = zoo.build("hf-llama").model
+
+    trainer = rewrite.ProgressiveTrainer(
+        model, loss=lm_loss, optimizer=lambda params: torch.optim.AdamW(params, lr=3e-3),
+        stages=[[passes.upcycle_moe(4, 2)]], trigger=[Fixed(step=3)], evaluate_every=3,
+    ).fit(batches(torch.Generator().manual_seed(0)), [next(batches(torch.Generator().manual_seed(1)))], steps=6)
+    growth = next(r for r in trainer.history if r["event"] == "growth")
+    assert growth["native"].startswith("continues as a graph: NotRepresentableError: MixtralForCausalLM stacks the "
+                                    "experts")
+    assert abs(growth["loss_after"] - growth["loss_before"]) <= 1e-5 * growth["loss_before"]
+    assert isinstance(trainer.model, rewrite.transform.apply.GrownModule)
+    assert type(rewrite.to_native(trainer._graph, like=model)).__name__ == "MixtralForCausalLM"
 
 
 @pytest.mark.parametrize("layers, dim, length", [(1, 16, 12), (3, 32, 20)])

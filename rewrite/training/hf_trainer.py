@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback
 
-from rewrite.errors import GrowthError
+from rewrite.errors import GrowthError, NotRepresentableError
 from rewrite.io.hf import example_inputs
 from rewrite.io.native import to_native
 from rewrite.ir.trace import trace
@@ -69,6 +69,10 @@ class GrowingTrainer(Trainer):
         before = _loss(model, args, kwargs)
         grown = apply(trace(model, args, kwargs), list(self.stages[self._stage]), args, kwargs)
         native = to_native(grown, model)  # NotRepresentableError says why, if the class cannot hold it
+        if type(native) is not type(model):
+            raise NotRepresentableError(
+                f"stage {self._stage} turns {type(model).__name__} into {type(native).__name__}, whose stacked "
+                f"experts the optimizer state cannot be carried onto yet: the Trainer needs the same class")
         after = _loss(native.eval(), args, kwargs)
         if grown.report.exact and abs(after - before) > 1e-5 * max(1.0, abs(before)):
             raise GrowthError(f"stage {self._stage} was planned exact but moved the loss on the fixed batch from "

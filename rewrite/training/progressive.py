@@ -204,7 +204,8 @@ class ProgressiveTrainer:
         module, graph, note = grown.module, grown.graph, None
         if self.native and is_huggingface(self.model):
             try:
-                module, graph, note = to_native(grown, self.model), None, "continues in its own class"
+                module, graph, note = _same_class(to_native(grown, self.model), self.model), None, \
+                    "continues in its own class"
             except NotRepresentableError as e:
                 note = f"continues as a graph: {first_line(e)}"
         carried = carry(self._optimizer, grown, module, self._scheduler, policy=self.policy, rewarm=self.rewarm,
@@ -294,3 +295,14 @@ def _tokens(batch) -> int:
 
 def _trainable(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _same_class(native: torch.nn.Module, model: torch.nn.Module) -> torch.nn.Module:
+    """``native`` if it is of ``model``'s class. An upcycled model comes back as a mixture class that stacks
+    its experts under other names than the graph's, which the optimizer state is carried by: training goes
+    on in the graph form (``to_native`` writes the mixture class at the end)."""
+    if type(native) is not type(model):
+        raise NotRepresentableError(
+            f"{type(native).__name__} stacks the experts under other names than the grown graph's, and the "
+            f"optimizer state is carried by the graph's names")
+    return native
