@@ -192,17 +192,25 @@ def test_blocks_whose_update_is_a_sum_of_parallel_branches(family, tmp_path):
     torch.testing.assert_close(_logits(loaded, (fresh,), {}), reference, rtol=1e-5, atol=1e-5)
 
 
-def test_the_default_grouped_experts_block_only_what_they_touch():
-    """Mixtral as users build it (transformers' default experts kernel, a custom op with no axis rule): the
-    attention still grows, exactly and natively; a pass that reaches the experts is refused naming the op."""
-    model, args, kwargs = _build("hf-mixtral-default")
-    grown = rewrite.apply(model, [passes.add_heads(2)], args, kwargs)
+@pytest.mark.parametrize("plan, expert_factor", [
+    ([passes.add_heads(2)], 1), ([passes.widen_hidden(factor=2, init="clone")], 1), ([passes.widen_mlp(factor=2)], 2),
+    ([passes.add_layers(1, init="copy"), passes.widen_mlp(factor=3)], 3),
+], ids=["add_heads", "widen_hidden", "widen_mlp", "add_layers+widen_mlp"])
+@pytest.mark.parametrize("name", ["hf-mixtral-default", "hf-qwen3-moe"])
+def test_the_default_grouped_experts_grow_and_go_back_to_their_class(name, plan, expert_factor):
+    """Mixtral and Qwen3-MoE as users build them: transformers' default experts kernel on CPU is a custom op
+    (``grouped_mm_fallback``: each expert's sorted rows times its matrix). Its axis rule lets every pass reach
+    the experts, exactly on fresh inputs, and the native class holds the result (``moe_intermediate_size``)."""
+    model, args, kwargs = _build(name)
+    grown = rewrite.apply(model, plan, args, kwargs)
     assert grown.report.exact
+    fresh = (torch.randint(0, 96, (3, 11)),)
     native = rewrite.to_native(grown, like=model)
-    assert native.config.num_attention_heads == 6
-    torch.testing.assert_close(_logits(native, args, kwargs), _logits(model, args, kwargs), rtol=1e-5, atol=1e-5)
-    with pytest.raises(rewrite.UnsupportedOpError, match=r"op 'transformers.grouped_mm_fallback' \(node"):
-        rewrite.apply(model, [passes.widen_hidden(factor=2, init="clone")], args, kwargs)
+    torch.testing.assert_close(_logits(grown.module, fresh, {}), _logits(model, fresh, {}), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_logits(native, fresh, {}), _logits(model, fresh, {}), rtol=1e-5, atol=1e-5)
+    experts = dict(native.named_parameters())["model.layers.0.mlp.experts.down_proj"]
+    old = dict(model.named_parameters())["model.layers.0.mlp.experts.down_proj"]
+    assert experts.shape[-1] == old.shape[-1] * expert_factor
 
 
 @pytest.mark.parametrize("heads", [1, 2])

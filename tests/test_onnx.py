@@ -49,18 +49,47 @@ def test_static_export_when_dynamic_is_off(tmp_path):
     assert "symbolic axes: none" in report.notes[0]
 
 
+@torch.library.custom_op("growfx_test::twice", mutates_args=())
+def _twice(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+@_twice.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
 def test_export_error_names_the_unsupported_op(tmp_path):
+    class Custom(nn.Module):
+        def forward(self, x):
+            return torch.ops.growfx_test.twice(x) + 1
+
+    with pytest.raises(rewrite.GrowfxError, match="ONNX export of Custom failed.*growfx_test.twice"):
+        rewrite.export_onnx(Custom(), (torch.randn(2, 3),), tmp_path / "m.onnx")
+    assert os.listdir(tmp_path) == []  # nothing half-written
+
+
+def test_default_mixture_of_experts_exports(tmp_path):
+    """Mixtral as users build it (transformers' default grouped experts, a custom op on CPU that torch's
+    exporter cannot translate) exports through growfx's grouped-product translation, grown or not, and
+    onnxruntime agrees on two shapes, so some tokens' experts change between them."""
+    import passes
     from transformers import MixtralConfig, MixtralForCausalLM
 
     config = MixtralConfig(
         hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, num_local_experts=2, vocab_size=32, bos_token_id=0, eos_token_id=1,
+        num_key_value_heads=1, num_local_experts=3, num_experts_per_tok=2, vocab_size=32, bos_token_id=0,
+        eos_token_id=1,
     )
-    model = MixtralForCausalLM(config).eval()  # default grouped experts: no ONNX conversion
-    ids = torch.randint(0, 32, (1, 4))
-    with pytest.raises(rewrite.GrowfxError, match="ONNX export of MixtralForCausalLM failed.*grouped_mm"):
-        rewrite.export_onnx(model, (ids,), tmp_path / "m.onnx")
-    assert os.listdir(tmp_path) == []  # nothing half-written
+    model = MixtralForCausalLM(config).eval()
+    assert model.config._experts_implementation == "grouped_mm"
+    ids = torch.randint(0, 32, (2, 6))
+    report = rewrite.export_onnx(model, (ids,), tmp_path / "m.onnx")
+    assert report.ok and len(report.rows) == 2, str(report)
+    grown = rewrite.apply(model, [passes.widen_mlp(factor=2), passes.add_layers(1)], (ids,))
+    assert grown.report.exact
+    report = rewrite.export_onnx(grown.graph, (ids,), tmp_path / "grown.onnx")
+    assert report.ok and report.max_abs_error < 1e-5, str(report)
 
 
 def test_export_leaves_the_model_untouched(tmp_path):

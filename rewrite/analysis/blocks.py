@@ -294,8 +294,8 @@ def _walk(graph, node, seen: set) -> list[Layer] | str:
         if len(tensors) < 2 and any(isinstance(a, (int, float)) and a != 0 for a in node.args):
             return f"{node.name} adds a constant"
         return found
-    if kind in ("mul", "div", "matmul", "index"):
-        operands = tensors if kind in ("mul", "matmul") else tensors[:1]
+    if kind in ("mul", "div", "matmul", "grouped_mm", "index"):
+        operands = {"mul": tensors, "matmul": tensors, "grouped_mm": tensors[:2]}.get(kind, tensors[:1])
         reasons = []
         for value in operands:
             layers = _walk(graph, value, set(seen))

@@ -195,15 +195,19 @@ def _groups(dims: nx.Graph, component: dict, facts: Facts, shapes: dict) -> dict
 
 def _block(facts: Facts, component: dict, groups: dict[int, DimGroup]) -> None:
     """An op without a rule couples nothing, so the analysis cannot tell what growing its axes would do to
-    it: every growable group one of its axes is in is blocked, naming the op; the other groups are not."""
+    it: every group one of its axes is in is blocked, naming the op; the other groups are not. That includes
+    groups without parameters, which grow as parts of others (the heads of ``heads x head_dim``: T5 builds its
+    cross-attention bias with ``zeros(1, heads, q, k)``)."""
     for node_name, kind, axes, why in facts.opaque:
         for axis in axes:
             group = groups.get(component.get(axis, -1))
-            if group is not None and group.growable and all(node != node_name for _, node, _ in group.blocked):
-                anchor = (group.role("produces") or group.members)[0]
+            if group is not None and (group.growable or group.compositions) \
+                    and all(node != node_name for _, node, _ in group.blocked):
+                members = group.role("produces") or group.members
+                anchor = f"parameter axis {members[0]}" if members else f"an axis made of others ({group.compositions[0].how} at {group.compositions[0].node})"
                 detail = f"{why}; " if why else ""
                 group.blocked.append((kind, node_name, f"{detail}its axis {axis[1]} of {axis[0][2:]} is coupled "
-                                                       f"to parameter axis {anchor}"))
+                                                       f"to {anchor}"))
 
 
 def _first_position(group: DimGroup, graph: "Graph") -> int:

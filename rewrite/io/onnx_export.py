@@ -1,6 +1,7 @@
 """Export a module or Graph to ONNX and check the file in onnxruntime against torch.
 
-`export_onnx` uses the dynamo exporter (opset 18+), writes one self-contained file when the weights fit
+`export_onnx` uses the dynamo exporter (opset 18+, with ``rewrite.io.onnx_ops`` for the ops it cannot
+translate, such as the grouped matrix product of Hugging Face's default experts), writes one self-contained file when the weights fit
 under protobuf's 2 GB limit (external data beside it otherwise), writes atomically (a temp file renamed
 into place), runs ``onnx.checker``, and compares onnxruntime with torch on the example inputs and, with
 ``dynamic=True``, on a second shape in which every symbolic axis of the file is one longer (inputs are
@@ -23,6 +24,7 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from rewrite.errors import GrowfxError, InputError
 from rewrite.ir.frontends import accepted_kwargs, auto_dynamic_shapes, eval_mode, first_line
+from rewrite.io.onnx_ops import translations
 from rewrite.ir.compare import compare_outputs
 from rewrite.verification.verify import Report
 
@@ -146,7 +148,7 @@ def _export(fn, name: str, args: tuple, kwargs: dict, path: Path, dynamic: bool)
         try:
             with _quiet():
                 torch.onnx.export(program, (), str(tmp_path), dynamo=True, external_data=external, verbose=False,
-                                  optimize=weights < OPTIMIZE_LIMIT)
+                                  optimize=weights < OPTIMIZE_LIMIT, custom_translation_table=translations())
             onnx.checker.check_model(str(tmp_path), full_check=False)
         except Exception as e:  # noqa: BLE001
             raise GrowfxError(f"ONNX export of {name} failed: {first_line(e)}") from e
@@ -164,15 +166,17 @@ def _program(fn, args: tuple, kwargs: dict, dynamic_shapes):
 @contextlib.contextmanager
 def _quiet():
     """Silence the exporter's warnings about optional packages; errors still propagate."""
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript", "onnx_ir")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(open(os.devnull, "w")):
             warnings.simplefilter("ignore")
             yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def _data_file(path: Path) -> Path:

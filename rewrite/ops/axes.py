@@ -195,6 +195,23 @@ def matmul(facts: Facts, call: Call) -> None:
                 facts.equal((ref, axis), (call.out, offset + axis), name)
 
 
+def grouped_mm(facts: Facts, call: Call) -> None:
+    """out[r] = a[r] @ b[g(r)] with a (M, K), b (G, K, N), offs (G,): the rows of each group (an expert's tokens,
+    sorted, ``offs`` their cumulative ends) times that group's matrix. K is contracted, N produced; G runs
+    along b's first axis and ``offs``."""
+    a, b, offs = call.operands[:3]
+    name = call.node.name
+    facts.equal((a, 0), (call.out, 0), name)
+    facts.equal((a, 1), (b, 1), name)
+    facts.equal((b, 2), (call.out, 1), name)
+    if call.is_tensor(offs):
+        facts.equal((b, 0), (offs, 0), name)
+    for axis, role in ((1, "consumes"), (2, "produces")):
+        parameter = facts.parameter_axis(b, axis)
+        if parameter is not None:
+            facts.role(parameter, role, name)
+
+
 def conv(facts: Facts, call: Call) -> None:
     """y[n, o, ...] = sum_i x[n, i, ...] * W[o, i, ...] + b[o]; spatial axes depend on the kernel."""
     x, weight, bias = (call.operands + [None, None])[:3]
@@ -634,15 +651,24 @@ def ignore(facts: Facts, call: Call) -> None:
     return None
 
 
+def creation(facts: Facts, call: Call) -> None:
+    """``zeros(sizes)``, ``full(sizes, v)``, ``x.new_ones(sizes)``: every entry the same constant, so nothing
+    couples its axes; where an op ties one to a growing axis, growth patches the literal size
+    (``rewrite.ops.literals``) and the new entries hold the same constant. A size read at run time follows
+    by itself; one computed otherwise is not patched, and the grown graph is checked to run."""
+    return None
+
+
 RULES: dict[str, Rule] = {
     **{kind: elementwise for kind in ELEMENTWISE},
-    "linear": linear, "addmm": addmm, "matmul": matmul, "conv": conv, "batch_norm": batch_norm,
+    "linear": linear, "addmm": addmm, "matmul": matmul, "grouped_mm": grouped_mm, "conv": conv, "batch_norm": batch_norm,
     "layer_norm": layer_norm, "rms_norm": rms_norm, "embedding": embedding, "pool": pool, "view": view,
     "transpose": transpose, "numpy_T": reverse_axes, "permute": permute,
     "unsqueeze": view, "squeeze": view,  # size-1 axes only
     "expand": expand, "mean": reduction, "softmax": softmax, "cat": cat, "split": split, "getitem": getitem,
     "slice": select_or_slice, "select": select_or_slice, "narrow": select_or_slice, "repeat": repeat,
     "sdpa": sdpa, "topk": topk, "index": index, "stack": stack, "unbind": unbind, "opaque": opaque,
+    "creation": creation,
     "ignore": ignore,
 }
 

@@ -49,16 +49,17 @@ ALIASES = {
     "linalg_vector_norm": "mean", "native_layer_norm": "layer_norm", "embedding": "embedding",
     "getattr": "ignore", "size": "ignore", "dim": "ignore", "sym_numel": "ignore", "numel": "ignore",
     "scalar_tensor": "opaque",
-    "arange": "opaque", "cumsum": "opaque", "diff": "opaque", "new_ones": "opaque", "new_zeros": "opaque",
-    "zeros": "opaque", "ones": "opaque", "full": "opaque", "empty": "opaque",
+    "arange": "opaque", "cumsum": "opaque", "diff": "opaque", "new_ones": "creation", "new_zeros": "creation",
+    "zeros": "creation", "ones": "creation", "full": "creation", "empty": "creation",
     "gather": "opaque", "scatter": "opaque", "one_hot": "opaque", "nonzero": "opaque", "where_cond": "opaque",
     "index_select": "opaque", "index": "index", "sort": "opaque", "argsort": "opaque", "argmax": "opaque", "tril": "opaque",
     "triu": "opaque", "masked_select": "opaque", "index_put": "opaque", "index_add": "opaque",
-    "new_full": "opaque", "new_empty": "opaque", "arange_start": "opaque", "lift_fresh": "opaque",
+    "new_full": "creation", "new_empty": "creation", "arange_start": "opaque", "lift_fresh": "opaque",
     "_local_scalar_dense": "ignore", "item": "ignore", "scaled_dot_product_attention": "sdpa",
     "topk": "topk", "_unsafe_index": "opaque", "embedding_bag": "opaque", "amin": "mean", "any": "mean",
     "all": "mean", "stack": "stack", "unbind": "unbind", "floor_divide": "floordiv", "copy_": "copy",
     "fmod": "remainder", "bitwise_and": "__and__", "bitwise_or": "__or__",
+    "_grouped_mm": "grouped_mm", "grouped_mm_fallback": "grouped_mm",  # transformers' default experts on CPU
 }
 # Overloads whose meaning differs from their family's: ``max(x, dim)`` reduces, ``max(x, other)`` is an
 # element-wise maximum (T5 clamps with it). For ATen the overload's name decides; for the fx forms

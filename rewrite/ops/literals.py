@@ -42,11 +42,25 @@ def view_sizes(node: torch.fx.Node) -> list | None:
     return None
 
 
+def creation_sizes(node: torch.fx.Node):
+    """(sizes, rebuild) of a tensor made from its sizes and a constant (``zeros(1, h, q, k)``, ``aten.full(size,
+    v)``, ``x.new_zeros(size)``): the sizes as a list, and how to make the node's args from a new list."""
+    at = 1 if short_name(node).startswith("new_") else 0
+    args = node.args
+    if len(args) > at and isinstance(args[at], (list, tuple)):
+        return list(args[at]), lambda s: (*args[:at], type(args[at])(s), *args[at + 1:])
+    if at == 0 and node.op == "call_function" and not isinstance(node.target, torch._ops.OpOverload) \
+            and short_name(node) in ("zeros", "ones", "empty") and args:  # torch.zeros(1, h, q, k)
+        return list(args), lambda s: tuple(s)
+    return None
+
+
 def patch_literals(node: torch.fx.Node, kind: str, grown: dict[int, tuple[int, int]]) -> None:
     """Rewrite the literal sizes a node's arguments give for its grown output axes.
 
-    ``grown`` maps an output axis to (old size, new size). Views, reshapes and expands name every output
-    size; layer/RMS norms name the normalized (trailing) sizes. Symbolic sizes and -1 are left alone.
+    ``grown`` maps an output axis to (old size, new size). Views, reshapes, expands and tensors made from their
+    sizes (``zeros``, ``full``, ``new_ones``) name every output size; layer/RMS norms name the normalized
+    (trailing) sizes. Symbolic sizes and -1 are left alone.
     """
     if kind in ("view", "expand"):
         sizes = view_sizes(node)
@@ -56,6 +70,12 @@ def patch_literals(node: torch.fx.Node, kind: str, grown: dict[int, tuple[int, i
             rebuild = lambda s: (node.args[0], *s)  # noqa: E731
         else:
             rebuild = lambda s: (node.args[0], type(node.args[1])(s), *node.args[2:])  # noqa: E731
+        offset = 0
+    elif kind == "creation":
+        found = creation_sizes(node)
+        if found is None:
+            return
+        sizes, rebuild = found
         offset = 0
     elif kind in ("layer_norm", "rms_norm") and len(node.args) > 1 and isinstance(node.args[1], (list, tuple)):
         sizes = list(node.args[1])
