@@ -6,13 +6,15 @@ Each family is built from a tiny config with random weights (``rewrite.zoo``: th
 more, each with a structure the others lack). Each pass runs alone through ``rewrite.apply`` with
 verification, then ``rewrite.to_native``. A cell reads:
 
-* ``exact``: verified exact (max abs error <= tolerance), and the native class holds it (``native``) or
-  not (``graph``, with the reason ``to_native`` gave);
+* ``exact``: verified exact (max abs error <= tolerance), checked again on fresh inputs of another batch
+  size and sequence length than the example inputs the graph was traced with, and the native class holds it
+  (``native``, checked on the fresh inputs too) or not (``graph``, with the reason ``to_native`` gave);
 * ``approx e``: an approximate pass, its measured max abs output error ``e``;
 * ``refused``: the pass said no, with its reason (a ``GrowfxError``: never a crash, never a silent change);
 * ``no match``: the pass found nothing to grow.
 
-The command ends non-zero if any cell is a crash (an exception that is not a ``GrowfxError``).
+The command ends non-zero if any cell is a crash (an exception that is not a ``GrowfxError``) or ``WRONG``
+(an exact cell whose grown graph or native model differs from the original on the fresh inputs).
 """
 
 import argparse
@@ -25,6 +27,8 @@ import torch
 import passes
 import rewrite
 from rewrite.app import zoo
+from rewrite.io.hf import TOKENS, example_inputs
+from rewrite.ir.compare import compare_tensors
 
 PASSES = {
     "add_layers(1)": lambda: [passes.add_layers(1)],
@@ -56,13 +60,35 @@ def cell(built, make_plan) -> tuple[str, str, bool]:
     if record.plan is None:
         return "no match", "", False
     head = "exact" if record.exact else f"approx {record.verification.max_abs_error:.2g}"
+    fresh = example_inputs(built.model, batch=3, length=TOKENS[1] + 3)
+    if record.exact and (wrong := _differs(built.model, grown.module, fresh)):
+        return "WRONG", f"grown graph on fresh inputs: {wrong}", True
     try:
-        rewrite.to_native(grown, like=built.model)
-        return f"{head}, native", "", False
+        native = rewrite.to_native(grown, like=built.model)
     except rewrite.GrowfxError as e:
         return f"{head}, graph", _short(e), False
     except Exception as e:  # noqa: BLE001
         return f"{head}, native CRASH", f"{type(e).__name__}: {_short(e)}", True
+    if record.exact and (wrong := _differs(built.model, native, fresh)):
+        return "WRONG", f"native {type(native).__name__} on fresh inputs: {wrong}", True
+    moved = "" if type(native) is type(built.model) else f" {type(native).__name__}"  # an upcycled dense model
+    return f"{head}, native{moved}", "", False
+
+
+def _differs(original, candidate, inputs) -> str:
+    """How ``candidate``'s main output (logits, else the last hidden state) differs from ``original``'s on
+    ``inputs`` ("" when it does not)."""
+    args, kwargs = inputs
+    with torch.no_grad():
+        row = compare_tensors("output", _main(original(*args, **kwargs)), _main(candidate(*args, **kwargs)))
+    return "" if row.ok else f"max abs error {row.max_abs_error:.3g} {row.note}".strip()
+
+
+def _main(output) -> torch.Tensor:
+    for name in ("logits", "last_hidden_state"):
+        if getattr(output, name, None) is not None:
+            return getattr(output, name)
+    return output[0] if isinstance(output, (tuple, list)) else output
 
 
 def main() -> int:
@@ -89,7 +115,8 @@ def main() -> int:
             print(f"| {name} | " + " | ".join(table[name, p] for p in PASSES) + " |")
         print()
         print("\n".join(f"- {name}, `{p}`: {reason}" for name, p, reason in reasons))
-    print(f"\n{len(MODELS)} models x {len(PASSES)} passes in {time.perf_counter() - start:.0f} s; crashes: {crashes}")
+    print(f"\n{len(MODELS)} models x {len(PASSES)} passes in {time.perf_counter() - start:.0f} s; crashes or wrong: "
+          f"{crashes}")
     return 1 if crashes else 0
 
 

@@ -64,9 +64,15 @@ def test_tied_embeddings_stay_tied():
 
 
 def test_what_the_class_cannot_express_is_refused_with_the_reason():
-    built, graph = traced("hf-llama")
+    built, graph = traced("hf-gpt2")
     grown = rewrite.apply(graph, [passes.upcycle_moe(2, 1)], built.args, built.kwargs)
-    with pytest.raises(NotRepresentableError, match="grown tensors have no place in LlamaForCausalLM.*router"):
+    with pytest.raises(NotRepresentableError, match="GPT2LMHeadModel has no mixture-of-experts class growfx writes "
+                                                    "to.*keep the graph form"):
+        to_native(grown, like=built.model)
+    built, graph = traced("hf-llama")
+    grown = rewrite.apply(graph, [passes.upcycle_moe(2, 1, layers=[1])], built.args, built.kwargs)
+    with pytest.raises(NotRepresentableError, match=r"MixtralForCausalLM has experts in every layer, but layers \[0\] "
+                                                    r"stay dense"):
         to_native(grown, like=built.model)
     grown = rewrite.apply(graph, [passes.widen_hidden(factor=2), passes.add_heads(2)], built.args, built.kwargs)
     with pytest.raises(NotRepresentableError, match=r"LlamaConfig rejects the grown sizes: .*hidden size \(64\) is not "
@@ -97,6 +103,28 @@ def test_the_user_s_dtype_is_kept_by_the_native_class():
         torch.testing.assert_close(native(ids).logits, model(ids).logits)  # zero columns: exact in bfloat16 too
 
 
+def test_a_division_bfloat16_cannot_hold_is_computed_in_float32_and_reported():
+    """widen_hidden(factor=3, clone) divides outgoing weights by 3: in bfloat16 that rounds. The grown weights
+    are float32 results rounded once (not a bfloat16 reciprocal times a weight, rounded twice), the report
+    says the exact plan holds only to bfloat16's precision, and factor 2 (a power of two) says nothing."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, vocab_size=50,
+                                         num_attention_heads=4, num_key_value_heads=2)).to(torch.bfloat16).eval()
+    ids = torch.randint(0, 50, (2, 5))
+    grown = rewrite.apply(model, [passes.widen_hidden(factor=3, init="clone")], ids)
+    record = grown.report.passes[0]
+    assert record.exact and len(record.notes) == 1
+    assert "multiplied by 0.3333, which bfloat16 rounds (relative error up to 0.0039" in record.notes[0]
+    assert "note: exact in real arithmetic" in str(grown.report)
+    old = model.model.layers[0].self_attn.q_proj.weight
+    new = dict(grown.module.named_parameters())["model.layers.0.self_attn.q_proj.weight"]
+    assert new.dtype == torch.bfloat16
+    torch.testing.assert_close(new[:, :32], (old.float() / 3).to(torch.bfloat16), rtol=0, atol=0)
+    assert not torch.equal(new[:, :32], old * torch.tensor(1 / 3, dtype=torch.bfloat16))  # double rounding differs
+    assert not rewrite.apply(model, [passes.widen_hidden(factor=2, init="clone")], ids).report.passes[0].notes
+
+
 def test_distilbert_s_mlp_size_goes_to_hidden_dim():
     from transformers import DistilBertConfig, DistilBertModel
 
@@ -119,3 +147,104 @@ def test_constructor_flags_outside_the_config_round_trip():
     assert native.pooler is None and native.config.intermediate_size == 128
     with torch.no_grad():
         torch.testing.assert_close(native(ids).last_hidden_state, model(ids).last_hidden_state)
+
+
+UPCYCLED = {  # dense family -> (mixture class, plan's layers, dense layers the class keeps)
+    "llama": ("MixtralForCausalLM", None, None),
+    "mistral": ("MixtralForCausalLM", None, None),
+    "qwen2": ("Qwen2MoeForCausalLM", [1], [0]),
+    "qwen3": ("Qwen3MoeForCausalLM", None, []),
+}
+
+
+@pytest.mark.parametrize("family", list(UPCYCLED))
+def test_an_upcycled_model_becomes_its_family_s_mixture_class(family, tmp_path):
+    """upcycle_moe -> Mixtral / Qwen2-MoE / Qwen3-MoE: sparse dispatch, the same router (softmax, top-k,
+    renormalised), and the upcycled function, also after the experts and router have moved apart (as training
+    would move them), so that routing decides the output; the saved folder loads through the Auto class."""
+    from transformers import AutoModelForCausalLM
+
+    from rewrite.app.zoo import huggingface
+
+    expected, layers, dense = UPCYCLED[family]
+    model, args, kwargs = getattr(huggingface, family)() if hasattr(huggingface, family) else huggingface.more(family)
+    grown = rewrite.apply(model, [passes.upcycle_moe(4, 2, layers=layers)], args, kwargs)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, tensor in grown.module.named_parameters():
+            if ".experts." in name or ".router." in name:
+                tensor.add_(torch.randn(tensor.shape, generator=generator) * 0.05)
+    native = to_native(grown, like=model)
+    assert type(native).__name__ == expected
+    assert native.config.num_experts_per_tok == 2 and getattr(native.config, "norm_topk_prob", True) is True
+    if dense is not None:
+        assert native.config.mlp_only_layers == dense
+    assert type(native.model.layers[1].mlp).__name__.endswith("SparseMoeBlock")
+    native.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded) is type(native)
+    with torch.no_grad():
+        reference = grown.module(*args, **kwargs).logits
+        assert (reference - model(*args, **kwargs).logits).abs().max() > 1e-3  # the experts differ now
+        torch.testing.assert_close(native(*args, **kwargs).logits, reference, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(loaded(*args, **kwargs).logits, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_mixture_configs_size_dense_layers_experts_and_their_layer_lists_apart():
+    """In a mixture the config sizes dense layers and experts under different names (Qwen3-MoE:
+    intermediate_size for mlp_only_layers, moe_intermediate_size for experts; Llama4: intermediate_size_mlp for
+    dense layers, intermediate_size for experts), lists its dense layers by index (renumbered when a copied dense
+    layer is inserted in front), and runs its experts with transformers' default kernel (grouped products)."""
+    import transformers
+
+    from rewrite.app.zoo.huggingface import DECODER, _quiet_config
+
+    cases = [
+        ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+         dict(head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, mlp_only_layers=[0],
+              num_hidden_layers=3),
+         [passes.add_layers(1, at=0, init="copy"), passes.widen_mlp(factor=2)],
+         dict(mlp_only_layers=[0, 1], intermediate_size=96, moe_intermediate_size=48, num_hidden_layers=4)),
+        ("Llama4TextConfig", "Llama4ForCausalLM",
+         dict(num_local_experts=4, num_experts_per_tok=1, intermediate_size_mlp=40, interleave_moe_layer_step=2,
+              head_dim=8),
+         [passes.widen_mlp(factor=2)], dict(intermediate_size_mlp=80, intermediate_size=96)),
+        ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2),
+         [passes.widen_mlp(factor=3)], dict(intermediate_size=144)),
+    ]
+    for config_class, model_class, fields, plan, expected in cases:
+        torch.manual_seed(0)
+        config = _quiet_config(getattr(transformers, config_class), **{**DECODER, **fields})
+        model = getattr(transformers, model_class)(config).eval()
+        ids, fresh = torch.randint(0, 96, (2, 6)), torch.randint(0, 96, (3, 9))
+        grown = rewrite.apply(model, plan, (ids,))
+        assert grown.report.exact, model_class
+        native = to_native(grown, like=model)
+        for field, value in expected.items():
+            assert getattr(native.config, field) == value, (model_class, field)
+        with torch.no_grad():
+            torch.testing.assert_close(native(fresh).logits, model(fresh).logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, plan, expected", [
+    ("hf-t5", [passes.widen_mlp(factor=2), passes.add_heads(2)], dict(d_ff=128, num_heads=6, num_layers=2)),
+    ("hf-whisper", [passes.widen_mlp(factor=2), passes.add_layers(1)],
+     dict(encoder_ffn_dim=128, decoder_ffn_dim=96, encoder_layers=3, decoder_layers=2)),
+])
+def test_encoder_decoders_size_each_side_apart(name, plan, expected):
+    """T5 and Whisper as users build them: example inputs with decoder ids (and Whisper's log-mel features), a
+    layer count per stack (num_layers / num_decoder_layers, encoder_layers / decoder_layers), Whisper's MLP sizes
+    per side, and T5's cross-attention bias, built with zeros(1, heads, q, k), grown with the heads."""
+    from rewrite.app import zoo
+    from rewrite.io.hf import example_inputs
+
+    built = zoo.build(name)
+    grown = rewrite.apply(built.model, plan, built.args, built.kwargs)
+    assert grown.report.exact
+    native = to_native(grown, like=built.model)
+    for field, value in expected.items():
+        assert getattr(native.config, field) == value, field
+    args, kwargs = example_inputs(built.model, batch=3, length=11)
+    with torch.no_grad():
+        torch.testing.assert_close(native(*args, **kwargs).last_hidden_state,
+                                   built.model(*args, **kwargs).last_hidden_state, rtol=1e-5, atol=1e-5)

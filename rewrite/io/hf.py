@@ -31,14 +31,23 @@ def load_folder(folder: str | os.PathLike) -> torch.nn.Module:
 
 
 def example_inputs(model, batch: int = TOKENS[0], length: int = TOKENS[1]) -> tuple[tuple, dict]:
-    """Example inputs for a Hugging Face model, from its config and ``main_input_name``."""
+    """Example inputs for a Hugging Face model, from its config and ``main_input_name``: token ids, images, or
+    log-mel features (Whisper: ``num_mel_bins`` x twice ``max_source_positions`` frames, the length its
+    encoder requires); an encoder-decoder also gets ``decoder_input_ids``."""
     config = model.config
     name = getattr(model, "main_input_name", "input_ids")
+    text = config.get_text_config()
     if name == "input_ids":
-        vocab = config.get_text_config().vocab_size
-        return (torch.randint(0, vocab, (batch, length)),), {}
-    if name == "pixel_values":
+        args = (torch.randint(0, text.vocab_size, (batch, length)),)
+    elif name == "pixel_values":
         size = getattr(config, "image_size", 32)
         size = size if isinstance(size, int) else size[0]
-        return (torch.randn(batch, getattr(config, "num_channels", 3), size, size),), {}
-    raise ValueError(f"no example inputs for {type(model).__name__}: its main input is {name!r}")
+        args = (torch.randn(batch, getattr(config, "num_channels", 3), size, size),)
+    elif name == "input_features" and hasattr(config, "num_mel_bins"):
+        args = (torch.randn(batch, config.num_mel_bins, 2 * config.max_source_positions),)
+    else:
+        raise ValueError(f"no example inputs for {type(model).__name__}: its main input is {name!r}")
+    kwargs = {}
+    if getattr(config, "is_encoder_decoder", False):
+        kwargs["decoder_input_ids"] = torch.randint(0, text.vocab_size, (batch, length))
+    return args, kwargs

@@ -18,6 +18,10 @@ loading, the native model is run on the example inputs and compared with the gro
 class cannot express (a router from ``upcycle_moe``, a kept RoPE table, an explicit attention temperature)
 shows up as a parameter without a place or as a different output, and raises ``NotRepresentableError``
 with the reason. The graph form stays usable either way.
+
+An upcycled model (``upcycle_moe``) is written as its family's mixture-of-experts class where one exists
+(``rewrite.io.native_moe``: Llama/Mistral -> Mixtral, Qwen2 -> Qwen2-MoE, Qwen3 -> Qwen3-MoE), which
+dispatches tokens to their top-k experts only.
 """
 
 from __future__ import annotations
@@ -25,12 +29,14 @@ from __future__ import annotations
 import copy
 import inspect
 import itertools
+import warnings
 
 import torch
 
 from rewrite.analysis.blocks import blocks, branch_layers, depends_on
 from rewrite.errors import GrowthError, NotRepresentableError
 from rewrite.ir.frontends import first_line, is_huggingface
+from rewrite.io.native_moe import MOE_CLASSES, moe_target, moe_tensors, upcycled
 from rewrite.ir.graph import Graph
 from rewrite.ops import HOMOGENEOUS, attention, canonical_kind, operand, real_users, rms_epsilon
 from rewrite.transform.pattern import mlp
@@ -40,6 +46,21 @@ EPSILON_FIELDS = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon")
 # The MLP size under the names Hugging Face configs give it (GPT-2: n_inner, OPT: ffn_dim, T5: d_ff,
 # DistilBERT: hidden_dim). A name that meant something else would be caught by the check after loading.
 MLP_FIELDS = ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "ffn_hidden_size", "hidden_dim")
+# In mixtures whose configs size dense layers, experts and shared experts apart: each role's field, the first
+# the config has (else the MLP field above). A shared expert is a dense MLP whose module name says so.
+MIXTURE_FIELDS = {
+    "dense": ("intermediate_size_mlp",),  # Llama4: dense layers; its intermediate_size is the experts'
+    "experts": ("moe_intermediate_size",),  # Qwen2/3-MoE, DeepSeek: intermediate_size is the dense layers'
+    "shared": ("shared_expert_intermediate_size",),  # Qwen2-MoE
+}
+SHARED_EXPERT = "shared_expert"
+# Encoder-decoder configs size each side apart (Whisper, T5, BART): side -> what -> candidate fields.
+SIDE_FIELDS = {
+    "encoder": {"layers": ("encoder_layers", "num_layers"), "mlp": ("encoder_ffn_dim",)},
+    "decoder": {"layers": ("decoder_layers", "num_decoder_layers"), "mlp": ("decoder_ffn_dim",)},
+}
+# Config fields that list layer indices rather than hold one entry per layer (dense layers in a mixture).
+LAYER_INDEX_FIELDS = ("mlp_only_layers", "moe_layers")
 
 
 def to_native(grown, like: torch.nn.Module) -> torch.nn.Module:
@@ -47,6 +68,33 @@ def to_native(grown, like: torch.nn.Module) -> torch.nn.Module:
 
     ``grown`` is a ``rewrite.Grown`` (or its Graph); ``like`` the original Hugging Face model."""
     graph: Graph = getattr(grown, "graph", grown)
+    cls, config, moe = native_config(graph, like)
+    tensors = dict(_named_tensors(graph.module))
+    dtype = _dtype(graph, like)
+    if hasattr(config, "dtype"):
+        config.dtype = dtype  # what save_pretrained writes, and from_pretrained loads as
+    if moe is not None:
+        native = build_native(cls, config, None).to(dtype).eval()
+        tensors = moe_tensors(tensors, moe, MOE_CLASSES[like.config.model_type], native.state_dict())
+    else:
+        native = build_native(cls, config, set(tensors)).to(dtype).eval()  # the class builds float32: keep the dtype
+    _load(native, tensors)
+    report = verify(graph, native, graph.example_args, graph.example_kwargs, title="native vs grown graph")
+    if not report.ok:
+        raise NotRepresentableError(
+            f"{cls.__name__} with the grown config does not compute the grown function "
+            f"(max abs error {report.max_abs_error:.3g}): the graph holds something the class cannot express, "
+            f"such as a kept rotary table or an explicit attention temperature"
+            + (", or a router whose float32 softmax chooses other experts than the graph's" if moe else "")
+        )
+    return native
+
+
+def native_config(graph: Graph, like: torch.nn.Module):
+    """(class, config, mixture) of the native model the grown graph becomes, from shapes alone (a graph on the
+    ``meta`` device will do): ``like``'s class with the grown sizes, or the family's mixture class for an
+    upcycled model (``mixture`` then says which layers, else None). Raises ``NotRepresentableError`` when the
+    config cannot hold the grown sizes."""
     config = getattr(like, "config", None)
     if config is None or not is_huggingface(like):
         raise NotRepresentableError(f"{type(like).__name__} is not a Hugging Face model: use the graph form")
@@ -64,19 +112,11 @@ def to_native(grown, like: torch.nn.Module) -> torch.nn.Module:
             raise NotRepresentableError(
                 f"{type(config).__name__}.{field} would be {getattr(config, field)!r} where the grown model "
                 f"needs {value!r} (the config derives it from other fields)")
-    dtype = _dtype(graph, like)
-    if hasattr(config, "dtype"):
-        config.dtype = dtype  # what save_pretrained writes, and from_pretrained loads as
-    native = _build(type(like), config, graph).to(dtype).eval()  # the class builds float32: keep the dtype
-    _load(native, graph)
-    report = verify(graph, native, graph.example_args, graph.example_kwargs, title="native vs grown graph")
-    if not report.ok:
-        raise NotRepresentableError(
-            f"{type(like).__name__} with the grown config does not compute the grown function "
-            f"(max abs error {report.max_abs_error:.3g}): the graph holds something the class cannot express, "
-            f"such as a kept rotary table or an explicit attention temperature"
-        )
-    return native
+    moe = upcycled(graph)
+    if moe is None:
+        return type(like), config, None
+    cls, config, _ = moe_target(like, config, moe, _layer_of(graph, moe.mlps))
+    return cls, config, moe
 
 
 def grown_config(graph: Graph, like: torch.nn.Module) -> dict:
@@ -84,10 +124,19 @@ def grown_config(graph: Graph, like: torch.nn.Module) -> dict:
     config = like.config
     found = blocks(graph)
     fields: dict = {}
-    if found:
+    stacks: dict[str, list] = {}
+    for block in found:
+        stacks.setdefault(block.stack, []).append(block)
+    if len(stacks) == 1:
         fields["num_hidden_layers"] = len(found)
-        fields["hidden_size"] = _one("hidden size", [graph.shape(b.stream_in)[-1] for b in found])
         fields.update(_per_layer(graph, config, found))
+    for stack, members in stacks.items() if len(stacks) > 1 else ():  # an encoder-decoder: a count per stack
+        field = _side_field(config, stack, "layers")
+        if field is None:
+            raise NotRepresentableError(f"{type(config).__name__} has no layer count for the stack {stack}")
+        fields[field] = len(members)
+    if found:
+        fields["hidden_size"] = _one("hidden size", [graph.shape(b.stream_in)[-1] for b in found])
     heads = [_heads(graph, op) for n in graph.compute_nodes() if (op := attention(graph, n)) is not None]
     if heads:
         query, key_dim, value_dim = _one("attention heads and head size", heads)
@@ -111,13 +160,7 @@ def grown_config(graph: Graph, like: torch.nn.Module) -> dict:
                 f"{fields.get('hidden_size', config.hidden_size)} and {type(like).__name__} has no head_dim; "
                 f"grow heads and hidden size together (add_heads, widen_heads, widen_hidden) so that they do"
             )
-    sizes = [graph.shape(m["up"][0])[-1] for m in mlp().find(graph)] or _mlp_inputs(graph, found)
-    if sizes:
-        field = next((f for f in MLP_FIELDS if hasattr(config, f)), None)
-        if field is None:
-            raise NotRepresentableError(
-                f"{type(config).__name__} has no MLP size field (one of {', '.join(MLP_FIELDS)})")
-        fields[field] = _one("MLP size", sizes)
+    fields.update(_mlp_sizes(graph, config, found))
     epsilon = _epsilon(graph)
     for field in EPSILON_FIELDS:
         if epsilon is not None and getattr(config, field, None) is not None:
@@ -131,9 +174,47 @@ def _derived(config, field: str) -> bool:
     return isinstance(attribute, property) and attribute.fset is None
 
 
-def _mlp_inputs(graph: Graph, found) -> list[int]:
-    """The width each block's MLP output projection contracts, where the MLP pattern does not match (a
-    fused ``gate_up_proj`` split by ``chunk``, a stack of experts, ``x @ W.T``): the layers that end a
+def _mlp_sizes(graph: Graph, config, found) -> dict:
+    """The MLP size fields. Dense MLPs (the MLP pattern, else the layers that end an MLP branch) go under the
+    config's MLP name; in a mixture, stacks of experts and shared experts go where the config keeps them apart
+    (``MIXTURE_FIELDS``: Qwen-MoE's ``moe_intermediate_size``, Llama4's dense ``intermediate_size_mlp``)."""
+    inputs = _mlp_inputs(graph, found)
+    matched = [(m["module"], graph.shape(m["up"][0])[-1]) for m in mlp().find(graph)]
+    shared = [w for module, w in matched if SHARED_EXPERT in module.rpartition(".")[2]]
+    dense = [(module, w) for module, w in matched if SHARED_EXPERT not in module.rpartition(".")[2]]
+    dense = dense or ([] if matched else [(None, w) for w, stack in inputs if not stack])
+    experts = [w for w, stack in inputs if stack]
+    if not (dense or experts or shared):
+        return {}
+    field = next((f for f in MLP_FIELDS if hasattr(config, f)), None)
+    sides = [_side_field(config, module, "mlp") for module, _ in dense if module is not None]
+    if field is None and not any(sides):
+        raise NotRepresentableError(
+            f"{type(config).__name__} has no MLP size field (one of {', '.join(MLP_FIELDS)})")
+    chosen = {role: next((f for f in MIXTURE_FIELDS[role] if hasattr(config, f)), None) for role in MIXTURE_FIELDS}
+    expert_field = chosen["experts"] or field
+    sizes: dict[str, list[int]] = {}
+    for module, width in dense:  # an encoder's and a decoder's MLPs under their own fields (Whisper)
+        name = (_side_field(config, module, "mlp") if module is not None else None) or chosen["dense"] or field
+        if name is None:
+            raise NotRepresentableError(f"{type(config).__name__} has no MLP size field for {module}")
+        sizes.setdefault(name, []).append(width)
+    for name, values in ((expert_field, experts), (chosen["shared"] or expert_field, shared)):
+        sizes.setdefault(name, []).extend(values)
+    return {name: _one(f"MLP size ({name})", values) for name, values in sizes.items() if values}
+
+
+def _side_field(config, path: str, what: str) -> str | None:
+    """The config field sizing ``what`` ("layers", "mlp") for the encoder or decoder side that ``path`` (a
+    module path) is in, if the config sizes the sides apart (``SIDE_FIELDS``)."""
+    parts = path.split(".")
+    side = next((s for s in SIDE_FIELDS if s in parts), None)
+    return next((f for f in SIDE_FIELDS[side][what] if hasattr(config, f)), None) if side else None
+
+
+def _mlp_inputs(graph: Graph, found) -> list[tuple[int, bool]]:
+    """(width, from a stack of experts) for each block's MLP output projection, where the MLP pattern does not
+    match (a fused ``gate_up_proj`` split by ``chunk``, a stack of experts, ``x @ W.T``): the layers that end a
     residual branch and are not fed by an attention of their own unit (sequential or parallel blocks)."""
     sizes = []
     for block in found:
@@ -152,7 +233,8 @@ def _mlp_inputs(graph: Graph, found) -> list[int]:
                 if not any(depends_on(layer.node if layer.node.op != "get_attr" else _reader(layer.node), n)
                            for n in own):
                     width = _contracted(graph, layer.node)
-                    sizes += [width] if width is not None else []
+                    stack = layer.node.op == "get_attr" and len(graph.shape(layer.node)) == 3
+                    sizes += [(width, stack)] if width is not None else []
     return sizes
 
 
@@ -171,7 +253,7 @@ def _contracted(graph: Graph, node) -> int | None:
         kind = canonical_kind(graph, node)
         if kind in ("linear", "addmm"):
             return graph.shape(operand(graph, node, "input"))[-1]
-        if kind == "matmul":
+        if kind in ("matmul", "grouped_mm"):
             return graph.shape(node.args[0])[-1]
         users = real_users(node)
         if len(users) != 1 or not (node.op == "get_attr" or kind in HOMOGENEOUS or kind == "index"):
@@ -183,17 +265,29 @@ def _contracted(graph: Graph, node) -> int | None:
 def _per_layer(graph: Graph, config, found) -> dict:
     """Config lists with one entry per layer (``layer_types``, ...), at the new depth. Each grown layer takes
     the entry of the layer it was copied or moved from (``Graph.origins``); a layer whose origin is not a
-    layer of the original stack takes the entry all old layers share, if they share one."""
+    layer of the original stack takes the entry all old layers share, if they share one. Lists of layer
+    indices (``LAYER_INDEX_FIELDS``) list the grown layers that come from the listed ones."""
     old = config.num_hidden_layers
     fields = {}
+    origins = []
+    for block in found:
+        stack, _, index = graph.origin(f"{block.stack}.{block.index}").rpartition(".")
+        origins.append(int(index) if stack == block.stack and index.isdigit() and int(index) < old else None)
     for field, value in config.to_dict().items():
-        if not (isinstance(value, list) and len(value) == old and len(found) != old):
+        if len(found) == old or not isinstance(value, list):
+            continue
+        if field in LAYER_INDEX_FIELDS:  # the grown layers that come from the listed ones
+            if any(origin is None for origin in origins):
+                raise NotRepresentableError(
+                    f"config.{field} lists layers {value} and a grown layer does not come from an old one")
+            fields[field] = [i for i, origin in enumerate(origins) if origin in value]
+            continue
+        if len(value) != old:
             continue
         entries = []
-        for block in found:
-            stack, _, index = graph.origin(f"{block.stack}.{block.index}").rpartition(".")
-            if stack == block.stack and index.isdigit() and int(index) < old:
-                entries.append(value[int(index)])
+        for block, origin in zip(found, origins):
+            if origin is not None:
+                entries.append(value[origin])
             elif len({repr(v) for v in value}) == 1:
                 entries.append(value[0])
             else:
@@ -235,9 +329,15 @@ def _epsilon(graph: Graph) -> float | None:
     return float(_one("norm epsilon", [round(float(v), 15) for v in values])) if values else None
 
 
-def _load(native: torch.nn.Module, graph: Graph) -> None:
+def _layer_of(graph: Graph, paths) -> dict[str, int]:
+    """The position in the block stack of the block holding each module path."""
+    found = blocks(graph)
+    return {path: next((i for i, b in enumerate(found) if path.startswith(f"{b.stack}.{b.index}.")), -1)
+            for path in paths}
+
+
+def _load(native: torch.nn.Module, grown: dict[str, torch.Tensor]) -> None:
     state = native.state_dict()
-    grown = {name: tensor for name, tensor in _named_tensors(graph.module)}
     buffers = dict(native.named_buffers())  # non-persistent ones (rotary tables) are not in the state dict
     unplaced = [n for n in grown if n not in state and n not in buffers]
     if unplaced:
@@ -247,7 +347,7 @@ def _load(native: torch.nn.Module, graph: Graph) -> None:
         )
     for name, target in state.items():
         if name not in grown:
-            if _tied(native, name):
+            if is_tied_head(native, name):
                 continue
             raise NotRepresentableError(f"the grown graph has no tensor for {type(native).__name__}'s {name}")
         if tuple(grown[name].shape) != tuple(target.shape):
@@ -261,20 +361,20 @@ def _load(native: torch.nn.Module, graph: Graph) -> None:
                 target.copy_(grown[name])
 
 
-def _build(cls, config, graph: Graph) -> torch.nn.Module:
+def build_native(cls, config, names: set[str] | None) -> torch.nn.Module:
     """``cls(config)``, or, when its parameters are not the grown graph's, ``cls(config, flag=...)`` with the
     constructor's boolean arguments (``add_pooling_layer=False``) set as the original instance was built:
-    the combination whose parameter names are the grown graph's."""
-    names = {name for name, _ in _named_tensors(graph.module)}
+    the combination whose parameter names are among ``names`` (None: the class as the config builds it)."""
     flags = [p.name for p in list(inspect.signature(cls.__init__).parameters.values())[2:]
              if isinstance(p.default, bool)][:3]
 
     def fits(model) -> bool:
         return {n for n, _ in model.named_parameters()} <= names
 
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Initializing zero-element tensors")  # a part written with width 0
         native = cls(config)
-    if fits(native) or not flags:
+    if names is None or fits(native) or not flags:
         return native
     for values in itertools.product((True, False), repeat=len(flags)):
         with torch.random.fork_rng():
@@ -297,7 +397,7 @@ def _named_tensors(module: torch.nn.Module):
     yield from module.named_buffers(remove_duplicate=False)
 
 
-def _tied(native: torch.nn.Module, name: str) -> bool:
+def is_tied_head(native: torch.nn.Module, name: str) -> bool:
     """Is ``name`` the output head tied to the input embeddings (filled through them)?"""
     output = native.get_output_embeddings() if hasattr(native, "get_output_embeddings") else None
     inputs = native.get_input_embeddings() if hasattr(native, "get_input_embeddings") else None

@@ -141,8 +141,17 @@ MORE = {
                    "MLP size called hidden_dim"),
     "modernbert": ("ModernBertConfig", "ModernBertModel", {"intermediate_size": 48, "global_attn_every_n_layers": 2,
                                                            "local_attention": 8}, "fused Wqkv unbound, GLU MLP"),
+    "t5": ("T5Config", "T5Model", {"d_model": 32, "d_ff": 64, "num_layers": 2, "num_decoder_layers": 2, "num_heads": 4,
+                                   "d_kv": 8, "decoder_start_token_id": 0},
+           "encoder-decoder, relative position bias, cross-attention mask built with zeros"),
+    "whisper": ("WhisperConfig", "WhisperModel", {"d_model": 32, "encoder_ffn_dim": 64, "decoder_ffn_dim": 48,
+                                                  "encoder_layers": 2, "decoder_layers": 2, "encoder_attention_heads": 4,
+                                                  "decoder_attention_heads": 4, "num_mel_bins": 8,
+                                                  "max_source_positions": 16, "max_target_positions": 32,
+                                                  "decoder_start_token_id": 0},
+                "audio encoder-decoder, MLP sizes per side (encoder_ffn_dim, decoder_ffn_dim)"),
 }
-_NOT_DECODER = {"gptj", "distilbert"}  # their configs name the sizes differently: only their own fields
+_NOT_DECODER = {"gptj", "distilbert", "t5", "whisper"}  # their configs name the sizes differently: only their own fields
 _ENCODERS = {"roberta", "modernbert"}
 
 
