@@ -11,7 +11,9 @@ it becomes ``1/sqrt(k')``, and the old key rows (and biases) are scaled by ``sqr
 graph passes an explicit ``scale=`` (Hugging Face does), the temperature is unchanged and keys are not
 scaled. Only ``init="zero"`` is exact here (replicating dims would count them twice in the dot product).
 A fused q|k|v projection (GPT-2's ``c_attn``) is filled part by part: its key rows as keys, its query rows
-by the policy, its value rows unchanged. Refused with the reason: rotary position embeddings on the head
+by the policy, its value rows unchanged. With one head there is no heads x head_dim view: the head dim is the
+projections' own output axis, and the key projection's rows and bias (or the key part of a fused one) are
+keys all the same. Refused with the reason: rotary position embeddings on the head
 dim (their frequencies depend on ``head_dim``, so a native module could not stay exact), and a projection
 feeding queries and keys that is not split into separate parts.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 
 import torch
 import torch.fx
@@ -27,6 +30,7 @@ import torch.fx
 from rewrite.analysis.dims import DimGroup
 from rewrite.errors import GrowthError
 from rewrite.ir.graph import Graph
+from rewrite.ops import WEIGHTED, canonical_kind
 from rewrite.analysis.layout import Layout, identity
 from rewrite.transform.growth_ops import Scale, seed_for
 from rewrite.transform.policy import fused, pad
@@ -120,11 +124,18 @@ class WidenHeads(HeadGrowth):
             for group, side in sides.items():
                 if side == "key" and group.members:
                     overrides[group] = KeyScaled(scale)
+            key_side = _ancestors(attention.keys) - _ancestors(attention.query)
+            for member in attention.qk.members:  # one head: the head dim is the projections' own axis
+                if {node for _, node in member.roles} & key_side:
+                    overrides[member.tensor] = KeyScaled(scale)
             for whole, parts in _fused_parts(attention, own).items():
                 segments, old_at, new_at = [], 0, 0
-                for part in parts:
+                split = next(c.node for c in whole.compositions if c.how == "concat" and c.whole is whole)
+                for index, part in enumerate(parts):
                     layout = grown.get(part) or identity(part.size)
-                    part_policy = KeyScaled(scale) if sides.get(part) == "key" else chosen
+                    side = sides.get(part) if part is not attention.qk else \
+                        "key" if _part_node(graph, split, index) in key_side else "query"
+                    part_policy = KeyScaled(scale) if side == "key" else chosen
                     segments.append((old_at, new_at, part.size, layout, part_policy))
                     old_at, new_at = old_at + part.size, new_at + layout.new_size
                 overrides[whole] = Segmented(chosen.name, segments)
@@ -132,14 +143,31 @@ class WidenHeads(HeadGrowth):
 
 
 def _refuse_qk(graph: Graph, attention: Attention) -> None:
+    """Refuse a key/query head dim that rotary tables act on (a table read along it, or an axis it is
+    composed with). With one head the head dim is the projections' own output axis: their weights and
+    biases are members then, not tables."""
     group = attention.qk
     others = [c for c in group.compositions if c.how not in DERIVED or group is c.whole]
-    if group.members or others:
-        where = others[0].node if others else group.members[0].tensor
+    tables = [m for m in group.members if not all(_projection_role(graph, role, node) for role, node in m.roles)]
+    if tables or others:
+        where = others[0].node if others else tables[0].tensor
         raise GrowthError(
             f"widen_heads(qk) at {attention.site}: rotary position embeddings act on the key/query head dim "
             f"({where}); their frequencies depend on head_dim, so growing it cannot stay exact"
         )
+
+
+def _projection_role(graph: Graph, role: str, node: str) -> bool:
+    """Is this how a projection's weight or bias is read (not a table multiplied in)?"""
+    return role in ("produces", "consumes") or role == "along" and canonical_kind(graph, graph.node(node)) in WEIGHTED
+
+
+def _part_node(graph: Graph, split: str, index: int) -> str | None:
+    """The node that takes part ``index`` of the split ``split`` (its ``getitem``)."""
+    for user in graph.node(split).users:
+        if user.target is operator.getitem and user.args[1] == index:
+            return user.name
+    return None
 
 
 def _ancestors(node: torch.fx.Node) -> set[str]:

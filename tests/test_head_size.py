@@ -81,6 +81,35 @@ def test_fused_qkv_projection_is_filled_part_by_part():
     assert torch.equal(values_new[..., :8], values_old)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "opt"])
+def test_one_head_key_query_growth_keeps_new_keys_zero(family):
+    """With one head the head dim is the projections' own output axis (no heads x head_dim view): the key
+    rows and bias are keys (zero new rows, not the query's policy), a key bias is not a rotary table, and the
+    growth is exact on fresh inputs. Found by the fuzz campaign (planned exact, refuted by verification)."""
+    import transformers
+
+    from rewrite.app.zoo.huggingface import _quiet_config
+
+    config_class, model_class, fields, key = {
+        "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_layer=1, n_embd=16, n_head=1, n_positions=32),
+                 "transformer.h.0.attn.c_attn.weight"),
+        "opt": ("OPTConfig", "OPTForCausalLM", dict(num_hidden_layers=1, hidden_size=16, num_attention_heads=1,
+                                                   ffn_dim=32, max_position_embeddings=32, word_embed_proj_dim=16),
+                "model.decoder.layers.0.self_attn.k_proj.weight"),
+    }[family]
+    torch.manual_seed(0)
+    model = getattr(transformers, model_class)(
+        _quiet_config(getattr(transformers, config_class), vocab_size=50, **fields)).eval()
+    ids, fresh = torch.randint(3, 50, (2, 5)), torch.randint(3, 50, (3, 9))
+    grown = rewrite.apply(model, [passes.widen_heads(qk=24)], (ids,))
+    assert grown.report.exact
+    new = grown.graph.module.get_parameter(key)
+    new_keys = new[:, 24 + 16:48] if family == "gpt2" else new[16:]  # Conv1D [in, q|k|v]; Linear [out, in]
+    assert new_keys.numel() and torch.count_nonzero(new_keys) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(grown.module(fresh).logits, model(fresh).logits, rtol=1e-5, atol=1e-5)
+
+
 def test_replicating_key_query_dims_is_not_exact():
     built, graph = traced("hf-bert")
     with pytest.raises(rewrite.NotExactError, match="init='zero' \\(new keys zero\\) is exact"):
