@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 import passes
 import rewrite
 from rewrite.ops import canonical_kind
+from rewrite.transform.static_sizes import shape_read
 
 FRONTENDS = ("fx", "export")
 
@@ -159,16 +160,29 @@ class ShapeSized(nn.Module):
 
 def test_sizes_read_from_shapes_tie_the_axes_they_follow():
     """fx keeps ``x.shape[-1]`` as a run-time size: the split's parts and the final view follow the residual
-    stream, so widening it alone would break them. It is refused naming the split (it used to return a graph
-    that does not run); torch.export bakes the sizes in, and the same growth is exact there."""
+    stream, as the analysis of the traced graph says."""
     model = ShapeSized().eval()
     graph = rewrite.trace(model, (torch.randint(0, 50, (2, 5)),), frontend="fx")
     residual = next(g for g in rewrite.dim_groups(graph) if any(str(m) == "embed.weight[1]" for m in g.members))
     assert ("n:split#0", 2) in residual.activations and ("n:view_3", 2) in residual.activations
-    with pytest.raises(rewrite.GrowthError, match="concatenated or split at node split"):
-        grow(model, [passes.widen_hidden(factor=2, init="clone")], "fx")
-    grown = grow(model, [passes.widen_hidden(factor=2, init="clone")], "export")
+
+
+@pytest.mark.parametrize("plan", [
+    [passes.widen_hidden(factor=2, init="clone")], [passes.add_heads(2)], [passes.widen_heads(qk=16, v=16)],
+    [passes.add_heads(1), passes.widen_hidden(factor=2, init="clone"), passes.widen_mlp(factor=2)],
+], ids=["widen_hidden", "add_heads", "widen_heads", "three"])
+@pytest.mark.parametrize("frontend", FRONTENDS)
+def test_sizes_read_from_weight_fixed_axes_grow_like_literals(plan, frontend):
+    """The stream width ``d`` never varies at run time (the weights fix it): before growth its shape reads
+    become literals, and ``d // heads`` with them (``rewrite.transform.static_sizes``), so each pass patches
+    them where its growth changes them, as it does in torch.export's graph. The batch and sequence sizes stay
+    read from the input: the grown graph takes other shapes."""
+    model = ShapeSized().eval()
+    grown = grow(model, plan, frontend)
     assert grown.report.exact and fresh_error(model, grown) < 1e-5
+    if frontend == "fx":
+        reads = [read[1] for n in grown.graph.module.graph.nodes if (read := shape_read(n)) is not None]
+        assert sorted(reads) == [0, 1]  # b and t, still read at run time; d is a literal
 
 
 class Composite(nn.Module):

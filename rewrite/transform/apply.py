@@ -18,6 +18,8 @@ import torch
 from rewrite.errors import GrowthError, VerificationError
 from rewrite.ir.graph import Graph, Lineage
 from rewrite.transform.growth_map import KEPT, GrowthMap
+from rewrite.transform.growth_ops import rounded_by
+from rewrite.transform.static_sizes import static_sizes
 from rewrite.transform.plan import Plan
 from rewrite.transform.rules import RuleSet
 from rewrite.ir.frontends import first_line
@@ -39,6 +41,7 @@ class PassRecord:
     removed: list[str] = dataclasses.field(default_factory=list)
     resized: list[str] = dataclasses.field(default_factory=list)
     renamed: list[str] = dataclasses.field(default_factory=list)  # moved by renumbering a layer stack
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def exact(self) -> bool | None:
@@ -57,9 +60,10 @@ class PassRecord:
             (("added", self.added), ("removed", self.removed), ("resized", self.resized),
              ("renamed", self.renamed)) if names
         )
+        notes = "".join(f"\n    note: {note}" for note in self.notes)
         return (
             f"{self.name}: {self.plan.describe()}; parameters {self.parameters_before:,} -> "
-            f"{self.parameters_after:,}" + (f" (tensors: {changed})" if changed else "") + f"{error}{refused}"
+            f"{self.parameters_after:,}" + (f" (tensors: {changed})" if changed else "") + f"{error}{refused}{notes}"
         )
 
 
@@ -117,6 +121,7 @@ def apply(model: torch.nn.Module | Graph, passes: list, args=(), kwargs: dict | 
         # a graph grown before: this growth is relative to it (the map from its tensors, the node map onto its
         # nodes); where modules came from keeps pointing at the traced model
         original = original.with_module(original.module, Lineage(origins=original.lineage.origins))
+    original = static_sizes(original)  # the fx graph's shape reads of weight-fixed axes as literals
     current = original
     shapes = _parameter_shapes(current)
     records = []
@@ -141,7 +146,7 @@ def apply(model: torch.nn.Module | Graph, passes: list, args=(), kwargs: dict | 
             added=[n for n in shapes if n not in old_shapes],
             removed=[n for n in old_shapes if n not in shapes],
             resized=[n for n in shapes if n in old_shapes and shapes[n] != old_shapes[n]],
-            renamed=renamed,
+            renamed=renamed, notes=_rounding(current.lineage.step_map) if plan.exact else [],
         )
         if verify:  # the error against the original; an exact pass after an approximate one is checked
             exact_so_far = all(r.exact is not False for r in records)  # against its own input as well
@@ -159,6 +164,21 @@ def _moves(step: GrowthMap | None) -> dict[str, str]:
     if step is None:
         return {}
     return {recipe.source: name for name, recipe in step.recipes.items() if recipe.role == KEPT}
+
+
+def _rounding(step: GrowthMap | None) -> list[str]:
+    """A note when an exact plan's factors round in the model's dtype (``growth_ops.rounded_by``)."""
+    rounded = {name: (recipe.dtype, factors) for name, recipe in (step.recipes.items() if step else ())
+               if (factors := rounded_by(recipe.ops, recipe.dtype))}
+    if not rounded:
+        return []
+    dtype = next(iter(rounded.values()))[0]
+    factors = sorted({f for _, fs in rounded.values() for f in fs})
+    names = list(rounded)
+    return [f"exact in real arithmetic, but {len(names)} tensors ({', '.join(names[:2])}"
+            f"{', ...' if len(names) > 2 else ''}) are multiplied by {', '.join(f'{f:.4g}' for f in factors[:4])}, "
+            f"which {str(dtype).removeprefix('torch.')} rounds (relative error up to "
+            f"{torch.finfo(dtype).eps / 2:.2g} per weight): the grown function matches to that precision"]
 
 
 def _parameter_shapes(graph: Graph) -> dict[str, torch.Size]:

@@ -243,16 +243,30 @@ class Fill:
 
 # -- running ops ---------------------------------------------------------------------------------------------
 def run_ops(tensor: torch.Tensor, ops: tuple[Op, ...] | list[Op]) -> torch.Tensor:
-    """The tensor ``ops`` make of ``tensor`` (never written to; a new tensor when any op runs)."""
+    """The tensor ``ops`` make of ``tensor`` (never written to; a new tensor when any op runs). Arithmetic on a
+    bfloat16 or float16 tensor runs in float32 and is rounded once at the end (``rounded_by`` says when that
+    rounding makes an exact plan inexact)."""
     x = tensor.detach()
+    if x.is_meta:  # planning without weights: only the shape matters, and only a Take changes it
+        shape = list(x.shape)
+        for op in ops:
+            if isinstance(op, Take):
+                shape[op.axis] = len(op.index)
+        return torch.empty(shape, dtype=x.dtype, device="meta")
     reference = x
     fresh = False
+    low = _low_precision(x.dtype)
     with torch.no_grad():
         for op in ops:
             if isinstance(op, Take):
                 reference, x = x, _take(x, op.axis, op.index)
                 fresh = True
                 continue
+            if isinstance(op, Scale) and op.factor == 0 and op.offset == 0 and op.positions is None:
+                x, fresh = torch.zeros_like(x), True  # a zeroed tensor (a new block's output): no arithmetic
+                continue
+            if low and x.dtype != torch.float32:
+                x, fresh = x.float(), True
             if not fresh:
                 x, fresh = x.clone(), True
             if isinstance(op, Split):
@@ -267,7 +281,26 @@ def run_ops(tensor: torch.Tensor, ops: tuple[Op, ...] | list[Op]) -> torch.Tenso
                 x = _normal(x.shape, op.seed, torch.float32).to(x.dtype) * float(x.float().std())
             else:
                 raise TypeError(f"unknown growth op {op!r}")
-    return x
+    return x.to(tensor.dtype)
+
+
+def _low_precision(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point and torch.finfo(dtype).bits < 32
+
+
+def rounded_by(ops: tuple[Op, ...] | list[Op], dtype: torch.dtype) -> list[float]:
+    """The factors among ``ops`` (divisions by replica counts, scalings) that ``dtype`` cannot hold exactly
+    after the multiplication: any factor but a power of two rounds the weights it touches in bfloat16/float16,
+    so an exact plan computes its function only up to that rounding. Empty for float32 and wider."""
+    if not _low_precision(dtype):
+        return []
+    factors = []
+    for op in ops:
+        if isinstance(op, Split):
+            factors += [1 / d for d in set(op.divisors.tolist()) if d not in (0, 1)]
+        elif isinstance(op, Scale) and op.factor != 0:
+            factors.append(op.factor)
+    return sorted({f for f in factors if math.frexp(abs(f))[0] != 0.5})
 
 
 GRADIENT, SECOND_MOMENT, PRESERVE = "gradient", "second_moment", "preserve"

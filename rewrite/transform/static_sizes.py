@@ -1,0 +1,95 @@
+"""Sizes read from shapes at run time, on axes a weight fixes, become literals before growth.
+
+A hand-written model traced by fx computes sizes inside the graph: ``B, T, C = x.shape``,
+``q, k, v = qkv(x).split(C, dim=-1)``, ``q.view(B, T, n_head, C // n_head)``. ``C`` is the width of the
+residual stream, which the weights fix: it never varies at run time, yet the graph reads it from ``x``, so
+every size computed from it (the split, the head size) follows ``x`` whatever grows. That couples what the model
+only happens to have equal: after ``add_heads`` the query is wider than the stream, and ``split(C)`` would cut it
+wrongly. torch.export already writes such sizes as literals (only batch and sequence stay symbolic); this
+step does the same for fx graphs, so growth patches them like any literal size (``rewrite.ops.literals``):
+
+    read = x.shape[i]  with axis i of x in a dimension group that reaches a parameter  ->  read = size (a literal)
+    integer arithmetic on literals (C // n_head)                                      ->  its value
+
+Reads of axes no weight fixes (batch, tokens) stay symbolic, so the graph still takes other input shapes.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+import warnings
+
+import torch
+import torch.fx
+
+from rewrite.analysis.dims import dim_analysis
+from rewrite.errors import GrowfxError
+from rewrite.ir.graph import Graph
+
+
+# Integer arithmetic on sizes, folded once its operands are literals.
+ARITHMETIC = {operator.floordiv, operator.mul, operator.add, operator.sub, operator.mod, operator.neg}
+
+
+def static_sizes(graph: Graph) -> Graph:
+    """``graph`` with every fx shape read of a weight-fixed axis replaced by its size (``graph`` itself when it
+    has none). The result shares the module's tensors; only its node list is new."""
+    reads = [(node, *read) for node in graph.module.graph.nodes if (read := shape_read(node)) is not None]
+    if not reads:
+        return graph
+    try:
+        analysis = dim_analysis(graph)
+    except GrowfxError:  # the passes will report what the analysis cannot do
+        return graph
+    fixed = {}
+    for node, tensor, axis in reads:
+        shape = graph.shape(tensor) if isinstance(tensor, torch.fx.Node) else None
+        if shape is None or not isinstance(axis, int) or not -len(shape) <= axis < len(shape):
+            continue
+        group = analysis.axis_group.get((f"n:{tensor.name}", axis % len(shape)))
+        if group is not None and group.growable:
+            fixed[node.name] = int(shape[axis])
+    if not fixed:
+        return graph
+    shared = {id(t): t for t in (*graph.module.parameters(), *graph.module.buffers())}
+    with warnings.catch_warnings():  # deepcopy of export's pytree specs warns about a deprecated alias
+        warnings.simplefilter("ignore", FutureWarning)
+        module = copy.deepcopy(graph.module, shared)  # its own nodes and module tree, the same tensors
+    fx_graph = module.graph
+    for node in list(fx_graph.nodes):
+        if node.name in fixed:
+            value = fixed[node.name]
+        elif node.op == "call_function" and node.target in ARITHMETIC and node.args \
+                and all(type(a) is int for a in node.args) and not node.kwargs:
+            value = node.target(*node.args)  # C // n_head once C is a literal: the head size, a literal too
+        else:
+            continue
+        node.replace_all_uses_with(value)
+        fx_graph.erase_node(node)
+    for node in reversed(list(fx_graph.nodes)):  # the shape tuples nothing reads any more
+        if _shape_of(node) is not None and not node.users:
+            fx_graph.erase_node(node)
+    module.recompile()
+    return graph.with_module(module)
+
+
+def shape_read(node: torch.fx.Node) -> tuple[torch.fx.Node, int] | None:
+    """(tensor, axis) when ``node`` reads one size of a tensor's shape the fx way: ``x.shape[i]``,
+    ``x.size()[i]``, ``x.size(i)``."""
+    if node.op == "call_method" and node.target == "size" and len(node.args) == 2:
+        return node.args[0], node.args[1]
+    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], torch.fx.Node):
+        tensor = _shape_of(node.args[0])
+        if tensor is not None and isinstance(node.args[1], int):
+            return tensor, node.args[1]
+    return None
+
+
+def _shape_of(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The tensor whose whole shape ``node`` is (``x.shape``, ``x.size()``), else None."""
+    if node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",):
+        return node.args[0]
+    if node.op == "call_method" and node.target == "size" and len(node.args) == 1:
+        return node.args[0]
+    return None
