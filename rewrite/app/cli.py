@@ -56,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     grow.add_argument("--verify", action="store_true",
                       help="check every pass against the original (and the written model against the grown graph)")
     grow.add_argument("--force", action="store_true", help="replace DST if it exists")
+    grow.add_argument("--stream", action="store_true",
+                      help="for a Hugging Face folder: plan on the meta device and write the grown shards one tensor "
+                           "at a time, never loading the model (memory: about three tensors; no verification)")
 
     commands.add_parser("passes", help="list the growth passes, their parameters and when they are exact")
 
@@ -179,6 +182,8 @@ def _grow(options) -> int:
         raise _ArgumentError(str(e)) from e
     if options.out.exists() and not options.force:
         raise _ArgumentError(f"{options.out} exists (pass --force to replace it)")
+    if options.stream:
+        return _grow_streaming(options, plan)
     progress = _Progress(5 + bool(options.onnx))
     progress(f"loading {options.source}")
     try:
@@ -191,7 +196,7 @@ def _grow(options) -> int:
     grown = apply(graph, plan, source.args, source.kwargs, verify=options.verify)
     print(grown.report)
     if source.is_huggingface:
-        progress(f"writing the native {type(source.model).__name__} to {options.out}")
+        progress(f"writing a native Hugging Face folder to {options.out}")
         native = to_native(grown, like=source.model)
         save_huggingface(native, options.out, source.tokenizer, replace=options.force, dtype=source.dtype)
         config = native.config
@@ -207,6 +212,28 @@ def _grow(options) -> int:
 
         progress(f"exporting ONNX to {options.onnx} and checking it in onnxruntime")
         print(export_onnx(grown.graph, source.args, options.onnx, source.kwargs))
+    progress("done")
+    return 0
+
+
+def _grow_streaming(options, plan) -> int:
+    from rewrite.io.grow_checkpoint import grow_checkpoint
+
+    folder = Path(options.source)
+    if not (folder / "config.json").is_file():
+        raise _ArgumentError(f"--stream grows a Hugging Face folder (config.json + safetensors); {folder} is not one")
+    if options.verify or options.onnx:
+        raise _ArgumentError("--stream never loads the model, so it cannot --verify or export --onnx: grow without "
+                             "--stream for those")
+    progress = _Progress(2)
+    progress(f"planning {', '.join(p.name for p in plan)} on the meta device and streaming {folder}")
+    written = grow_checkpoint(folder, plan, options.out, replace=options.force)
+    print(written.grown.report)
+    config = written.config
+    print(f"wrote {options.out}: {written.class_name}, {written.tensors} tensors in {written.shards} shard(s), "
+          f"{written.bytes / 1e6:.1f} MB, {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+          f"{config.dtype} (trace {written.seconds['trace']:.1f} s, plan {written.seconds['plan']:.1f} s, "
+          f"write {written.seconds['write']:.1f} s)")
     progress("done")
     return 0
 

@@ -7,12 +7,14 @@ must reproduce the model's outputs; a front-end whose graph does not is treated 
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
 
 from rewrite.errors import GrowfxError, TraceError
-from rewrite.ir.frontends import TRACERS, accepted_kwargs, candidate_frontends, eval_mode, first_line, fixed_inputs
+from rewrite.ir.frontends import (TRACERS, accepted_kwargs, candidate_frontends, eval_mode, first_line,
+                                  fixed_inputs, trace_export)
 from rewrite.ir.graph import Graph
 from rewrite.ir.compare import compare_outputs
 
@@ -27,7 +29,9 @@ def trace(
     ``frontend`` is ``"fx"`` (``torch.fx.symbolic_trace``), ``"export"`` (``torch.export``) or
     ``"auto"``: Hugging Face models go to export, everything else tries fx first, then export.
     ``graph.frontend`` says which one was used. Raises :class:`TraceError` naming the model class
-    and each front-end's reason when none works.
+    and each front-end's reason when none works. A model on the ``meta`` device (built without weights, with
+    inputs on ``meta`` too) is traced by torch.export alone, with static shapes (a plan needs no more): nothing
+    runs to compare with.
     """
     if not isinstance(model, torch.nn.Module):
         raise GrowfxError(f"trace expects a torch.nn.Module, got {type(model).__name__}")
@@ -44,22 +48,25 @@ def trace(
     fixed = accepted_kwargs(model, kwargs)
     call_kwargs = {**kwargs, **fixed}
     reasons: dict[str, str] = {}
+    on_meta = any(t.is_meta for t in (*model.parameters(), *model.buffers()))
+    if on_meta:  # shapes without weights: torch.export traces fake tensors; nothing runs to compare with
+        order = ("export",)
     with eval_mode(model), torch.no_grad():
         try:
-            expected = model(*args, **call_kwargs)
+            expected = None if on_meta else model(*args, **call_kwargs)
         except Exception as e:  # noqa: BLE001 - a model that cannot run on its inputs cannot be traced
             raise GrowfxError(
                 f"{type(model).__name__} fails on the example inputs: {first_line(e)}"
             ) from e
         for name in order:
             try:
-                graph = _trace_with(name, model, args, kwargs, fixed)
+                graph = _trace_with(name, model, args, kwargs, fixed, static=on_meta)
                 output = graph.propagate_shapes(*args, **kwargs)
             except Exception as e:  # noqa: BLE001 - each front-end's failure is reported, not raised
                 reasons[name] = first_line(e)
                 log.debug("front-end %s failed on %s", name, type(model).__name__, exc_info=True)
                 continue
-            bad = [row for row in compare_outputs(expected, output) if not row.ok]
+            bad = [] if on_meta else [row for row in compare_outputs(expected, output) if not row.ok]
             if bad:
                 reasons[name] = (
                     f"the traced graph does not reproduce the model on the example inputs "
@@ -71,8 +78,10 @@ def trace(
     raise TraceError(type(model).__name__, reasons)
 
 
-def _trace_with(name: str, model: torch.nn.Module, args: tuple, kwargs: dict, fixed: dict) -> Graph:
-    gm = TRACERS[name](model, args, {**kwargs, **fixed})
+def _trace_with(name: str, model: torch.nn.Module, args: tuple, kwargs: dict, fixed: dict, *,
+                static: bool = False) -> Graph:
+    tracer = functools.partial(trace_export, dynamic=False) if static else TRACERS[name]
+    gm = tracer(model, args, {**kwargs, **fixed})
     fixed = {**fixed, **fixed_inputs(kwargs)}
     if name == "fx":
         gm.eval()

@@ -1,0 +1,108 @@
+"""Planning a growth of a 70B Llama without its weights: time and memory against a bare torch.export.
+
+    python benchmarks/plan_meta.py                # Llama-2-70B's shapes (80 layers, hidden 8192, GQA 64/8)
+    python benchmarks/plan_meta.py --layers 4     # the pipeline in seconds
+
+Each measurement runs in a fresh process (its own peak resident memory, ``VmHWM``), alternating, ``--runs``
+times:
+* ``export``: the model built on ``meta`` from the config, then ``torch.export.export`` of it (static shapes);
+* ``plan``: the same model, ``rewrite.trace`` (which exports it) and ``rewrite.apply`` of
+  ``widen_mlp(factor=2)`` + ``add_layers(8)`` with ``verify=False``: the growth map and the grown config,
+  no weight allocated.
+Writes ``benchmarks/results/plan_meta/results.json`` and ``results.md`` (medians).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import statistics
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results" / "plan_meta"
+
+
+def _config(layers: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=layers, num_attention_heads=64,
+                       num_key_value_heads=8, vocab_size=32000, max_position_embeddings=4096)
+
+
+def _peak() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def run(kind: str, layers: int, queue) -> None:
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.set_num_threads(2)
+    ids = torch.randint(0, 32000, (2, 8), device="meta")
+    with torch.device("meta"):
+        model = LlamaForCausalLM(_config(layers)).eval()
+    start = time.perf_counter()
+    if kind == "export":
+        torch.export.export(model, (ids,), {"use_cache": False}, strict=False)
+        result = {}
+    else:
+        import passes
+        import rewrite
+        from rewrite.io.native import native_config
+
+        grown = rewrite.apply(model, [passes.widen_mlp(factor=2), passes.add_layers(8)], (ids,), verify=False)
+        _, config, _ = native_config(grown.graph, model)
+        result = {"parameters": grown.graph.num_parameters, "recipes": len(grown.map.recipes),
+                  "grown_layers": config.num_hidden_layers, "grown_intermediate": config.intermediate_size,
+                  "report": str(grown.report)}
+    queue.put({"kind": kind, "seconds": time.perf_counter() - start, "peak": _peak(), **result})
+
+
+def measured(kind: str, layers: int) -> dict:
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=run, args=(kind, layers, queue))
+    process.start()
+    result = queue.get()
+    process.join()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=80)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    options = parser.parse_args()
+    results = []
+    for _ in range(options.runs):
+        for kind in ("export", "plan"):
+            results.append(measured(kind, options.layers))
+            print(json.dumps({k: v for k, v in results[-1].items() if k != "report"}), flush=True)
+    exports = [r for r in results if r["kind"] == "export"]
+    plans = [r for r in results if r["kind"] == "plan"]
+    median = lambda rows, key: statistics.median(r[key] for r in rows)  # noqa: E731
+    summary = {"layers": options.layers, "runs": options.runs, "export_s": median(exports, "seconds"),
+               "plan_s": median(plans, "seconds"), "ratio": median(plans, "seconds") / median(exports, "seconds"),
+               "export_peak_gb": median(exports, "peak") / 1e9, "plan_peak_gb": median(plans, "peak") / 1e9,
+               "grown_parameters": plans[0]["parameters"], "grown_layers": plans[0]["grown_layers"],
+               "grown_intermediate": plans[0]["grown_intermediate"], "report": plans[0]["report"],
+               "every_run": [{k: v for k, v in r.items() if k != "report"} for r in results]}
+    options.out.mkdir(parents=True, exist_ok=True)
+    (options.out / "results.json").write_text(json.dumps(summary, indent=1))
+    table = (f"| model | plan | export (s) | plan (s) | ratio | export peak | plan peak |\n|---|---|---|---|---|---|---|\n"
+             f"| Llama {options.layers} layers, hidden 8192 (meta) | widen_mlp(2) + add_layers(8) -> "
+             f"{summary['grown_parameters'] / 1e9:.1f}B parameters | {summary['export_s']:.1f} | "
+             f"{summary['plan_s']:.1f} | {summary['ratio']:.2f}x | {summary['export_peak_gb']:.2f} GB | "
+             f"{summary['plan_peak_gb']:.2f} GB |\n")
+    (options.out / "results.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

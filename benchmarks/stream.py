@@ -1,0 +1,221 @@
+"""Growing a sharded bfloat16 checkpoint one tensor at a time: time and peak memory against the floor.
+
+    python benchmarks/stream.py                  # a ~3.1 GB Llama-style checkpoint (28 layers, hidden 2048)
+    python benchmarks/stream.py --layers 2       # the pipeline in seconds
+
+1. Generates the checkpoint from a config (random bfloat16 weights, written tensor by tensor in 2 GB shards
+   with an index, the way ``save_pretrained`` lays them out; never committed) unless it is already there.
+2. Alternates, ``--runs`` times, each in a fresh process (its own peak resident memory, ``VmHWM``):
+   * ``grow``: ``rewrite.io.grow_checkpoint`` with ``widen_mlp(factor=2)`` + ``add_layers(2)``;
+   * ``floor``: the same files without the growth's arithmetic: for every tensor the grown checkpoint holds,
+     read the checkpoint tensor its recipe reads (if any) and write that many uninitialised bytes, through
+     the same reader and writer. Same bytes in, same bytes out.
+   Each process first records its resident memory after imports and planning (``fixed``), so the bound the
+   issue sets, fixed + 3x the largest tensor, is computed per run.
+3. Writes ``benchmarks/results/stream/results.json`` and ``results.md`` (medians).
+
+Both runs read the checkpoint through the page cache once it is warm (the first run of each is not
+discarded: the alternation spreads it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results" / "stream"
+
+
+def config(layers: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers, num_attention_heads=16,
+                       num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False, dtype="bfloat16",
+                       architectures=["LlamaForCausalLM"])
+
+
+def generate(folder: Path, layers: int) -> int:
+    """Write a random bfloat16 checkpoint of the config's shapes, tensor by tensor; return its bytes."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from rewrite.io.safetensors_stream import INDEX, shard, write_safetensors
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config(layers))
+    entries = [(name, tuple(t.shape), torch.bfloat16) for name, t in model.state_dict().items()]
+    shards = shard(entries, 2 * 2**30)
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    folder.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(0)
+
+    def make(name):
+        shape = next(s for n, s, _ in entries if n == name)
+        if name.endswith("norm.weight"):
+            return torch.ones(shape, dtype=torch.bfloat16)
+        return (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
+
+    for file, part in zip(names, shards):
+        write_safetensors(folder / file, part, make, metadata={"format": "pt"})
+    total = sum(math.prod(s) * 2 for _, s, _ in entries)
+    index = {"metadata": {"total_size": total},
+             "weight_map": {n: f for f, part in zip(names, shards) for n, _, _ in part}}
+    (folder / INDEX).write_text(json.dumps(index))
+    config(layers).save_pretrained(folder)
+    return total
+
+
+def _resident() -> tuple[int, int]:
+    """(current, peak) resident bytes of this process."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
+
+
+def _plan():
+    import passes
+
+    return [passes.widen_mlp(factor=2), passes.add_layers(2)]
+
+
+def run(kind: str, source: str, out: str, queue) -> None:
+    """One measured run in a fresh process: ``grow`` or ``floor``."""
+    import torch
+
+    torch.set_num_threads(2)
+    import rewrite.io.grow_checkpoint as streaming
+    from rewrite.io.safetensors_stream import CheckpointReader, shard, write_safetensors
+
+    shutil.rmtree(out, ignore_errors=True)
+    if kind == "grow":
+        import gc
+
+        from transformers import AutoConfig, LlamaForCausalLM
+
+        from rewrite.io.hf import example_inputs
+        from rewrite.ir.trace import trace
+        from rewrite.transform.apply import apply
+
+        with torch.device("meta"):  # the fixed part: imports and a plan on meta, what any growth holds
+            model = LlamaForCausalLM(AutoConfig.from_pretrained(source)).eval()
+        args, _ = example_inputs(model)
+        args = tuple(a.to("meta") for a in args)
+        planned = apply(trace(model, args), _plan(), args, verify=False)
+        fixed = _resident()[0]
+        del model, planned
+        gc.collect()
+        start = time.perf_counter()
+        written = streaming.grow_checkpoint(source, _plan(), out, max_shard_bytes=2 * 2**30)
+        seconds = time.perf_counter() - start
+        largest = max(math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+                      for shape, dtype in _shapes(out))
+        queue.put({"kind": kind, "seconds": seconds, "phases": written.seconds, "peak": _resident()[1],
+                   "fixed": fixed, "largest": largest, "bytes": written.bytes})
+        return
+    # floor: the grown folder's tensors (names, shapes, dtypes from its headers) and the source tensor each reads
+    grown_folder = Path(out).with_name("grown-reference")
+    reader, reference = CheckpointReader(source), CheckpointReader(grown_folder)
+    recipes = json.loads((grown_folder / "recipes.json").read_text())
+    entries = [(n, reference.shape(n), reference.dtype(n)) for n in reference.keys()]
+    fixed = _resident()[0]
+    start = time.perf_counter()
+    Path(out).mkdir(parents=True)
+    total = 0
+    for i, part in enumerate(shard(entries, 2 * 2**30)):
+        def make(name):
+            if recipes.get(name) in reader:
+                reader[recipes[name]]  # the bytes the growth reads
+            shape, dtype = next((s, d) for n, s, d in part if n == name)
+            return torch.empty(shape, dtype=dtype)
+
+        path = Path(out) / f"model-{i + 1:05d}.safetensors"
+        write_safetensors(path, part, make)
+        total += path.stat().st_size
+    seconds = time.perf_counter() - start
+    queue.put({"kind": kind, "seconds": seconds, "peak": _resident()[1], "fixed": fixed, "bytes": total})
+
+
+def _shapes(folder):
+    from rewrite.io.safetensors_stream import CheckpointReader
+
+    reader = CheckpointReader(folder)
+    return [(reader.shape(n), reader.dtype(n)) for n in reader.keys()]
+
+
+def measured(kind: str, source: Path, out: Path) -> dict:
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=run, args=(kind, str(source), str(out), queue))
+    process.start()
+    result = queue.get()
+    process.join()
+    return result
+
+
+def reference(source: Path, work: Path) -> None:
+    """The grown folder once, with each tensor's source name, for the floor runs."""
+    from rewrite.io.grow_checkpoint import grow_checkpoint
+
+    folder = work / "grown-reference"
+    shutil.rmtree(folder, ignore_errors=True)
+    written = grow_checkpoint(source, _plan(), folder, max_shard_bytes=2 * 2**30)
+    recipes = {name: r.source for name, r in written.grown.map.recipes.items()}
+    (folder / "recipes.json").write_text(json.dumps(recipes))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=28)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/growfx-stream"))
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    options = parser.parse_args()
+    source = options.work / f"llama-{options.layers}-layers"
+    if not source.exists():
+        start = time.perf_counter()
+        size = generate(source, options.layers)
+        print(f"generated {source}: {size / 1e9:.2f} GB in {time.perf_counter() - start:.0f} s", flush=True)
+    reference(source, options.work)
+    results = []
+    for i in range(options.runs):
+        for kind in ("grow", "floor"):
+            result = measured(kind, source, options.work / kind)
+            results.append(result)
+            print(json.dumps(result), flush=True)
+    shutil.rmtree(options.work / "grow", ignore_errors=True)
+    shutil.rmtree(options.work / "floor", ignore_errors=True)
+    source_bytes = sum(p.stat().st_size for p in source.glob("*.safetensors"))
+    grows = [r for r in results if r["kind"] == "grow"]
+    floors = [r for r in results if r["kind"] == "floor"]
+    median = lambda rows, key: statistics.median(r[key] for r in rows)  # noqa: E731
+    bound = median(grows, "fixed") + 3 * grows[0]["largest"]
+    summary = {
+        "layers": options.layers, "source_gb": source_bytes / 1e9, "grown_gb": grows[0]["bytes"] / 1e9,
+        "runs": options.runs, "grow_s": median(grows, "seconds"), "floor_s": median(floors, "seconds"),
+        "ratio": median(grows, "seconds") / median(floors, "seconds"),
+        "grow_peak_gb": median(grows, "peak") / 1e9, "floor_peak_gb": median(floors, "peak") / 1e9,
+        "fixed_gb": median(grows, "fixed") / 1e9, "largest_tensor_gb": grows[0]["largest"] / 1e9,
+        "bound_gb": bound / 1e9, "within_bound": median(grows, "peak") <= bound,
+        "phases_s": {k: statistics.median(r["phases"][k] for r in grows) for k in grows[0]["phases"]},
+        "every_run": results,
+    }
+    options.out.mkdir(parents=True, exist_ok=True)
+    (options.out / "results.json").write_text(json.dumps(summary, indent=1))
+    table = (f"| checkpoint | grown | growth (s) | floor (s) | ratio | peak RSS | fixed + 3 x largest | within |\n"
+             f"|---|---|---|---|---|---|---|---|\n"
+             f"| {summary['source_gb']:.2f} GB bf16, {options.layers} layers | {summary['grown_gb']:.2f} GB | "
+             f"{summary['grow_s']:.1f} | {summary['floor_s']:.1f} | {summary['ratio']:.2f}x | "
+             f"{summary['grow_peak_gb']:.2f} GB | {summary['fixed_gb']:.2f} + 3 x {summary['largest_tensor_gb']:.3f} "
+             f"= {summary['bound_gb']:.2f} GB | {'yes' if summary['within_bound'] else 'no'} |\n")
+    (options.out / "results.md").write_text(table)
+    print(table)
+    print(json.dumps({k: v for k, v in summary.items() if k != "every_run"}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""Grow a Hugging Face checkpoint folder without loading it: plan on ``meta``, stream tensor by tensor.
+
+1. **Plan without weights.** The folder's class is built from its config on the ``meta`` device and traced
+   there (torch.export of fake tensors); the passes run on the shapes (``verify=False``: nothing to run) and
+   give the growth map, every grown tensor as a recipe over the checkpoint's tensors, and the grown config
+   (``rewrite.io.native.native_config``).
+2. **Stream.** Each tensor of the native class's state dict is made from the checkpoint tensors its recipe
+   reads (``GrowthMap.make`` over a :class:`CheckpointReader`, which reads one tensor when asked) and written
+   into shards at once (``write_safetensors``: header first, then data), in the source's dtype. Resident
+   memory is the interpreter, the traced shapes, and about three tensors: a source, its float32 working copy
+   when the source is bfloat16/float16, and the result.
+3. **Atomic.** Shards, index, config and the other files (tokenizer, generation config) are written into a
+   temporary sibling folder, renamed into place at the end.
+
+The values are those of the in-memory path (``growfx grow`` without ``--stream``: load in float32, grow,
+write in the stored dtype): corrections run in float32 and are rounded once. What the in-memory path checks
+by running the model (verification, the native class on the example inputs) cannot run here; the tests
+check both paths give the same files on small models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from rewrite.errors import GrowfxError, NotRepresentableError
+from rewrite.io.hf import example_inputs
+from rewrite.io.native import build_native, is_tied_head, native_config
+from rewrite.io.safetensors_stream import INDEX, CheckpointReader, shard, write_safetensors
+from rewrite.io.sources import atomic_path
+from rewrite.ir.trace import trace
+from rewrite.transform.apply import Grown, apply
+
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", INDEX, "pytorch_model.bin.index.json",
+                "config.json")
+
+
+@dataclasses.dataclass
+class GrownCheckpoint:
+    """What :func:`grow_checkpoint` wrote and how long each phase took."""
+
+    path: Path
+    grown: Grown  # the plan on meta: its report and growth map
+    config: object  # the grown config written with the shards
+    class_name: str
+    shards: int
+    tensors: int
+    bytes: int
+    seconds: dict[str, float]
+
+
+def grow_checkpoint(source: str | Path, passes: list, destination: str | Path, *, replace: bool = False,
+                    max_shard_bytes: int = 5 * 2**30) -> GrownCheckpoint:
+    """Grow the Hugging Face folder ``source`` by ``passes`` into ``destination`` (see the module docstring)."""
+    import transformers
+
+    source, destination = Path(source), Path(destination)
+    seconds = {}
+    start = time.perf_counter()
+    reader = CheckpointReader(source)
+    config = transformers.AutoConfig.from_pretrained(source, local_files_only=True)
+    architectures = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, architectures[0], None) if architectures else None
+    if cls is None:
+        raise GrowfxError(f"{source}/config.json names no model class transformers has (architectures: "
+                          f"{architectures})")
+    with torch.device("meta"):
+        model = cls(config).eval()
+    args, kwargs = example_inputs(model)
+    args, kwargs = _to_meta(args), _to_meta(kwargs)
+    graph = trace(model, args, kwargs)
+    seconds["trace"] = time.perf_counter() - start
+    start = time.perf_counter()
+    grown = apply(graph, passes, args, kwargs, verify=False)
+    native_class, native_config_, mixture = native_config(grown.graph, model)
+    if mixture is not None:
+        raise NotRepresentableError(
+            "an upcycled model becomes a mixture class with stacked experts, which is not streamed yet: grow it "
+            "in memory (without --stream)")
+    with torch.device("meta"):
+        native = build_native(native_class, native_config_, set(grown.map.names()))
+    entries = _entries(native, grown, reader)
+    seconds["plan"] = time.perf_counter() - start
+    start = time.perf_counter()
+    written = 0
+    with atomic_path(destination, replace=replace) as folder:
+        folder.mkdir()
+        shards = shard(entries, max_shard_bytes)
+        names = ["model.safetensors"] if len(shards) == 1 else [
+            f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        dtypes = {name: dtype for name, _, dtype in entries}
+
+        def make(name: str) -> torch.Tensor:
+            return grown.map.make(name, reader).to(dtypes[name])
+
+        for file, part in zip(names, shards):
+            write_safetensors(folder / file, part, make, metadata={"format": "pt"})
+            written += (folder / file).stat().st_size
+        if len(shards) > 1:
+            total = sum(_nbytes(shape, dtype) for _, shape, dtype in entries)
+            index = {"metadata": {"total_size": total},
+                     "weight_map": {name: file for file, part in zip(names, shards) for name, _, _ in part}}
+            (folder / INDEX).write_text(json.dumps(index, indent=2))
+        native_config_.architectures = [native_class.__name__]
+        native_config_.dtype = _main_dtype(entries)
+        native_config_.save_pretrained(folder)
+        for path in source.iterdir():  # tokenizer, generation config, chat template, ...
+            if path.is_file() and not any(path.match(pattern) for pattern in WEIGHT_FILES):
+                shutil.copy2(path, folder / path.name)
+    seconds["write"] = time.perf_counter() - start
+    return GrownCheckpoint(destination, grown, native_config_, native_class.__name__, len(shards), len(entries),
+                           written, seconds)
+
+
+def _to_meta(value):
+    return torch.utils._pytree.tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, value)
+
+
+def _entries(native: torch.nn.Module, grown: Grown, reader: CheckpointReader) -> list:
+    """(name, shape, dtype) of every tensor the native class saves (tied heads left out, as ``save_pretrained``
+    does), each in the dtype of the checkpoint tensor it is made from; a new tensor in the checkpoint's main
+    floating-point dtype."""
+    recipes = grown.map
+    floating = [reader.dtype(n) for n in reader.keys() if reader.dtype(n).is_floating_point]
+    main = max(set(floating), key=floating.count) if floating else torch.float32
+    entries = []
+    for name, target in native.state_dict().items():
+        if is_tied_head(native, name):
+            continue
+        if recipes.canonical(name) not in recipes.recipes:
+            raise NotRepresentableError(f"the grown model has no tensor for {type(native).__name__}'s {name}")
+        recipe = recipes.recipes[recipes.canonical(name)]
+        if tuple(recipe.shape) != tuple(target.shape):
+            raise NotRepresentableError(f"{name} is {tuple(recipe.shape)} in the grown plan but "
+                                        f"{tuple(target.shape)} in {type(native).__name__} with the grown config")
+        if recipe.source is not None and recipe.source not in reader:
+            raise GrowfxError(f"{reader.folder} has no tensor {recipe.source}, which {name} is made from")
+        if recipe.source is not None:
+            dtype = reader.dtype(recipe.source)
+        else:
+            dtype = main if recipe.dtype.is_floating_point else recipe.dtype
+        entries.append((name, tuple(recipe.shape), dtype))
+    return entries
+
+
+def _main_dtype(entries) -> torch.dtype:
+    floating = [dtype for _, _, dtype in entries if dtype.is_floating_point]
+    return max(set(floating), key=floating.count) if floating else torch.float32
+
+
+def _nbytes(shape, dtype) -> int:
+    return int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()

@@ -1,0 +1,129 @@
+"""Safetensors checkpoints read one tensor at a time and written one tensor at a time.
+
+A safetensors file is an 8-byte little-endian header length ``N``, ``N`` bytes of JSON
+(``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}``, offsets relative to the
+end of the header) and the tensors' bytes. The format has no append: :func:`write_safetensors` knows every
+name, shape and dtype up front, writes the header, then each tensor's bytes as ``make(name)`` returns it, so
+at most one tensor is in memory. :class:`CheckpointReader` serves a folder's tensors (one file, or shards with
+``model.safetensors.index.json``) by name, each read when asked for and not kept.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from rewrite.errors import GrowfxError
+
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+NAMES = {dtype: name for name, dtype in DTYPES.items()}
+INDEX = "model.safetensors.index.json"
+
+
+class CheckpointReader:
+    """The tensors of a Hugging Face folder's safetensors files, by name, read one at a time
+    (``safe_open``: each file is read where a tensor lies, never loaded whole)."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        index = self.folder / INDEX
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {name: self.folder / file for name, file in weight_map.items()}
+        else:
+            files = sorted(self.folder.glob("*.safetensors"))
+            if not files:
+                raise GrowfxError(f"{self.folder} has no .safetensors weights (pickled weights are never loaded)")
+            self.files = {name: path for path in files for name in _header(path)}
+        self._headers = {path: _header(path) for path in set(self.files.values())}
+        missing = [n for n, path in self.files.items() if n not in self._headers[path]]
+        if missing:
+            raise GrowfxError(f"{index} lists {missing[0]} in a file whose header does not have it")
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def __iter__(self):
+        return iter(self.files)
+
+    def keys(self):
+        return self.files.keys()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._headers[self.files[name]][name]["shape"])
+
+    def dtype(self, name: str) -> torch.dtype:
+        return DTYPES[self._headers[self.files[name]][name]["dtype"]]
+
+    def nbytes(self, name: str) -> int:
+        begin, end = self._headers[self.files[name]][name]["data_offsets"]
+        return end - begin
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        if name not in self.files:
+            raise KeyError(f"{self.folder} has no tensor {name}")
+        with safe_open(str(self.files[name]), framework="pt") as f:
+            return f.get_tensor(name)
+
+
+def _header(path: Path) -> dict:
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(length))
+    header.pop("__metadata__", None)
+    return header
+
+
+def write_safetensors(path: str | Path, entries: list[tuple[str, tuple[int, ...], torch.dtype]],
+                      make: Callable[[str], torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write ``entries`` (name, shape, dtype) to ``path``: the header first, then each tensor as ``make(name)``
+    gives it (checked against its entry), one at a time."""
+    header, offset = {}, 0
+    for name, shape, dtype in entries:
+        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    if metadata:
+        header["__metadata__"] = metadata
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        for name, shape, dtype in entries:
+            tensor = make(name)
+            if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+                raise GrowfxError(f"{name} was announced as {list(shape)} {dtype} in {Path(path).name} but made as "
+                                  f"{list(tensor.shape)} {tensor.dtype}")
+            f.write(_bytes(tensor))
+
+
+def _bytes(tensor: torch.Tensor) -> memoryview:
+    """The tensor's bytes in C order, little-endian (what safetensors stores)."""
+    flat = tensor.detach().contiguous().reshape(-1)
+    if flat.dtype == torch.bool:
+        flat = flat.to(torch.uint8)
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+
+
+def shard(entries: list[tuple[str, tuple[int, ...], torch.dtype]], max_bytes: int) -> list[list]:
+    """``entries`` in order, cut into consecutive shards of at most ``max_bytes`` (a larger tensor alone)."""
+    shards, current, size = [], [], 0
+    for entry in entries:
+        nbytes = math.prod(entry[1]) * torch.empty((), dtype=entry[2]).element_size()
+        if current and size + nbytes > max_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(entry)
+        size += nbytes
+    if current:
+        shards.append(current)
+    return shards

@@ -1,0 +1,104 @@
+"""Growing a sharded Hugging Face checkpoint on the meta device, one tensor at a time (``--stream``)."""
+
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import passes
+import rewrite
+from rewrite.app.cli import main
+from rewrite.io.grow_checkpoint import grow_checkpoint
+from rewrite.io.safetensors_stream import INDEX, CheckpointReader, write_safetensors
+
+PLAN = ["widen_mlp:factor=3,init=clone", "add_layers:n=1,at=[0,2],init=copy", "widen_hidden:factor=2,init=clone"]
+
+
+def _llama(dtype, tied):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=64, tie_word_embeddings=tied)
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+@pytest.mark.parametrize("dtype, tied", [(torch.bfloat16, True), (torch.float32, False)])
+def test_streamed_folder_equals_the_in_memory_growth_bit_for_bit(tmp_path, capsys, dtype, tied):
+    """The same plan through both paths: ``growfx grow --stream`` (meta plan, shard by shard) and ``growfx grow``
+    (load in float32, grow, write in the stored dtype) give the same tensors, config and dtype; the streamed
+    folder is sharded with an index and keeps the source's other files."""
+    from transformers import AutoModelForCausalLM
+
+    model = _llama(dtype, tied)
+    source = tmp_path / "source"
+    model.save_pretrained(source, max_shard_size="20KB")
+    assert (source / INDEX).is_file()
+    arguments = [argument for spec in PLAN for argument in ("--pass", spec)]
+    assert main(["grow", str(source), "--stream", "--out", str(tmp_path / "streamed"), *arguments]) == 0
+    assert "wrote " + str(tmp_path / "streamed") + ": LlamaForCausalLM, " in capsys.readouterr().out
+    assert main(["grow", str(source), "--out", str(tmp_path / "in-memory"), *arguments]) == 0
+    streamed = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed").eval()
+    in_memory = AutoModelForCausalLM.from_pretrained(tmp_path / "in-memory").eval()
+    assert streamed.dtype == dtype and streamed.config.num_hidden_layers == 5
+    assert (streamed.config.hidden_size, streamed.config.intermediate_size) == (64, 144)
+    assert streamed.config.tie_word_embeddings == tied
+    a, b = streamed.state_dict(), in_memory.state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "streamed" / "generation_config.json").is_file()
+    ids = torch.randint(0, 64, (3, 9))
+    with torch.no_grad():
+        error = (streamed(ids).logits.float() - model(ids).logits.float()).abs().max()
+    assert error < (2e-2 if dtype == torch.bfloat16 else 1e-4)
+
+
+def test_streaming_writes_shards_one_tensor_at_a_time_within_the_shard_size(tmp_path):
+    model = _llama(torch.float32, True)
+    model.save_pretrained(tmp_path / "source")
+    written = grow_checkpoint(tmp_path / "source", [passes.widen_mlp(factor=2), passes.add_layers(2)],
+                              tmp_path / "out", max_shard_bytes=40_000)
+    index = json.loads((tmp_path / "out" / INDEX).read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert written.shards == len(files) > 1
+    reader = CheckpointReader(tmp_path / "out")
+    sizes = {file: sum(reader.nbytes(n) for n, f in index["weight_map"].items() if f == file) for file in files}
+    largest = max(reader.nbytes(n) for n in reader.keys())
+    assert all(size <= max(40_000, largest) for size in sizes.values())
+    assert index["metadata"]["total_size"] == sum(reader.nbytes(n) for n in reader.keys())
+    assert "model.embed_tokens.weight" in reader and "lm_head.weight" not in reader  # tied: saved once
+    assert written.grown.report.exact and not written.grown.report.passes[0].verification  # planned, not run
+
+
+def test_what_streaming_cannot_do_is_refused_and_nothing_is_written(tmp_path):
+    _llama(torch.float32, False).save_pretrained(tmp_path / "source")
+    with pytest.raises(rewrite.NotRepresentableError, match="not streamed yet"):
+        grow_checkpoint(tmp_path / "source", [passes.upcycle_moe(4, 2)], tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["source"]
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(rewrite.GrowfxError, match="exists"):
+        grow_checkpoint(tmp_path / "source", [passes.widen_mlp(factor=2)], tmp_path / "taken")
+    with pytest.raises(SystemExit):
+        main(["grow", str(tmp_path / "source"), "--stream", "--verify", "--pass", "widen_mlp:factor=2",
+              "--out", str(tmp_path / "v")])
+
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int8, torch.bool, torch.float64]
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(DTYPES), st.lists(st.integers(0, 5), max_size=3)), min_size=1,
+                max_size=6))
+def test_written_files_read_back_with_safetensors(tmp_path_factory, specs):
+    """Header first, then each tensor's bytes: the safetensors library reads it back, any dtype and shape
+    (scalars and empty tensors too)."""
+    from safetensors.torch import load_file
+
+    path = tmp_path_factory.mktemp("st") / "t.safetensors"
+    tensors = {f"t{i}": (torch.randn(shape) * 5).to(dtype) for i, (dtype, shape) in enumerate(specs)}
+    write_safetensors(path, [(n, tuple(t.shape), t.dtype) for n, t in tensors.items()], tensors.__getitem__)
+    loaded = load_file(str(path))
+    assert set(loaded) == set(tensors) and all(torch.equal(loaded[n], t) for n, t in tensors.items())
+    with pytest.raises(rewrite.GrowfxError, match="announced as"):
+        write_safetensors(path, [("x", (2,), torch.float32)], lambda name: torch.zeros(3))
