@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import statistics
 import time
 from pathlib import Path
+
+from measure import in_fresh_process, resident, save
 
 RESULTS = Path(__file__).resolve().parent / "results" / "plan_meta"
 
@@ -29,13 +30,6 @@ def _config(layers: int):
 
     return LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=layers, num_attention_heads=64,
                        num_key_value_heads=8, vocab_size=32000, max_position_embeddings=4096)
-
-
-def _peak() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def run(kind: str, layers: int, queue) -> None:
@@ -60,17 +54,7 @@ def run(kind: str, layers: int, queue) -> None:
         result = {"parameters": grown.graph.num_parameters, "recipes": len(grown.map.recipes),
                   "grown_layers": config.num_hidden_layers, "grown_intermediate": config.intermediate_size,
                   "report": str(grown.report)}
-    queue.put({"kind": kind, "seconds": time.perf_counter() - start, "peak": _peak(), **result})
-
-
-def measured(kind: str, layers: int) -> dict:
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    process = context.Process(target=run, args=(kind, layers, queue))
-    process.start()
-    result = queue.get()
-    process.join()
-    return result
+    queue.put({"kind": kind, "seconds": time.perf_counter() - start, "peak": resident()[1], **result})
 
 
 def main() -> None:
@@ -82,7 +66,7 @@ def main() -> None:
     results = []
     for _ in range(options.runs):
         for kind in ("export", "plan"):
-            results.append(measured(kind, options.layers))
+            results.append(in_fresh_process(run, kind, options.layers))
             print(json.dumps({k: v for k, v in results[-1].items() if k != "report"}), flush=True)
     exports = [r for r in results if r["kind"] == "export"]
     plans = [r for r in results if r["kind"] == "plan"]
@@ -93,15 +77,12 @@ def main() -> None:
                "grown_parameters": plans[0]["parameters"], "grown_layers": plans[0]["grown_layers"],
                "grown_intermediate": plans[0]["grown_intermediate"], "report": plans[0]["report"],
                "every_run": [{k: v for k, v in r.items() if k != "report"} for r in results]}
-    options.out.mkdir(parents=True, exist_ok=True)
-    (options.out / "results.json").write_text(json.dumps(summary, indent=1))
     table = (f"| model | plan | export (s) | plan (s) | ratio | export peak | plan peak |\n|---|---|---|---|---|---|---|\n"
              f"| Llama {options.layers} layers, hidden 8192 (meta) | widen_mlp(2) + add_layers(8) -> "
              f"{summary['grown_parameters'] / 1e9:.1f}B parameters | {summary['export_s']:.1f} | "
              f"{summary['plan_s']:.1f} | {summary['ratio']:.2f}x | {summary['export_peak_gb']:.2f} GB | "
              f"{summary['plan_peak_gb']:.2f} GB |\n")
-    (options.out / "results.md").write_text(table)
-    print(table)
+    save(options.out, summary, table)
 
 
 if __name__ == "__main__":

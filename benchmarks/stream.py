@@ -1,6 +1,6 @@
 """Growing a sharded bfloat16 checkpoint one tensor at a time: time and peak memory against the floor.
 
-    python benchmarks/stream.py                  # a ~3.1 GB Llama-style checkpoint (28 layers, hidden 2048)
+    python benchmarks/stream.py                  # a 3.2 GB Llama-style checkpoint (32 layers, hidden 2048)
     python benchmarks/stream.py --layers 2       # the pipeline in seconds
 
 1. Generates the checkpoint from a config (random bfloat16 weights, written tensor by tensor in 2 GB shards
@@ -23,11 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import multiprocessing
 import shutil
 import statistics
 import time
 from pathlib import Path
+
+from measure import in_fresh_process, resident, save
 
 RESULTS = Path(__file__).resolve().parent / "results" / "stream"
 
@@ -71,12 +72,6 @@ def generate(folder: Path, layers: int) -> int:
     return total
 
 
-def _resident() -> tuple[int, int]:
-    """(current, peak) resident bytes of this process."""
-    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
-    return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
-
-
 def _plan():
     import passes
 
@@ -106,7 +101,7 @@ def run(kind: str, source: str, out: str, queue) -> None:
         args, _ = example_inputs(model)
         args = tuple(a.to("meta") for a in args)
         planned = apply(trace(model, args), _plan(), args, verify=False)
-        fixed = _resident()[0]
+        fixed = resident()[0]
         del model, planned
         gc.collect()
         start = time.perf_counter()
@@ -114,7 +109,7 @@ def run(kind: str, source: str, out: str, queue) -> None:
         seconds = time.perf_counter() - start
         largest = max(math.prod(shape) * torch.empty((), dtype=dtype).element_size()
                       for shape, dtype in _shapes(out))
-        queue.put({"kind": kind, "seconds": seconds, "phases": written.seconds, "peak": _resident()[1],
+        queue.put({"kind": kind, "seconds": seconds, "phases": written.seconds, "peak": resident()[1],
                    "fixed": fixed, "largest": largest, "bytes": written.bytes})
         return
     # floor: the grown folder's tensors (names, shapes, dtypes from its headers) and the source tensor each reads
@@ -122,7 +117,7 @@ def run(kind: str, source: str, out: str, queue) -> None:
     reader, reference = CheckpointReader(source), CheckpointReader(grown_folder)
     recipes = json.loads((grown_folder / "recipes.json").read_text())
     entries = [(n, reference.shape(n), reference.dtype(n)) for n in reference.keys()]
-    fixed = _resident()[0]
+    fixed = resident()[0]
     start = time.perf_counter()
     Path(out).mkdir(parents=True)
     total = 0
@@ -137,7 +132,7 @@ def run(kind: str, source: str, out: str, queue) -> None:
         write_safetensors(path, part, make)
         total += path.stat().st_size
     seconds = time.perf_counter() - start
-    queue.put({"kind": kind, "seconds": seconds, "peak": _resident()[1], "fixed": fixed, "bytes": total})
+    queue.put({"kind": kind, "seconds": seconds, "peak": resident()[1], "fixed": fixed, "bytes": total})
 
 
 def _shapes(folder):
@@ -145,16 +140,6 @@ def _shapes(folder):
 
     reader = CheckpointReader(folder)
     return [(reader.shape(n), reader.dtype(n)) for n in reader.keys()]
-
-
-def measured(kind: str, source: Path, out: Path) -> dict:
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    process = context.Process(target=run, args=(kind, str(source), str(out), queue))
-    process.start()
-    result = queue.get()
-    process.join()
-    return result
 
 
 def reference(source: Path, work: Path) -> None:
@@ -170,7 +155,7 @@ def reference(source: Path, work: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=28)
+    parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--work", type=Path, default=Path("/tmp/growfx-stream"))
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -184,7 +169,7 @@ def main() -> None:
     results = []
     for i in range(options.runs):
         for kind in ("grow", "floor"):
-            result = measured(kind, source, options.work / kind)
+            result = in_fresh_process(run, kind, str(source), str(options.work / kind))
             results.append(result)
             print(json.dumps(result), flush=True)
     shutil.rmtree(options.work / "grow", ignore_errors=True)
@@ -204,16 +189,13 @@ def main() -> None:
         "phases_s": {k: statistics.median(r["phases"][k] for r in grows) for k in grows[0]["phases"]},
         "every_run": results,
     }
-    options.out.mkdir(parents=True, exist_ok=True)
-    (options.out / "results.json").write_text(json.dumps(summary, indent=1))
     table = (f"| checkpoint | grown | growth (s) | floor (s) | ratio | peak RSS | fixed + 3 x largest | within |\n"
              f"|---|---|---|---|---|---|---|---|\n"
              f"| {summary['source_gb']:.2f} GB bf16, {options.layers} layers | {summary['grown_gb']:.2f} GB | "
              f"{summary['grow_s']:.1f} | {summary['floor_s']:.1f} | {summary['ratio']:.2f}x | "
              f"{summary['grow_peak_gb']:.2f} GB | {summary['fixed_gb']:.2f} + 3 x {summary['largest_tensor_gb']:.3f} "
              f"= {summary['bound_gb']:.2f} GB | {'yes' if summary['within_bound'] else 'no'} |\n")
-    (options.out / "results.md").write_text(table)
-    print(table)
+    save(options.out, summary, table)
     print(json.dumps({k: v for k, v in summary.items() if k != "every_run"}, indent=1))
 
 

@@ -248,3 +248,28 @@ def test_encoder_decoders_size_each_side_apart(name, plan, expected):
     with torch.no_grad():
         torch.testing.assert_close(native(*args, **kwargs).last_hidden_state,
                                    built.model(*args, **kwargs).last_hidden_state, rtol=1e-5, atol=1e-5)
+
+
+def test_deepseek_v3_dense_prefix_and_latent_attention_go_back_to_their_fields():
+    """DeepSeek-V3: a dense first layer (first_k_dense_replace) before mixtures with a shared expert, and latent
+    attention whose q/k and v head sizes differ by design. A copy of the dense layer inserted in front keeps
+    the dense layers a prefix (first_k_dense_replace 1 -> 2); the MLP widths go to intermediate_size and
+    moe_intermediate_size; the head sizes stay their own fields."""
+    from rewrite.app import zoo
+
+    built = zoo.build("hf-deepseek-v3")
+    ids = torch.randint(0, 96, (3, 11))
+    grown = rewrite.apply(built.model, [passes.add_layers(1, at=0, init="copy"), passes.widen_mlp(factor=2)],
+                          built.args)
+    native = to_native(grown, like=built.model)
+    assert (native.config.first_k_dense_replace, native.config.num_hidden_layers) == (2, 3)
+    assert (native.config.intermediate_size, native.config.moe_intermediate_size) == (96, 48)
+    assert native.config.v_head_dim == 8 and native.config.qk_nope_head_dim == 8
+    with torch.no_grad():
+        torch.testing.assert_close(native(ids).logits, built.model(ids).logits, rtol=1e-5, atol=1e-5)
+    grown = rewrite.apply(built.model, [passes.add_layers(1, at=1, init="copy"), passes.add_layers(1, at=0)],
+                          built.args)
+    native = to_native(grown, like=built.model)
+    assert (native.config.first_k_dense_replace, native.config.num_hidden_layers) == (2, 4)
+    assert [type(layer.mlp).__name__ for layer in native.model.layers] == [
+        "DeepseekV3MLP", "DeepseekV3MLP", "DeepseekV3MoE", "DeepseekV3MoE"]

@@ -61,6 +61,7 @@ SIDE_FIELDS = {
 }
 # Config fields that list layer indices rather than hold one entry per layer (dense layers in a mixture).
 LAYER_INDEX_FIELDS = ("mlp_only_layers", "moe_layers")
+LAYER_PREFIX_FIELDS = ("first_k_dense_replace",)  # how many leading layers are dense (DeepSeek)
 
 
 def to_native(grown, like: torch.nn.Module) -> torch.nn.Module:
@@ -140,7 +141,15 @@ def grown_config(graph: Graph, like: torch.nn.Module) -> dict:
     heads = [_heads(graph, op) for n in graph.compute_nodes() if (op := attention(graph, n)) is not None]
     if heads:
         query, key_dim, value_dim = _one("attention heads and head size", heads)
-        if key_dim != value_dim:
+        separate = hasattr(config, "v_head_dim")  # multi-head latent attention (DeepSeek): q/k and v sized apart
+        if separate:
+            qk = config.qk_nope_head_dim + config.qk_rope_head_dim
+            if key_dim != qk:
+                raise NotRepresentableError(
+                    f"key/query head size {key_dim} is not {type(config).__name__}'s qk_nope_head_dim + "
+                    f"qk_rope_head_dim = {qk}: a grown latent-attention head is not written back")
+            fields["v_head_dim"] = value_dim
+        elif key_dim != value_dim:
             raise NotRepresentableError(
                 f"key/query head size {key_dim} differs from value head size {value_dim}; "
                 f"{type(like).__name__} has one head_dim"
@@ -152,7 +161,9 @@ def grown_config(graph: Graph, like: torch.nn.Module) -> dict:
             if (query * kv) % old_heads:
                 raise NotRepresentableError(f"{query} query heads do not keep the ratio {old_heads}/{kv}")
             fields["num_key_value_heads"] = query * kv // old_heads
-        if hasattr(config, "head_dim"):
+        if separate:
+            pass  # the head sizes are their own fields: nothing ties them to the hidden size
+        elif hasattr(config, "head_dim"):
             fields["head_dim"] = key_dim
         elif fields.get("hidden_size", config.hidden_size) != query * key_dim:
             raise NotRepresentableError(
@@ -266,7 +277,8 @@ def _per_layer(graph: Graph, config, found) -> dict:
     """Config lists with one entry per layer (``layer_types``, ...), at the new depth. Each grown layer takes
     the entry of the layer it was copied or moved from (``Graph.origins``); a layer whose origin is not a
     layer of the original stack takes the entry all old layers share, if they share one. Lists of layer
-    indices (``LAYER_INDEX_FIELDS``) list the grown layers that come from the listed ones."""
+    indices (``LAYER_INDEX_FIELDS``) list the grown layers that come from the listed ones, and a count of
+    leading layers (``LAYER_PREFIX_FIELDS``) counts the grown layers that come from them."""
     old = config.num_hidden_layers
     fields = {}
     origins = []
@@ -274,6 +286,9 @@ def _per_layer(graph: Graph, config, found) -> dict:
         stack, _, index = graph.origin(f"{block.stack}.{block.index}").rpartition(".")
         origins.append(int(index) if stack == block.stack and index.isdigit() and int(index) < old else None)
     for field, value in config.to_dict().items():
+        if len(found) != old and field in LAYER_PREFIX_FIELDS and isinstance(value, int) and 0 < value < old:
+            fields[field] = _prefix(field, value, origins)
+            continue
         if len(found) == old or not isinstance(value, list):
             continue
         if field in LAYER_INDEX_FIELDS:  # the grown layers that come from the listed ones
@@ -296,6 +311,18 @@ def _per_layer(graph: Graph, config, found) -> dict:
                     f"model does not come from one of them, so its entry is not known")
         fields[field] = entries
     return fields
+
+
+def _prefix(field: str, count: int, origins: list[int | None]) -> int:
+    """How many leading grown layers come from the first ``count`` old ones (DeepSeek's dense layers before its
+    mixtures); refused when such layers are not all in front."""
+    leading = [origin is not None and origin < count for origin in origins]
+    new = leading.index(False) if False in leading else len(leading)
+    if any(leading[new:]):
+        raise NotRepresentableError(
+            f"config.{field} = {count} keeps the first layers apart, and a grown copy of one of them is not "
+            f"among the first: the class cannot hold it")
+    return new
 
 
 def _one(what: str, values: list):

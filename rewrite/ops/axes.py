@@ -34,6 +34,7 @@ import torch.fx
 from rewrite.errors import UnsupportedOpError
 
 from .kinds import ELEMENTWISE
+from .structure import TRANSPARENT
 from .literals import view_sizes
 
 Axis = tuple[str, int]
@@ -118,11 +119,11 @@ def _norm(axis: int, rank: int) -> int:
     return axis + rank if axis < 0 else axis
 
 
-def broadcast(facts: Facts, call: Call, inputs: list[str]) -> None:
+def broadcast(facts: Facts, call: Call, inputs: list[str], *, along: bool = True) -> None:
     """Align every tensor operand with the output from the right; size-1 (broadcast) axes stay free.
 
-    A parameter in an element-wise op (a hand-written norm's gain, a bias added by hand) runs along
-    the axes it is aligned with.
+    A parameter in an element-wise op (a hand-written norm's gain, a bias added by hand), or a cast of one, runs
+    along the axes it is aligned with.
     """
     out_shape = call.out_shape
     for ref in inputs:
@@ -131,12 +132,22 @@ def broadcast(facts: Facts, call: Call, inputs: list[str]) -> None:
         for axis, size in enumerate(shape):
             if size != 1 and offset + axis >= 0:
                 facts.equal((ref, axis), (call.out, offset + axis), call.node.name)
-                if ref.startswith("p:"):
-                    facts.role((ref, axis), "along", call.node.name)
+                parameter = facts.parameter_axis(ref, axis) if along else None
+                if parameter is not None:  # a parameter, or one seen through a cast (a gain read as w.float())
+                    facts.role(parameter, "along", call.node.name)
 
 
 def elementwise(facts: Facts, call: Call) -> None:
-    broadcast(facts, call, [o for o in call.operands if call.is_tensor(o)])
+    """Operands aligned with the output from the right. A cast or copy of a parameter (``w.float()``, as
+    DeepSeek's router reads its weight) is that parameter to the ops that read it: they give its axes roles."""
+    tensors = [o for o in call.operands if call.is_tensor(o)]
+    passes_through = call.kind in TRANSPARENT and len(tensors) == 1 and call.shape(tensors[0]) == call.out_shape
+    broadcast(facts, call, tensors, along=not passes_through)
+    if passes_through:
+        axes = {axis: found[1] for axis in range(len(call.out_shape))
+                if (found := facts.parameter_axis(tensors[0], axis)) is not None}
+        if axes:
+            facts.derived[call.out] = (facts.parameter_axis(tensors[0], next(iter(axes)))[0], axes)
 
 
 def linear(facts: Facts, call: Call) -> None:
@@ -148,11 +159,11 @@ def linear(facts: Facts, call: Call) -> None:
         facts.equal((x, axis), (call.out, axis), name)
     facts.equal((x, rank - 1), (weight, 1), name)
     facts.equal((call.out, rank - 1), (weight, 0), name)
-    facts.role((weight, 1), "consumes", name)
-    facts.role((weight, 0), "produces", name)
+    for ref, axis, role in ((weight, 1, "consumes"), (weight, 0, "produces"), (bias, 0, "along")):
+        if call.is_tensor(ref):
+            facts.role(facts.parameter_axis(ref, axis) or (ref, axis), role, name)  # through a cast, the parameter
     if call.is_tensor(bias):
         facts.equal((bias, 0), (call.out, rank - 1), name)
-        facts.role((bias, 0), "along", name)
 
 
 def addmm(facts: Facts, call: Call) -> None:
