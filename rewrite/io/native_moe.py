@@ -89,7 +89,7 @@ def _owners(node) -> list[str]:
 
 
 def moe_target(like: torch.nn.Module, config, moe: Upcycled, layer_of: dict[str, int]):
-    """(class, config) of the native mixture for ``like``'s family, with ``config``'s grown dense fields."""
+    """(class, config, family) of the native mixture for ``like``'s family, with ``config``'s grown dense fields."""
     import transformers
     from transformers.models.auto import modeling_auto
 
