@@ -17,7 +17,7 @@ sys.modules["fuzz_families"] = fuzz
 spec.loader.exec_module(fuzz)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(number=st.integers(0, 10**6))
 def test_random_families_and_plans_never_crash_or_grow_wrong(number):
     kind, detail = fuzz.run(number)
