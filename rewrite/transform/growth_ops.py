@@ -265,6 +265,10 @@ def run_ops(tensor: torch.Tensor, ops: tuple[Op, ...] | list[Op]) -> torch.Tenso
             if isinstance(op, Scale) and op.factor == 0 and op.offset == 0 and op.positions is None:
                 x, fresh = torch.zeros_like(x), True  # a zeroed tensor (a new block's output): no arithmetic
                 continue
+            if isinstance(op, Redraw):  # a fresh draw at x's scale, made in place: no working copy of x
+                std, dtype = float(x.float().std()), torch.float32 if low else x.dtype
+                x, fresh = _normal(x.shape, op.seed, torch.float32).to(dtype).mul_(std), True
+                continue
             if low and x.dtype != torch.float32:
                 x, fresh = x.float(), True
             if not fresh:
@@ -277,8 +281,6 @@ def run_ops(tensor: torch.Tensor, ops: tuple[Op, ...] | list[Op]) -> torch.Tenso
             elif isinstance(op, Noise):
                 with _region(x, op.axis, op.positions) as target:
                     target.add_(_normal(target.shape, op.seed, x.dtype), alpha=op.relative * _std(reference))
-            elif isinstance(op, Redraw):
-                x = _normal(x.shape, op.seed, torch.float32).to(x.dtype) * float(x.float().std())
             else:
                 raise TypeError(f"unknown growth op {op!r}")
     return x.to(tensor.dtype)
