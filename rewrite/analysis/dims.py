@@ -204,7 +204,9 @@ def _block(facts: Facts, component: dict, groups: dict[int, DimGroup]) -> None:
             if group is not None and (group.growable or group.compositions) \
                     and all(node != node_name for _, node, _ in group.blocked):
                 members = group.role("produces") or group.members
-                anchor = f"parameter axis {members[0]}" if members else f"an axis made of others ({group.compositions[0].how} at {group.compositions[0].node})"
+                made = group.compositions[0] if group.compositions else None
+                anchor = (f"parameter axis {members[0]}" if members
+                          else f"an axis made of others ({made.how} at {made.node})")
                 detail = f"{why}; " if why else ""
                 group.blocked.append((kind, node_name, f"{detail}its axis {axis[1]} of {axis[0][2:]} is coupled "
                                                        f"to {anchor}"))

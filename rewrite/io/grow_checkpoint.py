@@ -107,7 +107,7 @@ def grow_checkpoint(source: str | Path, passes: list, destination: str | Path, *
                      "weight_map": {name: file for file, part in zip(names, shards) for name, _, _ in part}}
             (folder / INDEX).write_text(json.dumps(index, indent=2))
         native_config_.architectures = [native_class.__name__]
-        native_config_.dtype = _main_dtype(entries)
+        native_config_.dtype = _main_dtype(dtype for _, _, dtype in entries)
         native_config_.save_pretrained(folder)
         for path in source.iterdir():  # tokenizer, generation config, chat template, ...
             if path.is_file() and not any(path.match(pattern) for pattern in WEIGHT_FILES):
@@ -126,8 +126,7 @@ def _entries(native: torch.nn.Module, grown: Grown, reader: CheckpointReader) ->
     does), each in the dtype of the checkpoint tensor it is made from; a new tensor in the checkpoint's main
     floating-point dtype."""
     recipes = grown.map
-    floating = [reader.dtype(n) for n in reader.keys() if reader.dtype(n).is_floating_point]
-    main = max(set(floating), key=floating.count) if floating else torch.float32
+    main = _main_dtype(reader.dtype(n) for n in reader.keys())
     entries = []
     for name, target in native.state_dict().items():
         if is_tied_head(native, name):
@@ -148,8 +147,9 @@ def _entries(native: torch.nn.Module, grown: Grown, reader: CheckpointReader) ->
     return entries
 
 
-def _main_dtype(entries) -> torch.dtype:
-    floating = [dtype for _, _, dtype in entries if dtype.is_floating_point]
+def _main_dtype(dtypes) -> torch.dtype:
+    """The most common floating-point dtype among ``dtypes`` (float32 when there is none)."""
+    floating = [dtype for dtype in dtypes if dtype.is_floating_point]
     return max(set(floating), key=floating.count) if floating else torch.float32
 
 

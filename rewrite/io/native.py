@@ -116,7 +116,7 @@ def native_config(graph: Graph, like: torch.nn.Module):
     moe = upcycled(graph)
     if moe is None:
         return type(like), config, None
-    cls, config, _ = moe_target(like, config, moe, _layer_of(graph, moe.mlps))
+    cls, config = moe_target(like, config, moe, _layer_of(graph, moe.mlps))
     return cls, config, moe
 
 
@@ -198,21 +198,18 @@ def _mlp_sizes(graph: Graph, config, found) -> dict:
     if not (dense or experts or shared):
         return {}
     field = next((f for f in MLP_FIELDS if hasattr(config, f)), None)
-    sides = [_side_field(config, module, "mlp") for module, _ in dense if module is not None]
-    if field is None and not any(sides):
+    chosen = {role: next((f for f in MIXTURE_FIELDS[role] if hasattr(config, f)), None) for role in MIXTURE_FIELDS}
+    named = [((_side_field(config, module, "mlp") if module is not None else None) or chosen["dense"] or field, w)
+             for module, w in dense]  # an encoder's and a decoder's MLPs under their own fields (Whisper)
+    named += [(chosen["experts"] or field, w) for w in experts]
+    named += [(chosen["shared"] or chosen["experts"] or field, w) for w in shared]
+    if any(name is None for name, _ in named):
         raise NotRepresentableError(
             f"{type(config).__name__} has no MLP size field (one of {', '.join(MLP_FIELDS)})")
-    chosen = {role: next((f for f in MIXTURE_FIELDS[role] if hasattr(config, f)), None) for role in MIXTURE_FIELDS}
-    expert_field = chosen["experts"] or field
     sizes: dict[str, list[int]] = {}
-    for module, width in dense:  # an encoder's and a decoder's MLPs under their own fields (Whisper)
-        name = (_side_field(config, module, "mlp") if module is not None else None) or chosen["dense"] or field
-        if name is None:
-            raise NotRepresentableError(f"{type(config).__name__} has no MLP size field for {module}")
+    for name, width in named:
         sizes.setdefault(name, []).append(width)
-    for name, values in ((expert_field, experts), (chosen["shared"] or expert_field, shared)):
-        sizes.setdefault(name, []).extend(values)
-    return {name: _one(f"MLP size ({name})", values) for name, values in sizes.items() if values}
+    return {name: _one(f"MLP size ({name})", values) for name, values in sizes.items()}
 
 
 def _side_field(config, path: str, what: str) -> str | None:

@@ -89,7 +89,7 @@ def _owners(node) -> list[str]:
 
 
 def moe_target(like: torch.nn.Module, config, moe: Upcycled, layer_of: dict[str, int]):
-    """(class, config, family) of the native mixture for ``like``'s family, with ``config``'s grown dense fields."""
+    """(class, config) of the native mixture for ``like``'s family, with ``config``'s grown dense fields."""
     import transformers
     from transformers.models.auto import modeling_auto
 
@@ -113,7 +113,7 @@ def moe_target(like: torch.nn.Module, config, moe: Upcycled, layer_of: dict[str,
     if family.dense_layers_field is not None:
         values[family.dense_layers_field] = dense
     config_class = transformers.AutoConfig.for_model(family.model_type).__class__
-    return cls, config_class.from_dict(values), family
+    return cls, config_class.from_dict(values)
 
 
 def _same_head(dense_class, dense_type: str, moe_type: str, modeling_auto, transformers):

@@ -35,7 +35,7 @@ from rewrite.errors import UnsupportedOpError
 
 from .kinds import ELEMENTWISE
 from .structure import TRANSPARENT
-from .literals import view_sizes
+from .literals import shape_read, view_sizes
 
 Axis = tuple[str, int]
 
@@ -90,6 +90,13 @@ class Facts:
             return (parameter, axes[axis]) if axis in axes else None
         return None
 
+    def parameter_role(self, ref: str, axis: int, role: str, node: str) -> None:
+        """``role`` for the parameter axis ``ref``'s axis is (directly, through a cast, a transpose or a selection
+        of experts); nothing when it is an activation."""
+        parameter = self.parameter_axis(ref, axis)
+        if parameter is not None:
+            self.role(parameter, role, node)
+
     def blind(self, node: str, op: str, axes: list[Axis], why: str = "") -> None:
         """The analysis cannot see what ``op`` at ``node`` does to ``axes``: the groups they are in are blocked."""
         self.opaque.append((node, op, axes, why))
@@ -132,9 +139,8 @@ def broadcast(facts: Facts, call: Call, inputs: list[str], *, along: bool = True
         for axis, size in enumerate(shape):
             if size != 1 and offset + axis >= 0:
                 facts.equal((ref, axis), (call.out, offset + axis), call.node.name)
-                parameter = facts.parameter_axis(ref, axis) if along else None
-                if parameter is not None:  # a parameter, or one seen through a cast (a gain read as w.float())
-                    facts.role(parameter, "along", call.node.name)
+                if along:  # a parameter, or one seen through a cast (a gain read as w.float())
+                    facts.parameter_role(ref, axis, "along", call.node.name)
 
 
 def elementwise(facts: Facts, call: Call) -> None:
@@ -144,10 +150,9 @@ def elementwise(facts: Facts, call: Call) -> None:
     passes_through = call.kind in TRANSPARENT and len(tensors) == 1 and call.shape(tensors[0]) == call.out_shape
     broadcast(facts, call, tensors, along=not passes_through)
     if passes_through:
-        axes = {axis: found[1] for axis in range(len(call.out_shape))
-                if (found := facts.parameter_axis(tensors[0], axis)) is not None}
-        if axes:
-            facts.derived[call.out] = (facts.parameter_axis(tensors[0], next(iter(axes)))[0], axes)
+        found = [(axis, p) for axis in range(len(call.out_shape)) if (p := facts.parameter_axis(tensors[0], axis))]
+        if found:
+            facts.derived[call.out] = (found[0][1][0], {axis: p[1] for axis, p in found})
 
 
 def linear(facts: Facts, call: Call) -> None:
@@ -161,7 +166,7 @@ def linear(facts: Facts, call: Call) -> None:
     facts.equal((call.out, rank - 1), (weight, 0), name)
     for ref, axis, role in ((weight, 1, "consumes"), (weight, 0, "produces"), (bias, 0, "along")):
         if call.is_tensor(ref):
-            facts.role(facts.parameter_axis(ref, axis) or (ref, axis), role, name)  # through a cast, the parameter
+            facts.parameter_role(ref, axis, role, name)
     if call.is_tensor(bias):
         facts.equal((bias, 0), (call.out, rank - 1), name)
 
@@ -196,9 +201,7 @@ def matmul(facts: Facts, call: Call) -> None:
     # a weight on the left is [out, in] (W @ x, as batched experts apply theirs); on the right [in, out]
     for ref, shape, consumes, produces in ((a, sa, -1, -2), (b, sb, -2, -1)):
         for offset, role in ((consumes, "consumes"), (produces, "produces")):
-            axis = facts.parameter_axis(ref, len(shape) + offset)
-            if axis is not None:
-                facts.role(axis, role, name)
+            facts.parameter_role(ref, len(shape) + offset, role, name)
     for ref, shape in ((a, sa), (b, sb)):
         offset = len(so) - len(shape)
         for axis in range(len(shape) - 2):
@@ -217,10 +220,8 @@ def grouped_mm(facts: Facts, call: Call) -> None:
     facts.equal((b, 2), (call.out, 1), name)
     if call.is_tensor(offs):
         facts.equal((b, 0), (offs, 0), name)
-    for axis, role in ((1, "consumes"), (2, "produces")):
-        parameter = facts.parameter_axis(b, axis)
-        if parameter is not None:
-            facts.role(parameter, role, name)
+    facts.parameter_role(b, 1, "consumes", name)
+    facts.parameter_role(b, 2, "produces", name)
 
 
 def conv(facts: Facts, call: Call) -> None:
@@ -315,25 +316,13 @@ def view(facts: Facts, call: Call) -> None:
 
 
 def size_source(value, call: Call) -> Axis | None:
-    """The tensor axis a size argument is read from at run time: ``x.shape[i]``, ``x.size(i)``,
-    ``x.size()[i]`` (fx) or ``aten.sym_size.int(x, i)`` (export); None for literals and computed sizes."""
-    if not isinstance(value, torch.fx.Node):
+    """The tensor axis a size argument is read from at run time (``literals.shape_read``: ``x.shape[i]``,
+    ``x.size(i)``, ``x.size()[i]``, ``aten.sym_size.int(x, i)``); None for literals and computed sizes."""
+    read = shape_read(value)
+    if read is None or f"n:{read[0].name}" not in call.shapes:
         return None
-    tensor, axis = None, None
-    if value.op == "call_function" and value.target is operator.getitem and isinstance(value.args[1], int):
-        shape = value.args[0]
-        if isinstance(shape, torch.fx.Node) and (
-                (shape.op == "call_function" and shape.target is getattr and shape.args[1] == "shape")
-                or (shape.op == "call_method" and shape.target == "size" and len(shape.args) == 1)):
-            tensor, axis = shape.args[0], value.args[1]
-    elif value.op == "call_method" and value.target == "size" and len(value.args) == 2:
-        tensor, axis = value.args
-    elif value.op == "call_function" and getattr(value.target, "__name__", "") == "sym_size.int":
-        tensor, axis = value.args[:2]
-    if not isinstance(tensor, torch.fx.Node) or not isinstance(axis, int) or f"n:{tensor.name}" not in call.shapes:
-        return None
-    ref = f"n:{tensor.name}"
-    return (ref, _norm(axis, len(call.shapes[ref])))
+    ref = f"n:{read[0].name}"
+    return (ref, _norm(read[1], len(call.shapes[ref])))
 
 
 def align_reshape(facts: Facts, name: str, src: str, src_shape: tuple, dst: str, dst_shape: tuple) -> None:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx
 
@@ -30,6 +32,34 @@ def resize_module_attributes(module: torch.nn.Module) -> None:
         if tensor is None:
             continue
         setattr(module, attribute, tuple(tensor.shape) if axis is None else tensor.shape[axis])
+
+
+def whole_shape(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The tensor whose whole shape ``node`` is (fx's ``x.shape``, ``x.size()``), else None."""
+    if node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",):
+        return node.args[0]
+    if node.op == "call_method" and node.target == "size" and len(node.args) == 1:
+        return node.args[0]
+    return None
+
+
+def shape_read(node, *, exported: bool = True) -> tuple[torch.fx.Node, int] | None:
+    """(tensor, axis) when ``node`` reads one size of a tensor's shape at run time: ``x.shape[i]``,
+    ``x.size()[i]``, ``x.size(i)`` (fx) or, with ``exported``, ``aten.sym_size.int(x, i)`` (torch.export, which
+    reads only the sizes it keeps symbolic); None otherwise."""
+    if not isinstance(node, torch.fx.Node):
+        return None
+    read = None
+    if node.op == "call_method" and node.target == "size" and len(node.args) == 2:
+        read = node.args
+    elif node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], torch.fx.Node):
+        tensor = whole_shape(node.args[0])
+        read = (tensor, node.args[1]) if tensor is not None else None
+    elif exported and node.op == "call_function" and getattr(node.target, "__name__", "") == "sym_size.int":
+        read = node.args[:2]
+    if read is None or not isinstance(read[0], torch.fx.Node) or not isinstance(read[1], int):
+        return None
+    return read[0], read[1]
 
 
 def view_sizes(node: torch.fx.Node) -> list | None:

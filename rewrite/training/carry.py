@@ -36,7 +36,7 @@ import weakref
 
 import torch
 
-from rewrite.errors import GrowthError
+from rewrite.errors import GrowthError, NotRepresentableError
 from rewrite.transform.growth_map import KEPT, GrowthMap, tensor_names
 from rewrite.transform.growth_ops import run_dual
 from rewrite.training.hooks import GrowthHooks
@@ -257,3 +257,15 @@ def _track_steps(optimizer: torch.optim.Optimizer) -> None:
     wrapper._wrapped_by_lr_sched = True
     optimizer.step = wrapper
     optimizer._opt_called = True
+
+
+def carried_class(native: torch.nn.Module, model: torch.nn.Module) -> torch.nn.Module:
+    """``native`` (``to_native`` of a growth of ``model``) when optimizer state can be carried onto it: when it
+    is of ``model``'s class. An upcycled model comes back as a mixture class that stacks its experts under other
+    names than the grown graph's, which the state is carried by: ``NotRepresentableError`` says so, and training
+    goes on in the graph form (``to_native`` writes the mixture class at the end)."""
+    if type(native) is not type(model):
+        raise NotRepresentableError(
+            f"{type(native).__name__} stacks the experts under other names than the grown graph's, and the "
+            f"optimizer state is carried by the graph's names")
+    return native

@@ -26,11 +26,11 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback
 
-from rewrite.errors import GrowthError, NotRepresentableError
+from rewrite.errors import GrowthError
 from rewrite.io.hf import example_inputs
 from rewrite.io.native import to_native
 from rewrite.ir.trace import trace
-from rewrite.training.carry import carry
+from rewrite.training.carry import carried_class, carry
 from rewrite.training.flops import parameters
 from rewrite.transform.apply import apply
 
@@ -68,11 +68,7 @@ class GrowingTrainer(Trainer):
         args, kwargs = example_inputs(model)
         before = _loss(model, args, kwargs)
         grown = apply(trace(model, args, kwargs), list(self.stages[self._stage]), args, kwargs)
-        native = to_native(grown, model)  # NotRepresentableError says why, if the class cannot hold it
-        if type(native) is not type(model):
-            raise NotRepresentableError(
-                f"stage {self._stage} turns {type(model).__name__} into {type(native).__name__}, whose stacked "
-                f"experts the optimizer state cannot be carried onto yet: the Trainer needs the same class")
+        native = carried_class(to_native(grown, model), model)  # NotRepresentableError says why, if it cannot
         after = _loss(native.eval(), args, kwargs)
         if grown.report.exact and abs(after - before) > 1e-5 * max(1.0, abs(before)):
             raise GrowthError(f"stage {self._stage} was planned exact but moved the loss on the fixed batch from "

@@ -46,7 +46,7 @@ from rewrite.io.sources import atomic_path
 from rewrite.io.state_files import load_state, write_state
 from rewrite.ir.frontends import first_line, is_huggingface
 from rewrite.ir.trace import trace
-from rewrite.training.carry import carry
+from rewrite.training.carry import carried_class, carry
 from rewrite.training.flops import parameters, per_token
 from rewrite.training.triggers import Trigger
 from rewrite.transform.apply import apply
@@ -204,7 +204,7 @@ class ProgressiveTrainer:
         module, graph, note = grown.module, grown.graph, None
         if self.native and is_huggingface(self.model):
             try:
-                module, graph, note = _same_class(to_native(grown, self.model), self.model), None, \
+                module, graph, note = carried_class(to_native(grown, self.model), self.model), None, \
                     "continues in its own class"
             except NotRepresentableError as e:
                 note = f"continues as a graph: {first_line(e)}"
@@ -295,14 +295,3 @@ def _tokens(batch) -> int:
 
 def _trainable(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def _same_class(native: torch.nn.Module, model: torch.nn.Module) -> torch.nn.Module:
-    """``native`` if it is of ``model``'s class. An upcycled model comes back as a mixture class that stacks
-    its experts under other names than the graph's, which the optimizer state is carried by: training goes
-    on in the graph form (``to_native`` writes the mixture class at the end)."""
-    if type(native) is not type(model):
-        raise NotRepresentableError(
-            f"{type(native).__name__} stacks the experts under other names than the grown graph's, and the "
-            f"optimizer state is carried by the graph's names")
-    return native

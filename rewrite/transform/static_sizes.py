@@ -26,6 +26,7 @@ import torch.fx
 from rewrite.analysis.dims import dim_analysis
 from rewrite.errors import GrowfxError
 from rewrite.ir.graph import Graph
+from rewrite.ops.literals import shape_read, whole_shape
 
 
 # Integer arithmetic on sizes, folded once its operands are literals.
@@ -35,7 +36,9 @@ ARITHMETIC = {operator.floordiv, operator.mul, operator.add, operator.sub, opera
 def static_sizes(graph: Graph) -> Graph:
     """``graph`` with every fx shape read of a weight-fixed axis replaced by its size (``graph`` itself when it
     has none). The result shares the module's tensors; only its node list is new."""
-    reads = [(node, *read) for node in graph.module.graph.nodes if (read := shape_read(node)) is not None]
+    # fx's reads only: torch.export already wrote weight-fixed sizes as literals and reads just symbolic ones
+    reads = [(node, *read) for node in graph.module.graph.nodes
+             if (read := shape_read(node, exported=False)) is not None]
     if not reads:
         return graph
     try:
@@ -68,28 +71,7 @@ def static_sizes(graph: Graph) -> Graph:
         node.replace_all_uses_with(value)
         fx_graph.erase_node(node)
     for node in reversed(list(fx_graph.nodes)):  # the shape tuples nothing reads any more
-        if _shape_of(node) is not None and not node.users:
+        if whole_shape(node) is not None and not node.users:
             fx_graph.erase_node(node)
     module.recompile()
     return graph.with_module(module)
-
-
-def shape_read(node: torch.fx.Node) -> tuple[torch.fx.Node, int] | None:
-    """(tensor, axis) when ``node`` reads one size of a tensor's shape the fx way: ``x.shape[i]``,
-    ``x.size()[i]``, ``x.size(i)``."""
-    if node.op == "call_method" and node.target == "size" and len(node.args) == 2:
-        return node.args[0], node.args[1]
-    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], torch.fx.Node):
-        tensor = _shape_of(node.args[0])
-        if tensor is not None and isinstance(node.args[1], int):
-            return tensor, node.args[1]
-    return None
-
-
-def _shape_of(node: torch.fx.Node) -> torch.fx.Node | None:
-    """The tensor whose whole shape ``node`` is (``x.shape``, ``x.size()``), else None."""
-    if node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",):
-        return node.args[0]
-    if node.op == "call_method" and node.target == "size" and len(node.args) == 1:
-        return node.args[0]
-    return None
