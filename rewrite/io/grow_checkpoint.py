@@ -20,6 +20,7 @@ check both paths give the same files on small models.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
@@ -64,26 +65,13 @@ def grow_checkpoint(source: str | Path, passes: list, destination: str | Path, *
     start = time.perf_counter()
     reader = CheckpointReader(source)
     config = transformers.AutoConfig.from_pretrained(source, local_files_only=True)
-    architectures = getattr(config, "architectures", None) or []
-    cls = getattr(transformers, architectures[0], None) if architectures else None
-    if cls is None:
-        raise GrowfxError(f"{source}/config.json names no model class transformers has (architectures: "
-                          f"{architectures})")
-    with torch.device("meta"):
-        model = cls(config).eval()
-    args, kwargs = example_inputs(model)
-    args, kwargs = _to_meta(args), _to_meta(kwargs)
+    model = meta_model(config, f"{source}/config.json")
+    args, kwargs = meta_inputs(model)
     graph = trace(model, args, kwargs)
     seconds["trace"] = time.perf_counter() - start
     start = time.perf_counter()
-    grown = apply(graph, passes, args, kwargs, verify=False)
-    native_class, native_config_, mixture = native_config(grown.graph, model)
-    if mixture is not None:
-        raise NotRepresentableError(
-            "an upcycled model becomes a mixture class with stacked experts, which is not streamed yet: grow it "
-            "in memory (without --stream)")
-    with torch.device("meta"):
-        native = build_native(native_class, native_config_, set(grown.map.names()))
+    plan = plan_native(graph, model, passes, args, kwargs)
+    grown, native_class, native_config_, native = plan.grown, plan.native_class, plan.config, plan.native
     entries = _entries(native, grown, reader)
     seconds["plan"] = time.perf_counter() - start
     start = time.perf_counter()
@@ -115,6 +103,49 @@ def grow_checkpoint(source: str | Path, passes: list, destination: str | Path, *
     seconds["write"] = time.perf_counter() - start
     return GrownCheckpoint(destination, grown, native_config_, native_class.__name__, len(shards), len(entries),
                            written, seconds)
+
+
+@dataclasses.dataclass
+class NativePlan:
+    """A growth planned on shapes: the grown plan, and the native class, config and module (on ``meta``)."""
+
+    grown: Grown
+    native_class: type
+    config: object
+    native: torch.nn.Module
+
+
+def meta_model(config, where: str = "the config", device: str | None = "meta") -> torch.nn.Module:
+    """The class a Hugging Face ``config`` names (``architectures``), built on ``device`` (``meta``: no weight
+    allocated; None: the default device)."""
+    import transformers
+
+    architectures = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, architectures[0], None) if architectures else None
+    if cls is None:
+        raise GrowfxError(f"{where} names no model class transformers has (architectures: {architectures})")
+    with torch.device(device) if device else contextlib.nullcontext():
+        return cls(config).eval()
+
+
+def meta_inputs(model: torch.nn.Module) -> tuple[tuple, dict]:
+    """The example inputs of a Hugging Face model, on ``meta``."""
+    args, kwargs = example_inputs(model)
+    return _to_meta(args), _to_meta(kwargs)
+
+
+def plan_native(graph, model: torch.nn.Module, passes: list, args: tuple, kwargs: dict) -> NativePlan:
+    """``passes`` planned on the traced ``graph`` of ``model`` (on ``meta``: shapes only, ``verify=False``), and
+    the native class the grown model is written as; an upcycle into a mixture class is refused."""
+    grown = apply(graph, passes, args, kwargs, verify=False)
+    native_class, config, mixture = native_config(grown.graph, model)
+    if mixture is not None:
+        raise NotRepresentableError(
+            "an upcycled model becomes a mixture class with stacked experts, which is not streamed yet: grow it "
+            "in memory (without --stream)")
+    with torch.device("meta"):
+        native = build_native(native_class, config, set(grown.map.names()))
+    return NativePlan(grown, native_class, config, native)
 
 
 def _to_meta(value):

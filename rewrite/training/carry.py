@@ -114,25 +114,32 @@ def _named_parameters(module: torch.nn.Module):
 
 
 def _groups(optimizer, growth: GrowthMap, module, old_names: dict[int, str]) -> list[dict]:
-    """The original's groups with the grown parameters: each with the group of its source, else of its module."""
-    group_of = {old_names[id(p)]: i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
+    """The original's groups with the grown parameters (see :func:`grown_groups`)."""
+    source_group = {old_names[id(p)]: i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
     named = _named_parameters(module)
-    chosen: dict[str, int] = {}
-    for name, _ in named:
-        if growth.canonical(name) not in growth.recipes:
-            raise GrowthError(f"{name} is not a tensor of the grown model this map describes: pass the grown module")
-        source = growth.recipes[growth.canonical(name)].source
-        if source in group_of:
-            chosen[name] = group_of[source]
-    for name, _ in named:
-        if name not in chosen:
-            owner = name.rpartition(".")[0]
-            siblings = [chosen[n] for n in chosen if n.rpartition(".")[0] == owner]
-            chosen[name] = siblings[0] if siblings else 0
+    chosen = grown_groups(growth, [name for name, _ in named], source_group)
     groups = [{k: v for k, v in g.items() if k != "params"} | {"params": []} for g in optimizer.param_groups]
     for name, parameter in named:
         groups[chosen[name]]["params"].append(parameter)
     return groups  # one to one with the original's (a scheduler's per-group rates stay aligned)
+
+
+def grown_groups(growth: GrowthMap, names: list[str], source_group: dict[str, int]) -> dict[str, int]:
+    """The parameter group of each grown parameter ``names``: its source's (``source_group``: original name ->
+    group), else the group of its module's other parameters, else the first."""
+    chosen: dict[str, int] = {}
+    for name in names:
+        if growth.canonical(name) not in growth.recipes:
+            raise GrowthError(f"{name} is not a tensor of the grown model this map describes: pass the grown module")
+        source = growth.recipes[growth.canonical(name)].source
+        if source in source_group:
+            chosen[name] = source_group[source]
+    for name in names:
+        if name not in chosen:
+            owner = name.rpartition(".")[0]
+            siblings = [chosen[n] for n in chosen if n.rpartition(".")[0] == owner]
+            chosen[name] = siblings[0] if siblings else 0
+    return chosen
 
 
 def _constructor_defaults(optimizer) -> dict:
@@ -145,53 +152,70 @@ def _carry_state(old_opt, new_opt, growth: GrowthMap, name: str, parameter, by_n
                  copies: str, carried: Carried) -> None:
     recipe = growth.recipes[growth.canonical(name)]
     source = by_name.get(recipe.source) if recipe.source is not None else None
-    state = old_opt.state.get(source) if source is not None else None
-    if not state:
+    state = old_opt.state.get(source, {}) if source is not None else {}
+    shapes = {field: tuple(value.shape) if torch.is_tensor(value) else None for field, value in state.items()}
+    kinds, refused = plan_state(growth, name, shapes, tuple(parameter.shape), MOMENTS[type(old_opt).__name__],
+                                policy, copies)
+    if kinds is None:
+        if refused is not None:
+            carried.reset.append((name, *refused))
         carried.fresh.append(name)
         return
-    if recipe.role != KEPT and copies == "fresh":
-        carried.fresh.append(name)  # no gradient identity with its source: its own state, its own step count
-        return
-    fields = MOMENTS[type(old_opt).__name__]
-    carried_state = {}
-    for field, value in state.items():
-        if field in KEPT_FIELDS or not torch.is_tensor(value):
-            carried_state[field] = value.clone() if torch.is_tensor(value) else copy.deepcopy(value)
+    new_opt.state[parameter] = {field: carry_field(growth, name, state[field], kind, tuple(parameter.shape))
+                                for field, kind in kinds.items()}
+
+
+def plan_state(growth: GrowthMap, name: str, shapes: dict[str, tuple | None], parameter_shape: tuple,
+               fields: dict[str, str], policy: str, copies: str):
+    """How the grown parameter ``name``'s state is made from its source's, decided from shapes alone
+    (``shapes``: the source's state fields, None for a value that is not a tensor): ``({field: kind}, None)``,
+    kind ``kept`` (as it was: ``step``) or a kind of ``GrowthMap.make``; or ``(None, None)`` when it starts
+    fresh (no source, no state, a copy into a new role without ``copies="source"``); or
+    ``(None, (field, why))`` when one field cannot be carried, so none is."""
+    recipe = growth.recipes[growth.canonical(name)]
+    if recipe.source is None or not shapes or (recipe.role != KEPT and copies == "fresh"):
+        return None, None  # no gradient identity with a source: its own state, its own step count
+    kinds = {}
+    for field, shape in shapes.items():
+        if field in KEPT_FIELDS or shape is None:
+            kinds[field] = KEPT
             continue
         kind = "preserve" if policy == "sparkling" or recipe.role != KEPT else fields.get(field)
         if kind is None:
-            carried.reset.append((name, field, "a state field this optimizer is not known to keep"))
-            carried_state = {}
-            break
-        made = _field(growth, name, recipe, value, kind, parameter)
-        if made is None:
-            carried.reset.append((name, field, "it averages over an axis that growth changed: not derivable"))
-            carried_state = {}
-            break
-        carried_state[field] = made
-    if carried_state:
-        new_opt.state[parameter] = carried_state
-    else:
-        carried.fresh.append(name)
+            return None, (field, "a state field this optimizer is not known to keep")
+        if shape != _source_shape(growth, recipe) and _averaged(growth, recipe, shape, parameter_shape) is None:
+            return None, (field, "it averages over an axis that growth changed: not derivable")
+        kinds[field] = kind
+    return kinds, None
 
 
-def _field(growth: GrowthMap, name: str, recipe, value: torch.Tensor, kind: str, parameter):
-    """One state field of the grown parameter ``name``; None when it cannot be derived."""
+def carry_field(growth: GrowthMap, name: str, value, kind: str, parameter_shape: tuple):
+    """One state field of the grown parameter ``name`` made from its source's ``value`` by ``kind``
+    (from :func:`plan_state`)."""
+    if kind == KEPT:
+        return value.clone() if torch.is_tensor(value) else copy.deepcopy(value)
+    recipe = growth.recipes[growth.canonical(name)]
     if value.shape == _source_shape(growth, recipe):
         return _through(growth, name, recipe, value, kind).to(value.dtype)
     # a factored statistic (Adafactor's row_var [.., rows, 1], col_var [.., 1, cols]): it keeps one axis and
     # averages over the other; derivable when growth did not touch the averaged axis
-    rank = value.dim()
-    averaged = {axis for axis in range(rank) if value.shape[axis] == 1 and parameter.shape[axis] != 1}
+    averaged = _averaged(growth, recipe, tuple(value.shape), parameter_shape)
+    expanded = value.expand(_source_shape(growth, recipe)).contiguous()
+    made = _through(growth, name, recipe, expanded, kind)
+    index = [slice(0, 1) if axis in averaged else slice(None) for axis in range(value.dim())]
+    return made[tuple(index)].contiguous().to(value.dtype)
+
+
+def _averaged(growth: GrowthMap, recipe, shape: tuple, parameter_shape: tuple) -> set[int] | None:
+    """The axes a factored statistic of ``shape`` averages over, when growth did not touch them; else None."""
+    rank = len(shape)
+    if rank != len(parameter_shape):
+        return None
+    averaged = {axis for axis in range(rank) if shape[axis] == 1 and parameter_shape[axis] != 1}
     touched = {op.axis % rank for op in recipe.ops if getattr(op, "axis", None) is not None}
     if not averaged or averaged & touched or any(getattr(op, "axis", 0) is None for op in recipe.ops):
         return None
-    expanded = value.expand(_source_shape(growth, recipe)).contiguous()
-    made = _through(growth, name, recipe, expanded, kind)
-    index = [slice(None)] * rank
-    for axis in averaged:
-        index[axis] = slice(0, 1)
-    return made[tuple(index)].contiguous().to(value.dtype)
+    return averaged
 
 
 def _through(growth: GrowthMap, name: str, recipe, value: torch.Tensor, kind: str) -> torch.Tensor:

@@ -1,0 +1,106 @@
+"""Resume a grown distributed checkpoint under FSDP2, on any number of processes: PyTorch's own flow.
+
+``resume(folder, optimizer)`` does what an FSDP2 training script does to load a checkpoint, for the grown
+model, on the default process group:
+
+1. build the grown class from ``folder/config.json`` (written by ``grow_distributed_checkpoint``) with its
+   parameters on ``meta`` and its buffers computed (:func:`empty_model`: a non-persistent buffer such as a
+   rotary table is made by the module's constructor, which is never in a checkpoint);
+2. ``fully_shard`` every layer (the classes in the model's ``_no_split_modules``) and the root, on a 1-d
+   device mesh over all processes;
+3. ``to_empty`` (each process allocates its shards only), the computed buffers put back, tied weights tied;
+4. the optimizer built on the sharded parameters, ``get_state_dict``, ``dcp.load`` (DCP reshards from the
+   checkpoint's row chunks to this world size; through ``rewrite.io.dcp_files``' safe reader),
+   ``set_state_dict``.
+
+For a script of your own, do the same steps with your model, sharding and optimizer; only step 1's buffers
+and tied weights need care.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+from rewrite.errors import GrowfxError
+from rewrite.io.dcp_files import SafeLoadPlanner, SafeReader
+from rewrite.io.grow_checkpoint import meta_model
+
+
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Modules built inside get their parameters on ``meta`` (as they are registered, before any
+    initialisation runs) and their buffers where the constructor makes them."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module, name, parameter):
+        if parameter is not None and parameter.device.type != "meta":
+            parameter = torch.nn.Parameter(parameter.to("meta"), requires_grad=parameter.requires_grad)
+        register(module, name, parameter)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+def empty_model(folder: str | Path) -> torch.nn.Module:
+    """The model class named by ``folder/config.json``, its parameters on ``meta``, its buffers computed."""
+    import transformers
+
+    if not (Path(folder) / "config.json").is_file():
+        raise GrowfxError(f"{folder} has no config.json: pass the model (built on meta) to resume")
+    config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    with parameters_on_meta():
+        return meta_model(config, f"{folder}/config.json", device=None)
+
+
+def shard_layers(model: torch.nn.Module, mesh) -> torch.nn.Module:
+    """``fully_shard`` each layer (the module classes the model names in ``_no_split_modules``, as Hugging
+    Face models do) and then the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    layers = set(getattr(model, "_no_split_modules", None) or ())
+    if not layers:
+        raise GrowfxError(f"{type(model).__name__} names no layer classes (_no_split_modules): pass shard= to "
+                          f"resume")
+    for module in model.modules():
+        if type(module).__name__ in layers:
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def resume(folder: str | Path, optimizer, *, model: torch.nn.Module | None = None, mesh=None,
+           shard=shard_layers, device: str = "cpu", model_key: str = "model", optim_key: str = "optim"):
+    """The sharded grown model and its optimizer loaded from the DCP checkpoint ``folder`` on the default
+    process group (see the module docstring). ``optimizer``: parameters -> optimizer (the same class and
+    hyperparameters the checkpoint's state is for); ``model``: the grown model built on ``meta`` (default: from
+    ``folder/config.json``)."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if not dist.is_initialized():
+        raise GrowfxError("resume runs on a process group: call torch.distributed.init_process_group first")
+    model = empty_model(folder) if model is None else model
+    mesh = mesh if mesh is not None else init_device_mesh(device, (dist.get_world_size(),))
+    computed = [(module, name, buffer) for module in model.modules() for name, buffer in module._buffers.items()
+                if buffer is not None and name in module._non_persistent_buffers_set]
+    shard(model, mesh)
+    model.to_empty(device=device)
+    for module, name, buffer in computed:
+        module._buffers[name] = buffer.to(device)
+    if getattr(getattr(model, "config", None), "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
+        model.tie_weights()
+    model.train()
+    optim = optimizer(model.parameters())
+    model_state, optim_state = get_state_dict(model, optim)
+    dcp.load({model_key: model_state, optim_key: optim_state}, storage_reader=SafeReader(folder),
+             planner=SafeLoadPlanner())
+    set_state_dict(model, optim, model_state_dict=model_state, optim_state_dict=optim_state)
+    return model, optim

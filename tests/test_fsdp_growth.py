@@ -1,0 +1,181 @@
+"""Growth of an FSDP2 run's distributed checkpoint, resumed on other world sizes (gloo, spawned processes).
+
+A tiny Llama trains 3 steps under FSDP2 on 2 processes and saves DCP (model and AdamW state from
+``get_state_dict``). ``grow_distributed_checkpoint`` grows it offline, weights and optimizer state. The grown
+checkpoint resumes (``rewrite.training.fsdp.resume``) on 3 processes and on 1. The reference is the same
+growth done in memory on one process: the original loaded from the same checkpoint, ``rewrite.apply``,
+``to_native`` and ``carry``. The loss right after resume equals the reference's, the optimizer state equals
+what ``carry`` gives (fresh parameters: zero moments, step 0, which is Adam's state before its first step),
+and three more steps agree across world sizes and with the reference.
+"""
+
+import os
+import socket
+
+import pytest
+import torch
+
+import passes
+import rewrite
+from rewrite.errors import GrowfxError
+
+transformers = pytest.importorskip("transformers")
+dist = pytest.importorskip("torch.distributed")
+if not dist.is_available() or not dist.is_gloo_available():
+    pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
+
+import torch.distributed.checkpoint as dcp  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict  # noqa: E402
+from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
+
+from rewrite.io.dcp_files import DistributedCheckpoint, SafeLoadPlanner, SafeReader  # noqa: E402
+from rewrite.training.fsdp import resume, shard_layers  # noqa: E402
+from rewrite.training.grow_dcp import grow_distributed_checkpoint  # noqa: E402
+
+IDS = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
+STEPS = 3
+
+
+def config(tied: bool):
+    return transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied,
+                                    architectures=["LlamaForCausalLM"])
+
+
+def adamw(parameters):
+    return torch.optim.AdamW(parameters, lr=1e-2, weight_decay=0.1)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _join(rank: int, world: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def _train_and_save(rank: int, world: int, port: int, tied: bool, folder: str) -> None:
+    _join(rank, world, port)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config(tied))
+    shard_layers(model, init_device_mesh("cpu", (world,)))
+    optimizer = adamw(model.parameters())
+    for _ in range(STEPS):
+        model(input_ids=IDS, labels=IDS).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=folder)
+    dist.destroy_process_group()
+
+
+def _resume_and_train(rank: int, world: int, port: int, folder: str, out: str) -> None:
+    _join(rank, world, port)
+    model, optimizer = resume(folder, adamw)
+    state = {f"{name}.{field}": (value.full_tensor() if hasattr(value, "full_tensor") else value).clone()
+             for name, parameter in model.named_parameters() for field, value in optimizer.state[parameter].items()}
+    losses = []
+    for _ in range(STEPS + 1):
+        loss = model(input_ids=IDS, labels=IDS).loss
+        losses.append(loss.detach())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    if rank == 0:
+        torch.save({"losses": torch.stack(losses), "state": state}, out)
+    dist.destroy_process_group()
+
+
+def _spawn(function, world: int, *args) -> None:
+    mp.spawn(function, args=(world, _free_port(), *args), nprocs=world)
+
+
+def _reference(folder, tied: bool, plan, policy: str):
+    """The growth in memory on one process: the original loaded from the checkpoint, grown, carried."""
+    model = transformers.LlamaForCausalLM(config(tied))
+    optimizer = adamw(model.parameters())
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.load({"model": model_state, "optim": optim_state}, storage_reader=SafeReader(folder),
+             planner=SafeLoadPlanner(), no_dist=True)
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
+    grown = rewrite.apply(model, plan, (), {"input_ids": IDS})
+    native = rewrite.to_native(grown, model).train()
+    carried = rewrite.carry(optimizer, grown, native, policy=policy, protect=False).optimizer
+    state = {f"{name}.{field}": value.clone()
+             for name, parameter in native.named_parameters() for field, value in carried.state.get(parameter, {}).items()}
+    losses = []
+    for _ in range(STEPS + 1):
+        loss = native(input_ids=IDS, labels=IDS).loss
+        losses.append(loss.detach())
+        loss.backward()
+        carried.step()
+        carried.zero_grad()
+    return torch.stack(losses), state, native
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The DCP checkpoint of 3 FSDP2 steps on 2 processes, tied or untied embeddings, made once."""
+    made = {}
+
+    def checkpoint(tied: bool) -> str:
+        if tied not in made:
+            made[tied] = str(tmp_path_factory.mktemp("fsdp") / ("tied" if tied else "untied"))
+            _spawn(_train_and_save, 2, tied, made[tied])
+        return made[tied]
+
+    return checkpoint
+
+
+@pytest.mark.parametrize("tied, policy, plan", [
+    (False, "mapped", lambda: [passes.widen_mlp(factor=2), passes.add_layers(1)]),
+    (True, "sparkling", lambda: [passes.widen_hidden(factor=2, init="clone"), passes.add_layers(1, at=0, init="copy")]),
+], ids=["untied-mapped-mlp-depth", "tied-sparkling-hidden-copy"])
+def test_grow_a_distributed_checkpoint_and_resume_on_other_world_sizes(tmp_path, trained, tied, policy, plan):
+    source, grown_folder = trained(tied), str(tmp_path / "grown")
+
+    grown = grow_distributed_checkpoint(source, config(tied), plan(), grown_folder, policy=policy)
+    losses, state, native = _reference(source, tied, plan(), policy)
+    assert set(grown.fresh) == {n for n, _ in native.named_parameters()} - {n.rsplit(".", 1)[0] for n in state}
+
+    results = {}
+    for world in (3, 1):
+        out = str(tmp_path / f"world{world}.pt")
+        _spawn(_resume_and_train, world, grown_folder, out)
+        results[world] = torch.load(out, weights_only=True)
+    for world, result in results.items():
+        # the loss right after resume: the grown single-process model's (exact plans)
+        assert result["losses"][0].item() == pytest.approx(losses[0].item(), abs=1e-6), world
+        # the optimizer state: what carry gives; fresh parameters at Adam's start (zero moments, step 0)
+        for key, value in result["state"].items():
+            expected = state.get(key, torch.zeros_like(value))
+            torch.testing.assert_close(value, expected, rtol=0, atol=0, msg=f"{key} on {world} processes")
+        # three more steps agree with the reference and across world sizes
+        torch.testing.assert_close(result["losses"], losses, rtol=0, atol=2e-5)
+    torch.testing.assert_close(results[3]["losses"], results[1]["losses"], rtol=0, atol=2e-5)
+
+
+def test_the_grown_checkpoint_stores_large_tensors_in_row_chunks(tmp_path, trained):
+    source, grown_folder = trained(False), str(tmp_path / "grown")
+    grow_distributed_checkpoint(source, config(False), [passes.widen_mlp(factor=2)], grown_folder,
+                                max_chunk_bytes=1024)
+    checkpoint = DistributedCheckpoint(grown_folder)
+    up = checkpoint.entries["model.model.layers.0.mlp.up_proj.weight"]  # 96 x 32 float32: 8 rows per chunk
+    assert up.size == torch.Size([96, 32])
+    assert [tuple(c.offsets) for c in up.chunks] == [(r, 0) for r in range(0, 96, 8)]
+    assert checkpoint.value("optim.param_groups.0.lr") == 1e-2
+    assert "model.layers.0.mlp.up_proj.weight" in checkpoint.value("optim.param_groups.0.params")
+    assert transformers.AutoConfig.from_pretrained(grown_folder).intermediate_size == 96
+
+
+def test_a_checkpoint_without_the_model_key_is_refused_by_name(tmp_path, trained):
+    source = trained(False)
+    with pytest.raises(GrowfxError, match="no model weights under 'weights'.*'model', 'optim'"):
+        grow_distributed_checkpoint(source, config(False), [passes.widen_mlp(factor=2)], tmp_path / "out",
+                                    model_key="weights")
+    assert not (tmp_path / "out").exists()
