@@ -59,6 +59,14 @@ def _join(rank: int, world: int, port: int) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
 
 
+def _leave() -> None:
+    """Wait for every process before leaving the group: a process that destroys it while another's last
+    collective is in flight aborts ("terminate called without an active exception"; 3 runs in 10 with tied
+    embeddings without the barrier)."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def _train_and_save(rank: int, world: int, port: int, tied: bool, folder: str) -> None:
     _join(rank, world, port)
     torch.manual_seed(0)
@@ -71,7 +79,7 @@ def _train_and_save(rank: int, world: int, port: int, tied: bool, folder: str) -
         optimizer.zero_grad()
     model_state, optim_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=folder)
-    dist.destroy_process_group()
+    _leave()
 
 
 def _resume_and_train(rank: int, world: int, port: int, folder: str, out: str) -> None:
@@ -88,7 +96,14 @@ def _resume_and_train(rank: int, world: int, port: int, folder: str, out: str) -
         optimizer.zero_grad()
     if rank == 0:
         torch.save({"losses": torch.stack(losses), "state": state}, out)
-    dist.destroy_process_group()
+    _leave()
+
+
+def _grow(rank: int, world: int, port: int, source: str, destination: str) -> None:
+    _join(rank, world, port)
+    grow_distributed_checkpoint(source, config(False), [passes.widen_mlp(factor=2), passes.add_layers(1)],
+                                destination, max_chunk_bytes=2048)
+    _leave()
 
 
 def _spawn(function, world: int, *args) -> None:
@@ -179,3 +194,39 @@ def test_a_checkpoint_without_the_model_key_is_refused_by_name(tmp_path, trained
         grow_distributed_checkpoint(source, config(False), [passes.widen_mlp(factor=2)], tmp_path / "out",
                                     model_key="weights")
     assert not (tmp_path / "out").exists()
+
+
+def test_growth_split_by_keys_across_processes_writes_the_same_checkpoint(tmp_path, trained):
+    source = trained(False)
+    grow_distributed_checkpoint(source, config(False), [passes.widen_mlp(factor=2), passes.add_layers(1)],
+                                tmp_path / "one", max_chunk_bytes=2048)
+    _spawn(_grow, 2, source, str(tmp_path / "two"))
+    one, two = DistributedCheckpoint(tmp_path / "one"), DistributedCheckpoint(tmp_path / "two")
+    assert sorted(one.entries) == sorted(two.entries)
+    writers = {info.relative_path.split("_")[2] for info in two.metadata.storage_data.values()}
+    assert writers == {"0", "1"}  # both processes wrote their share (files __<rank>_<item>.distcp)
+    for key in one.entries:
+        if one.is_tensor(key):
+            assert torch.equal(one.tensor(key), two.tensor(key)), key
+        else:
+            assert one.value(key) == two.value(key), key
+
+
+def test_growfx_grow_grows_a_distributed_checkpoint_and_grows_the_result_again(tmp_path, trained, capsys):
+    from rewrite.app.cli import main
+
+    source = trained(False)
+    config(False).save_pretrained(tmp_path / "config")
+    with pytest.raises(SystemExit) as exit_:
+        main(["grow", source, "--pass", "widen_mlp:factor=2", "--out", str(tmp_path / "once")])
+    assert exit_.value.code == 2 and "without config.json: pass the model's Hugging Face config with --config" in \
+        capsys.readouterr().err
+    assert main(["grow", source, "--config", str(tmp_path / "config"), "--pass", "widen_mlp:factor=2",
+                 "--optimizer", "sparkling", "--out", str(tmp_path / "once")]) == 0
+    assert "0 state fields reset" in capsys.readouterr().out
+    assert main(["grow", str(tmp_path / "once"), "--pass", "add_layers:n=1", "--out", str(tmp_path / "twice")]) == 0
+    grown = transformers.AutoConfig.from_pretrained(tmp_path / "twice")
+    assert (grown.intermediate_size, grown.num_hidden_layers) == (96, 3)
+    checkpoint = DistributedCheckpoint(tmp_path / "twice")
+    assert checkpoint.shape("optim.state.model.layers.2.mlp.up_proj.weight.exp_avg") == (96, 32)
+    assert checkpoint.tensor("optim.state.model.layers.0.self_attn.q_proj.weight.step").item() == STEPS

@@ -47,7 +47,8 @@ def _parser() -> argparse.ArgumentParser:
         "grow", help="grow a model file with passes, verify it, and write it in the same kind (and ONNX)"
     )
     grow.add_argument("source", metavar="SRC", help="a Hugging Face folder (config + safetensors), a .gguf file, "
-                      f"a .pt2 archive, a built-in example or {SMOLLM2_NAME!r}")
+                      f"a .pt2 archive, a built-in example, {SMOLLM2_NAME!r}, or a distributed checkpoint (DCP) "
+                      "folder of an FSDP2 run (see --config)")
     grow.add_argument("--pass", dest="passes", action="append", required=True, metavar="NAME[:KEY=VALUE,...]",
                       help="a growth pass, e.g. widen_mlp:factor=2 or add_layers:n=4 (repeat; see growfx passes)")
     grow.add_argument("--out", type=Path, required=True, metavar="DST",
@@ -59,6 +60,12 @@ def _parser() -> argparse.ArgumentParser:
     grow.add_argument("--stream", action="store_true",
                       help="for a Hugging Face folder: plan on the meta device and write the grown shards one tensor "
                            "at a time, never loading the model (memory: about three tensors; no verification)")
+
+    grow.add_argument("--config", type=Path, metavar="CONFIG",
+                      help="for a DCP folder: the model's Hugging Face config (config.json or its folder; default "
+                           "SRC/config.json). Weights and optimizer state are grown offline one tensor at a time")
+    grow.add_argument("--optimizer", choices=("mapped", "sparkling", "reset"), default="mapped",
+                      help="for a DCP folder: how the optimizer state is carried (default mapped)")
 
     commands.add_parser("passes", help="list the growth passes, their parameters and when they are exact")
 
@@ -182,6 +189,10 @@ def _grow(options) -> int:
         raise _ArgumentError(str(e)) from e
     if options.out.exists() and not options.force:
         raise _ArgumentError(f"{options.out} exists (pass --force to replace it)")
+    if (Path(options.source) / ".metadata").is_file():
+        return _grow_distributed(options, plan)
+    if options.config is not None:
+        raise _ArgumentError(f"--config is for a distributed checkpoint; {options.source} is not one (no .metadata)")
     if options.stream:
         return _grow_streaming(options, plan)
     progress = _Progress(5 + bool(options.onnx))
@@ -234,6 +245,36 @@ def _grow_streaming(options, plan) -> int:
           f"{written.bytes / 1e6:.1f} MB, {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
           f"{config.dtype} (trace {written.seconds['trace']:.1f} s, plan {written.seconds['plan']:.1f} s, "
           f"write {written.seconds['write']:.1f} s)")
+    progress("done")
+    return 0
+
+
+def _grow_distributed(options, plan) -> int:
+    import transformers
+
+    from rewrite.training.grow_dcp import grow_distributed_checkpoint
+
+    folder = Path(options.source)
+    if options.verify or options.onnx:
+        raise _ArgumentError("a distributed checkpoint is grown without loading the model, so it cannot --verify "
+                             "or export --onnx")
+    config_path = options.config if options.config is not None else folder
+    if not (config_path.is_file() or (config_path / "config.json").is_file()):
+        raise _ArgumentError(f"{folder} is a distributed checkpoint without config.json: pass the model's "
+                             f"Hugging Face config with --config")
+    config = transformers.AutoConfig.from_pretrained(config_path, local_files_only=True)
+    progress = _Progress(2)
+    progress(f"planning {', '.join(p.name for p in plan)} on the meta device and growing the distributed "
+             f"checkpoint {folder} (optimizer state: {options.optimizer})")
+    written = grow_distributed_checkpoint(folder, config, plan, options.out, policy=options.optimizer,
+                                          replace=options.force)
+    print(written.plan.grown.report)
+    grown_config = written.plan.config
+    print(f"wrote {options.out}: {written.keys} keys for {written.plan.native_class.__name__} "
+          f"({grown_config.num_hidden_layers} layers, hidden {grown_config.hidden_size}); {len(written.fresh)} "
+          f"parameters start with fresh optimizer state, {len(written.reset)} state fields reset "
+          f"(plan {written.seconds['plan']:.1f} s, write {written.seconds['write']:.1f} s). Resume it with "
+          f"rewrite.training.fsdp.resume")
     progress("done")
     return 0
 

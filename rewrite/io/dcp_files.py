@@ -14,7 +14,10 @@ classes, ``torch.Size``, dtypes and paths (anything else is refused, naming the 
 Writing goes through ``dcp.save`` with :class:`_LazyPlanner`: the plan lists every key with its shape and
 dtype up front (DCP's metadata is written from the plan), and each value is computed when the writer asks for
 it (``resolve_data``), in plan order, one tensor held at a time. Tensors larger than ``max_chunk_bytes`` are
-stored as row chunks, so a rank that loads a shard under FSDP2 reads only the chunks its rows overlap.
+stored as row chunks, so a rank that loads a shard under FSDP2 reads only the chunks its rows overlap. Each
+chunk goes to its own ``.distcp`` file (``single_file_per_rank=False``): torch's writer keeps a reference to
+every tensor it wrote into a file until the file is closed, so one file per process would hold the whole
+checkpoint in memory.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint._traverse import set_element
@@ -161,19 +165,36 @@ class Entry:
 
 
 def write_checkpoint(folder: str | Path, entries: list[Entry], make: Callable[[str], Any], *,
-                     max_chunk_bytes: int = 64 * 2**20) -> None:
+                     max_chunk_bytes: int = 16 * 2**20) -> None:
     """Write a DCP folder with ``entries``, each value made by ``make(key)`` when it is written (a tensor of the
-    entry's shape and dtype, or any value ``torch.load(weights_only=True)`` reads back). One process, no
-    process group; every tensor is made once."""
-    planner = _LazyPlanner(entries, make, max_chunk_bytes)
+    entry's shape and dtype, or any value ``torch.load(weights_only=True)`` reads back); every tensor is made
+    once. On one process without a process group; or, when ``torch.distributed`` is initialized, every process
+    calls it with the same entries and makes and writes its share (:func:`share`), the first writes the
+    metadata."""
+    distributed = dist.is_available() and dist.is_initialized()
+    mine = share(entries, dist.get_rank(), dist.get_world_size()) if distributed else entries
+    planner = _LazyPlanner(mine, make, max_chunk_bytes)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process")
         try:
-            dcp.save({}, storage_writer=dcp.FileSystemWriter(folder, thread_count=1), planner=planner, no_dist=True)
+            dcp.save({}, storage_writer=dcp.FileSystemWriter(folder, single_file_per_rank=False, thread_count=1),
+                     planner=planner, no_dist=not distributed)
         except CheckpointException:
             if planner.error is not None:  # what went wrong making a value, not DCP's wrapping of it
                 raise planner.error from None
             raise
+
+
+def share(entries: list[Entry], rank: int, world: int) -> list[Entry]:
+    """The entries process ``rank`` of ``world`` writes: the tensors dealt largest first to the process with the
+    fewest bytes so far; every non-tensor value on process 0."""
+    load = [0] * world
+    owner = {}
+    tensors = [entry for entry in entries if entry.shape is not None]
+    for entry in sorted(tensors, key=lambda e: -math.prod(e.shape) * torch.empty((), dtype=e.dtype).element_size()):
+        owner[entry.key] = min(range(world), key=load.__getitem__)
+        load[owner[entry.key]] += math.prod(entry.shape) * torch.empty((), dtype=entry.dtype).element_size()
+    return [entry for entry in entries if owner.get(entry.key, 0) == rank]
 
 
 class _LazyPlanner(DefaultSavePlanner):

@@ -84,10 +84,7 @@ def carry(optimizer: torch.optim.Optimizer, grown, module: torch.nn.Module, sche
     if kind not in MOMENTS:
         raise GrowthError(f"carry_optimizer does not know the state of {kind} (it carries "
                           f"{', '.join(MOMENTS)}); its state would be dropped, so it refuses")
-    if policy not in POLICIES:
-        raise GrowthError(f"unknown optimizer policy {policy!r}; choose one of {', '.join(POLICIES)}")
-    if copies not in ("fresh", "source"):
-        raise GrowthError(f"copies must be 'fresh' or 'source', got {copies!r}")
+    check_policy(policy, copies)
     growth: GrowthMap = grown.map
     old_names = tensor_names(grown.original.module)
     by_name = {old_names[id(p)]: p for group in optimizer.param_groups for p in group["params"] if id(p) in old_names}
@@ -107,6 +104,14 @@ def carry(optimizer: torch.optim.Optimizer, grown, module: torch.nn.Module, sche
     if scheduler is not None:
         carried.scheduler = carry_scheduler(scheduler, new)
     return carried
+
+
+def check_policy(policy: str, copies: str) -> None:
+    """``GrowthError`` naming the choices when ``policy`` or ``copies`` is not one."""
+    if policy not in POLICIES:
+        raise GrowthError(f"unknown optimizer policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    if copies not in ("fresh", "source"):
+        raise GrowthError(f"copies must be 'fresh' or 'source', got {copies!r}")
 
 
 def _named_parameters(module: torch.nn.Module):

