@@ -46,8 +46,13 @@ def source_folder(work: Path) -> Path:
         from rewrite.app.models import load
         from rewrite.io.sources import save_huggingface
 
-        source = load("smollm2")
-        save_huggingface(source.model, folder, source.tokenizer, replace=True, dtype=torch.float32)
+        source = load("smollm2")  # marked as GGUF-quantised, which save_pretrained refuses: rebuild it plain
+        config = source.model.config
+        config.quantization_config = None
+        del config.quantization_config
+        plain = type(source.model)(config)
+        plain.load_state_dict(source.model.state_dict())
+        save_huggingface(plain, folder, source.tokenizer, replace=True, dtype=torch.float32)
     return folder
 
 
