@@ -61,19 +61,37 @@ class Block:
         return self.name
 
 
-def owned_by(graph, prefix: str) -> list[torch.fx.Node]:
+class Owners:
+    """The graph's nodes in order with their owning modules, and for every module the span of node positions
+    it owns (parameters aside): computed once for a graph, so finding each of many blocks' nodes reads only
+    its own span."""
+
+    def __init__(self, graph):
+        self.nodes = list(graph.module.graph.nodes)
+        self.names = [graph.owner(node) for node in self.nodes]
+        self.spans: dict[str, tuple[int, int]] = {}
+        for i, (node, name) in enumerate(zip(self.nodes, self.names)):
+            if node.op == "get_attr" or not name:
+                continue
+            parts = name.split(".")
+            for end in range(1, len(parts) + 1):
+                module = ".".join(parts[:end])
+                self.spans[module] = (self.spans.get(module, (i, i))[0], i)
+
+
+def owned_by(graph, prefix: str, owners: Owners | None = None) -> list[torch.fx.Node]:
     """The nodes of module ``prefix``, in graph order: those it owns, and those a shared module computes
     inline on its values (a rotary embedding called from inside each layer), but not parameters."""
-    nodes = list(graph.module.graph.nodes)
-    owned = [i for i, n in enumerate(nodes) if under(graph.owner(n), prefix) and n.op != "get_attr"]
-    if not owned:
+    owners = owners or Owners(graph)
+    if prefix not in owners.spans:
         return []
+    first, last = owners.spans[prefix]
     inside: list[torch.fx.Node] = []
     members: set[torch.fx.Node] = set()
-    for node in nodes[owned[0]:owned[-1] + 1]:
+    for node, name in zip(owners.nodes[first:last + 1], owners.names[first:last + 1]):
         if node.op == "get_attr":
             continue
-        if under(graph.owner(node), prefix) or any(v in members for v in node.all_input_nodes):
+        if under(name, prefix) or any(v in members for v in node.all_input_nodes):
             inside.append(node)
             members.add(node)
     return inside
@@ -82,8 +100,9 @@ def owned_by(graph, prefix: str) -> list[torch.fx.Node]:
 def blocks(graph) -> list[Block]:
     """Every block of the model's layer stacks, stack by stack in graph order (see the module docstring)."""
     found = []
+    owners = Owners(graph)
     for stack, indices in numbered_modules(graph).items():
-        stack_blocks = [block_at(graph, stack, i) for i in indices]
+        stack_blocks = [block_at(graph, stack, i, owners) for i in indices]
         if stack_blocks and all(isinstance(b, Block) for b in stack_blocks):
             found.extend(stack_blocks)
     return found
@@ -110,17 +129,19 @@ def why_no_blocks(graph) -> list[tuple[str, str]]:
         return [("model", "no numbered modules (a layer stack is a ModuleList whose modules are `stack.0`, "
                           "`stack.1`, ...), so there are no blocks")]
     reasons = []
+    owners = Owners(graph)
     for stack, indices in stacks.items():
-        failed = next((b for b in (block_at(graph, stack, i) for i in indices) if isinstance(b, str)), None)
+        failed = next((b for b in (block_at(graph, stack, i, owners) for i in indices) if isinstance(b, str)), None)
         if failed is not None:
             reasons.append((stack, failed))
     return reasons
 
 
-def block_at(graph, stack: str, index: int) -> Block | str:
-    """The block ``stack.index``, or the reason it is not a residual unit."""
+def block_at(graph, stack: str, index: int, owners: Owners | None = None) -> Block | str:
+    """The block ``stack.index``, or the reason it is not a residual unit (``owners``: the graph's, when many
+    blocks are looked up)."""
     name = f"{stack}.{index}"
-    nodes = owned_by(graph, name)
+    nodes = owned_by(graph, name, owners)
     inside = set(nodes)
     computing = [n for n in nodes if n.op in ("call_module", "call_function", "call_method")]
     if not computing:
