@@ -6,7 +6,8 @@ checkpoint resumes (``rewrite.training.fsdp.resume``) on 3 processes and on 1. T
 growth done in memory on one process: the original loaded from the same checkpoint, ``rewrite.apply``,
 ``to_native`` and ``carry``. The loss right after resume equals the reference's, the optimizer state equals
 what ``carry`` gives (fresh parameters: zero moments, step 0, which is Adam's state before its first step),
-and three more steps agree across world sizes and with the reference.
+and three more steps agree across world sizes and with the reference. ``grow_online`` grows the running job
+without a checkpoint, to the same result.
 """
 
 import os
@@ -32,6 +33,7 @@ from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 from rewrite.io.dcp_files import DistributedCheckpoint, SafeLoadPlanner, SafeReader  # noqa: E402
 from rewrite.training.fsdp import resume, shard_layers  # noqa: E402
 from rewrite.training.grow_dcp import grow_distributed_checkpoint  # noqa: E402
+from rewrite.training.grow_fsdp import grow_online  # noqa: E402
 
 IDS = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
 STEPS = 3
@@ -67,8 +69,8 @@ def _leave() -> None:
     dist.destroy_process_group()
 
 
-def _train_and_save(rank: int, world: int, port: int, tied: bool, folder: str) -> None:
-    _join(rank, world, port)
+def _train(world: int, tied: bool, folder: str):
+    """STEPS of FSDP2 training, saved to ``folder``; the sharded model and optimizer."""
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config(tied))
     shard_layers(model, init_device_mesh("cpu", (world,)))
@@ -79,12 +81,17 @@ def _train_and_save(rank: int, world: int, port: int, tied: bool, folder: str) -
         optimizer.zero_grad()
     model_state, optim_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=folder)
+    return model, optimizer
+
+
+def _train_and_save(rank: int, world: int, port: int, tied: bool, folder: str) -> None:
+    _join(rank, world, port)
+    _train(world, tied, folder)
     _leave()
 
 
-def _resume_and_train(rank: int, world: int, port: int, folder: str, out: str) -> None:
-    _join(rank, world, port)
-    model, optimizer = resume(folder, adamw)
+def _continue(model, optimizer, out: str) -> None:
+    """The optimizer state now, and the loss of this and STEPS more steps, saved by the first process."""
     state = {f"{name}.{field}": (value.full_tensor() if hasattr(value, "full_tensor") else value).clone()
              for name, parameter in model.named_parameters() for field, value in optimizer.state[parameter].items()}
     losses = []
@@ -94,8 +101,23 @@ def _resume_and_train(rank: int, world: int, port: int, folder: str, out: str) -
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    if rank == 0:
+    if dist.get_rank() == 0:
         torch.save({"losses": torch.stack(losses), "state": state}, out)
+
+
+def _train_and_grow_online(rank: int, world: int, port: int, tied: bool, plan: str, policy: str, folder: str,
+                           out: str) -> None:
+    _join(rank, world, port)
+    model, optimizer = _train(world, tied, folder)
+    grown, grown_optimizer, _ = grow_online(model, optimizer, PLANS[plan](), policy=policy)
+    _continue(grown, grown_optimizer, out)
+    _leave()
+
+
+def _resume_and_train(rank: int, world: int, port: int, folder: str, out: str) -> None:
+    _join(rank, world, port)
+    model, optimizer = resume(folder, adamw)
+    _continue(model, optimizer, out)
     _leave()
 
 
@@ -147,15 +169,30 @@ def trained(tmp_path_factory):
     return checkpoint
 
 
-@pytest.mark.parametrize("tied, policy, plan", [
-    (False, "mapped", lambda: [passes.widen_mlp(factor=2), passes.add_layers(1)]),
-    (True, "sparkling", lambda: [passes.widen_hidden(factor=2, init="clone"), passes.add_layers(1, at=0, init="copy")]),
-], ids=["untied-mapped-mlp-depth", "tied-sparkling-hidden-copy"])
+PLANS = {
+    "mlp-depth": lambda: [passes.widen_mlp(factor=2), passes.add_layers(1)],
+    "hidden-copy": lambda: [passes.widen_hidden(factor=2, init="clone"), passes.add_layers(1, at=0, init="copy")],
+}
+
+
+def _assert_resumed_like_the_reference(result: dict, losses, state: dict, label: str) -> None:
+    # the loss right after growth: the grown single-process model's (exact plans)
+    assert result["losses"][0].item() == pytest.approx(losses[0].item(), abs=1e-6), label
+    # the optimizer state: what carry gives; fresh parameters at Adam's start (zero moments, step 0)
+    for key, value in result["state"].items():
+        expected = state.get(key, torch.zeros_like(value))
+        torch.testing.assert_close(value, expected, rtol=0, atol=0, msg=f"{key} ({label})")
+    # more steps agree with the reference
+    torch.testing.assert_close(result["losses"], losses, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("tied, policy, plan", [(False, "mapped", "mlp-depth"), (True, "sparkling", "hidden-copy")],
+                         ids=["untied-mapped-mlp-depth", "tied-sparkling-hidden-copy"])
 def test_grow_a_distributed_checkpoint_and_resume_on_other_world_sizes(tmp_path, trained, tied, policy, plan):
     source, grown_folder = trained(tied), str(tmp_path / "grown")
 
-    grown = grow_distributed_checkpoint(source, config(tied), plan(), grown_folder, policy=policy)
-    losses, state, native = _reference(source, tied, plan(), policy)
+    grown = grow_distributed_checkpoint(source, config(tied), PLANS[plan](), grown_folder, policy=policy)
+    losses, state, native = _reference(source, tied, PLANS[plan](), policy)
     assert set(grown.fresh) == {n for n, _ in native.named_parameters()} - {n.rsplit(".", 1)[0] for n in state}
 
     results = {}
@@ -164,15 +201,17 @@ def test_grow_a_distributed_checkpoint_and_resume_on_other_world_sizes(tmp_path,
         _spawn(_resume_and_train, world, grown_folder, out)
         results[world] = torch.load(out, weights_only=True)
     for world, result in results.items():
-        # the loss right after resume: the grown single-process model's (exact plans)
-        assert result["losses"][0].item() == pytest.approx(losses[0].item(), abs=1e-6), world
-        # the optimizer state: what carry gives; fresh parameters at Adam's start (zero moments, step 0)
-        for key, value in result["state"].items():
-            expected = state.get(key, torch.zeros_like(value))
-            torch.testing.assert_close(value, expected, rtol=0, atol=0, msg=f"{key} on {world} processes")
-        # three more steps agree with the reference and across world sizes
-        torch.testing.assert_close(result["losses"], losses, rtol=0, atol=2e-5)
+        _assert_resumed_like_the_reference(result, losses, state, f"resumed on {world} processes")
     torch.testing.assert_close(results[3]["losses"], results[1]["losses"], rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("tied, policy, plan", [(False, "mapped", "mlp-depth"), (True, "sparkling", "hidden-copy")],
+                         ids=["untied-mapped-mlp-depth", "tied-sparkling-hidden-copy"])
+def test_growth_inside_the_running_job_equals_the_growth_through_a_checkpoint(tmp_path, tied, policy, plan):
+    source, out = str(tmp_path / "step3"), str(tmp_path / "online.pt")
+    _spawn(_train_and_grow_online, 2, tied, plan, policy, source, out)
+    losses, state, _ = _reference(source, tied, PLANS[plan](), policy)
+    _assert_resumed_like_the_reference(torch.load(out, weights_only=True), losses, state, "grown online")
 
 
 def test_the_grown_checkpoint_stores_large_tensors_in_row_chunks(tmp_path, trained):

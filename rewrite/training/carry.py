@@ -92,8 +92,8 @@ def carry(optimizer: torch.optim.Optimizer, grown, module: torch.nn.Module, sche
     if missing:
         raise GrowthError(f"{len(missing)} tensors of the optimizer are not parameters of the grown model's "
                           f"original (shape {tuple(missing[0].shape)}): pass the optimizer of that model")
-    groups = _groups(optimizer, growth, module, old_names)
-    new = type(optimizer)(groups, **_constructor_defaults(optimizer))
+    groups = grown_param_groups(optimizer, growth, module, old_names)
+    new = type(optimizer)(groups, **constructor_defaults(optimizer))
     carried = Carried(new)
     if policy != "reset":
         for name, parameter in _named_parameters(module):
@@ -118,8 +118,9 @@ def _named_parameters(module: torch.nn.Module):
     return list(module.named_parameters())  # tied parameters once, under their first name
 
 
-def _groups(optimizer, growth: GrowthMap, module, old_names: dict[int, str]) -> list[dict]:
-    """The original's groups with the grown parameters (see :func:`grown_groups`)."""
+def grown_param_groups(optimizer, growth: GrowthMap, module, old_names: dict[int, str]) -> list[dict]:
+    """The original's groups with the grown parameters of ``module`` (see :func:`grown_groups`); ``old_names``:
+    the original's parameter names by ``id``."""
     source_group = {old_names[id(p)]: i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
     named = _named_parameters(module)
     chosen = grown_groups(growth, [name for name, _ in named], source_group)
@@ -147,7 +148,7 @@ def grown_groups(growth: GrowthMap, names: list[str], source_group: dict[str, in
     return chosen
 
 
-def _constructor_defaults(optimizer) -> dict:
+def constructor_defaults(optimizer) -> dict:
     """The constructor keywords of the optimizer's defaults (its groups carry their own values too)."""
     accepted = inspect.signature(type(optimizer).__init__).parameters
     return {k: v for k, v in optimizer.defaults.items() if k in accepted and k != "params"}

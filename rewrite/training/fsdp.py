@@ -47,15 +47,19 @@ def parameters_on_meta():
         torch.nn.Module.register_parameter = register
 
 
-def empty_model(folder: str | Path) -> torch.nn.Module:
-    """The model class named by ``folder/config.json``, its parameters on ``meta``, its buffers computed."""
+def empty_model(config, where: str = "the config") -> torch.nn.Module:
+    """The model class a Hugging Face ``config`` names, its parameters on ``meta``, its buffers computed."""
+    with parameters_on_meta():
+        return meta_model(config, where, device=None)
+
+
+def folder_config(folder: str | Path):
+    """The Hugging Face config in ``folder/config.json``."""
     import transformers
 
     if not (Path(folder) / "config.json").is_file():
         raise GrowfxError(f"{folder} has no config.json: pass the model (built on meta) to resume")
-    config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
-    with parameters_on_meta():
-        return meta_model(config, f"{folder}/config.json", device=None)
+    return transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
 
 
 def shard_layers(model: torch.nn.Module, mesh) -> torch.nn.Module:
@@ -74,6 +78,21 @@ def shard_layers(model: torch.nn.Module, mesh) -> torch.nn.Module:
     return model
 
 
+def sharded(model: torch.nn.Module, mesh, shard=shard_layers, device: str = "cpu") -> torch.nn.Module:
+    """Steps 2-3 of the module docstring on ``model`` (parameters on ``meta``, buffers computed): sharded,
+    each process's shards allocated (uninitialised), computed buffers put back, tied weights tied; in
+    training mode."""
+    computed = [(module, name, buffer) for module in model.modules() for name, buffer in module._buffers.items()
+                if buffer is not None and name in module._non_persistent_buffers_set]
+    shard(model, mesh)
+    model.to_empty(device=device)
+    for module, name, buffer in computed:
+        module._buffers[name] = buffer.to(device)
+    if getattr(getattr(model, "config", None), "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
+        model.tie_weights()
+    return model.train()
+
+
 def resume(folder: str | Path, optimizer, *, model: torch.nn.Module | None = None, mesh=None,
            shard=shard_layers, device: str = "cpu", model_key: str = "model", optim_key: str = "optim"):
     """The sharded grown model and its optimizer loaded from the DCP checkpoint ``folder`` on the default
@@ -87,17 +106,8 @@ def resume(folder: str | Path, optimizer, *, model: torch.nn.Module | None = Non
 
     if not dist.is_initialized():
         raise GrowfxError("resume runs on a process group: call torch.distributed.init_process_group first")
-    model = empty_model(folder) if model is None else model
-    mesh = mesh if mesh is not None else init_device_mesh(device, (dist.get_world_size(),))
-    computed = [(module, name, buffer) for module in model.modules() for name, buffer in module._buffers.items()
-                if buffer is not None and name in module._non_persistent_buffers_set]
-    shard(model, mesh)
-    model.to_empty(device=device)
-    for module, name, buffer in computed:
-        module._buffers[name] = buffer.to(device)
-    if getattr(getattr(model, "config", None), "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
-        model.tie_weights()
-    model.train()
+    model = empty_model(folder_config(folder), f"{folder}/config.json") if model is None else model
+    sharded(model, mesh if mesh is not None else init_device_mesh(device, (dist.get_world_size(),)), shard, device)
     optim = optimizer(model.parameters())
     model_state, optim_state = get_state_dict(model, optim)
     dcp.load({model_key: model_state, optim_key: optim_state}, storage_reader=SafeReader(folder),

@@ -1,0 +1,140 @@
+"""Grow inside a running FSDP2 job, without a checkpoint: ``grow_online(model, optimizer, passes)``.
+
+Called on every process of the job with its sharded model and optimizer, between two steps:
+
+1. **Plan** on ``meta`` from the model's config (``plan_native``): the growth map and the grown config.
+2. **Build** the grown class with its parameters on ``meta`` and shard it the way ``resume`` does
+   (``rewrite.training.fsdp.sharded``): every process allocates only its shards.
+3. **Weights**, one tensor at a time, in the same order on every process: the source parameters a grown
+   tensor is made from are gathered (``DTensor.full_tensor``, an all-gather), the grown tensor is made through
+   the map, and each process keeps its own shard of it (``distribute_tensor`` without communication: every
+   process holds the same full tensor).
+4. **Optimizer state** the same way, through ``carry_optimizer``'s rules (``plan_state``, ``carry_field``):
+   moments gathered, carried, and sharded like their parameter; ``step`` kept; a parameter with nothing to
+   carry starts with no state. The new optimizer has the old one's class, hyperparameters and groups (each
+   grown parameter in its source's group).
+
+The original model and optimizer are only read. Peak memory per process: both sharded models and states, and
+one full tensor with its sources. The result is the same as saving a checkpoint, growing it offline and
+resuming (``tests/test_fsdp_growth.py`` checks both against the in-memory growth).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rewrite.errors import GrowfxError
+from rewrite.io.grow_checkpoint import NativePlan, meta_inputs, meta_model, plan_native
+from rewrite.ir.trace import trace
+from rewrite.training.carry import (MOMENTS, carry_field, check_policy, constructor_defaults, grown_param_groups,
+                                    plan_state)
+from rewrite.training.fsdp import empty_model, shard_layers, sharded
+
+
+def grow_online(model: torch.nn.Module, optimizer: torch.optim.Optimizer, passes: list, *, policy: str = "mapped",
+                copies: str = "fresh", shard=shard_layers, device: str = "cpu"):
+    """(grown model, its optimizer, the plan): ``model`` (sharded with FSDP2) and ``optimizer`` grown by
+    ``passes`` on every process of the default group, between two training steps (the parameters sharded, not
+    gathered for a forward; see the module docstring)."""
+    import torch.distributed as dist
+
+    check_policy(policy, copies)
+    if not dist.is_initialized():
+        raise GrowfxError("grow_online runs on a process group: call it on every process of the FSDP2 job")
+    kind = type(optimizer).__name__
+    if kind not in MOMENTS:
+        raise GrowfxError(f"grow_online does not know the state of {kind} (it carries {', '.join(MOMENTS)})")
+    config = getattr(model, "config", None)
+    if config is None:
+        raise GrowfxError(f"{type(model).__name__} has no Hugging Face config to plan the growth from")
+    mesh = _mesh_of(model)
+    original = meta_model(config)
+    args, kwargs = meta_inputs(original)
+    plan = plan_native(trace(original, args, kwargs), original, passes, args, kwargs)
+    grown = sharded(empty_model(plan.config), mesh, shard, device)
+    old = dict(model.named_parameters(remove_duplicate=False))
+    old.update(model.named_buffers())
+    _weights(plan, old, grown)
+    return grown, _optimizer(plan, model, optimizer, grown, policy, copies), plan
+
+
+def _mesh_of(model: torch.nn.Module):
+    for parameter in model.parameters():
+        if hasattr(parameter, "device_mesh"):
+            return parameter.device_mesh
+    raise GrowfxError(f"{type(model).__name__}'s parameters are not sharded (no DTensor): wrap it with "
+                      f"fully_shard first, or grow it in memory with rewrite.apply")
+
+
+class _Gathered:
+    """The original's tensors by name, each gathered whole when a recipe reads it."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors = tensors
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return _full(self.tensors[name])
+
+
+def _full(value: torch.Tensor) -> torch.Tensor:
+    return value.full_tensor() if hasattr(value, "full_tensor") else value
+
+
+def _into(target: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy the whole tensor ``full`` into ``target``: its own shard when ``target`` is a DTensor."""
+    with torch.no_grad():
+        if hasattr(target, "device_mesh"):
+            from torch.distributed.tensor import distribute_tensor
+
+            mine = distribute_tensor(full.to(target.dtype), target.device_mesh, target.placements, src_data_rank=None)
+            target.to_local().copy_(mine.to_local())
+        else:
+            target.copy_(full)
+
+
+def _weights(plan: NativePlan, old: dict, grown: torch.nn.Module) -> None:
+    sources = _Gathered(old)
+    targets = dict(grown.named_parameters(remove_duplicate=False))
+    targets.update(grown.named_buffers())
+    for name in grown.state_dict():
+        recipe = plan.grown.map.recipes.get(plan.grown.map.canonical(name))
+        if name not in targets or recipe is None:
+            raise GrowfxError(f"the grown plan has no tensor for {type(grown).__name__}'s {name}")
+        _into(targets[name], plan.grown.map.make(name, sources).to(targets[name].dtype))
+
+
+def _optimizer(plan: NativePlan, model, optimizer, grown, policy: str, copies: str):
+    growth = plan.grown.map
+    old_names = {id(p): n for n, p in model.named_parameters()}
+    groups = grown_param_groups(optimizer, growth, grown, old_names)
+    new = type(optimizer)(groups, **constructor_defaults(optimizer))
+    if policy == "reset":
+        return new
+    by_name = dict(model.named_parameters())
+    fields = MOMENTS[type(optimizer).__name__]
+    for name, parameter in grown.named_parameters():  # the same order on every process: the gathers match
+        recipe = growth.recipes[growth.canonical(name)]
+        source = by_name.get(recipe.source) if recipe.source is not None else None
+        state = optimizer.state.get(source, {}) if source is not None else {}
+        shape = tuple(parameter.shape)
+        shapes = {f: tuple(v.shape) if torch.is_tensor(v) else None for f, v in state.items()}
+        kinds, _ = plan_state(growth, name, shapes, shape, fields, policy, copies)
+        if kinds is None:
+            continue  # no state to carry: it starts as Adam does, and counts its own steps
+        carried = {}
+        for field, kind in kinds.items():
+            value = state[field]
+            if not hasattr(value, "device_mesh"):  # step, and anything not sharded: as carry makes it
+                carried[field] = carry_field(growth, name, value, kind, shape)
+                continue
+            made = carry_field(growth, name, value.full_tensor(), kind, shape)
+            if tuple(made.shape) != shape:
+                raise GrowfxError(f"{field} of {name} is {tuple(made.shape)}, not its parameter's shape {shape}: "
+                                  f"a sharded statistic of another shape is not carried online")
+            carried[field] = torch.empty_like(parameter.detach(), dtype=made.dtype)
+            _into(carried[field], made)
+        new.state[parameter] = carried
+    return new
