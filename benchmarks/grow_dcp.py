@@ -23,11 +23,10 @@ import gc
 import json
 import math
 import shutil
-import statistics
 import time
 from pathlib import Path
 
-from measure import in_fresh_process, resident, save
+from measure import against_floor, alternate, generated, resident, save
 
 RESULTS = Path(__file__).resolve().parent / "results" / "grow_dcp"
 SOURCE_CHUNK = 64 * 2**20  # the source's row chunks: what FSDP2 on 2 processes writes for the 131 MB embedding
@@ -170,34 +169,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     options = parser.parse_args()
     source = options.work / f"llama-{options.layers}-layers"
-    if not source.exists():
-        start = time.perf_counter()
-        size = generate(source, options.layers)
-        print(f"generated {source}: {size / 1e9:.2f} GB in {time.perf_counter() - start:.0f} s", flush=True)
+    generated(source, generate, options.layers)
     reference(source, options.work)
-    results = []
-    for _ in range(options.runs):
-        for kind in ("grow", "floor"):
-            result = in_fresh_process(run, kind, str(source), str(options.work / kind))
-            results.append(result)
-            print(json.dumps(result), flush=True)
+    results = alternate(run, source, options.work, options.runs)
     for kind in ("grow", "floor", "grown-reference"):
         shutil.rmtree(options.work / kind, ignore_errors=True)
-    grows = [r for r in results if r["kind"] == "grow"]
-    floors = [r for r in results if r["kind"] == "floor"]
-    median = lambda rows, key: statistics.median(r[key] for r in rows)  # noqa: E731
-    bound = median(grows, "fixed") + 3 * grows[0]["largest"]
-    summary = {
-        "layers": options.layers, "source_gb": _bytes(source) / 1e9, "grown_gb": grows[0]["bytes"] / 1e9,
-        "keys": grows[0]["keys"], "runs": options.runs, "grow_s": median(grows, "seconds"),
-        "floor_s": median(floors, "seconds"), "ratio": median(grows, "seconds") / median(floors, "seconds"),
-        "write_ratio": statistics.median(r["phases"]["write"] for r in grows) / median(floors, "seconds"),
-        "grow_peak_gb": median(grows, "peak") / 1e9, "floor_peak_gb": median(floors, "peak") / 1e9,
-        "fixed_gb": median(grows, "fixed") / 1e9, "largest_tensor_gb": grows[0]["largest"] / 1e9,
-        "bound_gb": bound / 1e9, "within_bound": median(grows, "peak") <= bound,
-        "phases_s": {k: statistics.median(r["phases"][k] for r in grows) for k in grows[0]["phases"]},
-        "every_run": results,
-    }
+    summary = {"layers": options.layers, "source_gb": _bytes(source) / 1e9, "keys": results[0]["keys"],
+               **against_floor(results)}
+    summary["write_ratio"] = summary["phases_s"]["write"] / summary["floor_s"]
     table = (f"| checkpoint (weights + AdamW) | grown | growth (s) | floor (s) | ratio (write phase) | peak RSS | "
              f"fixed + 3 x largest | within |\n|---|---|---|---|---|---|---|---|\n"
              f"| {summary['source_gb']:.2f} GB fp32, {options.layers} layers | {summary['grown_gb']:.2f} GB | "

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import statistics
+import time
 from pathlib import Path
 
 
@@ -23,6 +25,47 @@ def in_fresh_process(target, *args) -> dict:
     result = queue.get()
     process.join()
     return result
+
+
+def generated(source: Path, generate, layers: int) -> None:
+    """``generate(source, layers)`` (a random checkpoint; returns its bytes) unless ``source`` exists."""
+    if not source.exists():
+        start = time.perf_counter()
+        size = generate(source, layers)
+        print(f"generated {source}: {size / 1e9:.2f} GB in {time.perf_counter() - start:.0f} s", flush=True)
+
+
+def alternate(target, source: Path, work: Path, runs: int, kinds=("grow", "floor")) -> list[dict]:
+    """``runs`` rounds of ``target(kind, source, work/kind, queue)`` for each kind in turn, each in a fresh
+    process; every result printed as it comes."""
+    results = []
+    for _ in range(runs):
+        for kind in kinds:
+            result = in_fresh_process(target, kind, str(source), str(work / kind))
+            results.append(result)
+            print(json.dumps(result), flush=True)
+    return results
+
+
+def against_floor(results: list[dict]) -> dict:
+    """Medians of ``alternate``'s growth and floor runs: times and their ratio, peaks, and the bound the growth
+    must stay within (its fixed part plus three times the largest tensor)."""
+    grows = [r for r in results if r["kind"] == "grow"]
+    floors = [r for r in results if r["kind"] == "floor"]
+
+    def median(rows, key):
+        return statistics.median(r[key] for r in rows)
+
+    bound = median(grows, "fixed") + 3 * grows[0]["largest"]
+    return {
+        "grown_gb": grows[0]["bytes"] / 1e9, "runs": len(grows), "grow_s": median(grows, "seconds"),
+        "floor_s": median(floors, "seconds"), "ratio": median(grows, "seconds") / median(floors, "seconds"),
+        "grow_peak_gb": median(grows, "peak") / 1e9, "floor_peak_gb": median(floors, "peak") / 1e9,
+        "fixed_gb": median(grows, "fixed") / 1e9, "largest_tensor_gb": grows[0]["largest"] / 1e9,
+        "bound_gb": bound / 1e9, "within_bound": median(grows, "peak") <= bound,
+        "phases_s": {k: statistics.median(r["phases"][k] for r in grows) for k in grows[0]["phases"]},
+        "every_run": results,
+    }
 
 
 def save(out: Path, summary: dict, table: str) -> None:

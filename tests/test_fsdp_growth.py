@@ -90,10 +90,12 @@ def _train_and_save(rank: int, world: int, port: int, tied: bool, folder: str) -
     _leave()
 
 
-def _continue(model, optimizer, out: str) -> None:
-    """The optimizer state now, and the loss of this and STEPS more steps, saved by the first process."""
+def _state_and_steps(model, optimizer):
+    """The optimizer state now (whole tensors, by parameter and field), and the loss of this and STEPS more
+    steps."""
     state = {f"{name}.{field}": (value.full_tensor() if hasattr(value, "full_tensor") else value).clone()
-             for name, parameter in model.named_parameters() for field, value in optimizer.state[parameter].items()}
+             for name, parameter in model.named_parameters()
+             for field, value in optimizer.state.get(parameter, {}).items()}
     losses = []
     for _ in range(STEPS + 1):
         loss = model(input_ids=IDS, labels=IDS).loss
@@ -101,8 +103,14 @@ def _continue(model, optimizer, out: str) -> None:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+    return state, torch.stack(losses)
+
+
+def _continue(model, optimizer, out: str) -> None:
+    """``_state_and_steps`` under FSDP2, saved by the first process."""
+    state, losses = _state_and_steps(model, optimizer)
     if dist.get_rank() == 0:
-        torch.save({"losses": torch.stack(losses), "state": state}, out)
+        torch.save({"losses": losses, "state": state}, out)
 
 
 def _train_and_grow_online(rank: int, world: int, port: int, tied: bool, plan: str, policy: str, folder: str,
@@ -143,16 +151,8 @@ def _reference(folder, tied: bool, plan, policy: str):
     grown = rewrite.apply(model, plan, (), {"input_ids": IDS})
     native = rewrite.to_native(grown, model).train()
     carried = rewrite.carry(optimizer, grown, native, policy=policy, protect=False).optimizer
-    state = {f"{name}.{field}": value.clone()
-             for name, parameter in native.named_parameters() for field, value in carried.state.get(parameter, {}).items()}
-    losses = []
-    for _ in range(STEPS + 1):
-        loss = native(input_ids=IDS, labels=IDS).loss
-        losses.append(loss.detach())
-        loss.backward()
-        carried.step()
-        carried.zero_grad()
-    return torch.stack(losses), state, native
+    state, losses = _state_and_steps(native, carried)
+    return losses, state, native
 
 
 @pytest.fixture(scope="module")
