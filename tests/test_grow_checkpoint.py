@@ -84,6 +84,27 @@ def test_what_streaming_cannot_do_is_refused_and_nothing_is_written(tmp_path):
               "--out", str(tmp_path / "v")])
 
 
+def test_a_config_that_computes_another_buffer_than_the_grown_model_holds_is_refused(tmp_path):
+    """Gemma scales its embeddings by sqrt(hidden_size), a buffer its constructor computes. widen_hidden keeps
+    the original's scale (the function is preserved), but Gemma built from the grown config would compute
+    sqrt(2 x hidden): in memory, running the native class catches it; streaming runs nothing, so the computed
+    buffers are compared with what the grown model holds."""
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    model = GemmaForCausalLM(GemmaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=8))
+    model.save_pretrained(tmp_path / "source")
+    ids = torch.randint(0, 64, (2, 6))
+    with pytest.raises(rewrite.NotRepresentableError, match="does not compute the grown function"):
+        rewrite.to_native(rewrite.apply(model, [passes.widen_hidden(factor=2, init="clone")], (ids,)), model)
+    with pytest.raises(rewrite.NotRepresentableError,
+                       match=r"computes its buffer model.embed_tokens.embed_scale from the grown config \(\(\), "
+                             r"first value \[8.0\]\), but the grown model holds \(\), first value \[5.65"):
+        grow_checkpoint(tmp_path / "source", [passes.widen_hidden(factor=2, init="clone")], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    grow_checkpoint(tmp_path / "source", [passes.widen_mlp(factor=2)], tmp_path / "out")  # its buffers agree
+
+
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int8, torch.bool, torch.float64]
 
 

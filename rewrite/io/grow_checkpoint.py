@@ -136,16 +136,62 @@ def meta_inputs(model: torch.nn.Module) -> tuple[tuple, dict]:
 
 def plan_native(graph, model: torch.nn.Module, passes: list, args: tuple, kwargs: dict) -> NativePlan:
     """``passes`` planned on the traced ``graph`` of ``model`` (on ``meta``: shapes only, ``verify=False``), and
-    the native class the grown model is written as; an upcycle into a mixture class is refused."""
+    the native class the grown model is written as (its parameters on ``meta``, its buffers computed); an
+    upcycle into a mixture class is refused, and so is a grown config whose computed buffers are not the grown
+    model's (:func:`check_computed_buffers`)."""
     grown = apply(graph, passes, args, kwargs, verify=False)
     native_class, config, mixture = native_config(grown.graph, model)
     if mixture is not None:
         raise NotRepresentableError(
             "an upcycled model becomes a mixture class with stacked experts, which is not streamed yet: grow it "
             "in memory (without --stream)")
-    with torch.device("meta"):
+    with parameters_on_meta():
         native = build_native(native_class, config, set(grown.map.names()))
+        original = type(model)(model.config)
+    check_computed_buffers(grown, original, native)
     return NativePlan(grown, native_class, config, native)
+
+
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Modules built inside get their parameters on ``meta`` (as they are registered, before any
+    initialisation runs) and their buffers where the constructor makes them."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module, name, parameter):
+        if parameter is not None and parameter.device.type != "meta":
+            parameter = torch.nn.Parameter(parameter.to("meta"), requires_grad=parameter.requires_grad)
+        register(module, name, parameter)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+def check_computed_buffers(grown: Grown, original: torch.nn.Module, native: torch.nn.Module) -> None:
+    """A buffer the class computes when it is built (a rotary table, Gemma's embedding scale) is in no
+    checkpoint: the native class computes it again from the grown config on loading. Where that value is not
+    what the grown model holds (the original's buffer through the growth map), a written checkpoint would not
+    compute the grown function, and nothing runs here to notice: ``NotRepresentableError`` naming the buffer.
+    Both modules have their parameters on ``meta`` and their buffers computed."""
+    made = dict(original.named_buffers())
+    for prefix, module in native.named_modules():
+        for name in sorted(module._non_persistent_buffers_set):
+            full = f"{prefix}.{name}" if prefix else name
+            value = module._buffers.get(name)
+            if value is None or value.is_meta or grown.map.canonical(full) not in grown.map.recipes:
+                continue
+            held = grown.map.make(full, made)
+            if held.shape != value.shape or not torch.equal(held.to(value.dtype), value):
+                got = value.flatten()[:1].tolist() if value.numel() else []
+                want = held.flatten()[:1].tolist() if held.numel() else []
+                raise NotRepresentableError(
+                    f"{type(native).__name__} computes its buffer {full} from the grown config "
+                    f"({tuple(value.shape)}, first value {got}), but the grown model holds {tuple(held.shape)}, "
+                    f"first value {want}: the written model would not compute the grown function. Grow it in "
+                    f"memory, where the native class is checked by running it")
 
 
 def _to_meta(value):

@@ -19,32 +19,13 @@ and tied weights need care.
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import torch
 
 from rewrite.errors import GrowfxError
 from rewrite.io.dcp_files import SafeLoadPlanner, SafeReader
-from rewrite.io.grow_checkpoint import meta_model
-
-
-@contextlib.contextmanager
-def parameters_on_meta():
-    """Modules built inside get their parameters on ``meta`` (as they are registered, before any
-    initialisation runs) and their buffers where the constructor makes them."""
-    register = torch.nn.Module.register_parameter
-
-    def on_meta(module, name, parameter):
-        if parameter is not None and parameter.device.type != "meta":
-            parameter = torch.nn.Parameter(parameter.to("meta"), requires_grad=parameter.requires_grad)
-        register(module, name, parameter)
-
-    torch.nn.Module.register_parameter = on_meta
-    try:
-        yield
-    finally:
-        torch.nn.Module.register_parameter = register
+from rewrite.io.grow_checkpoint import meta_model, parameters_on_meta
 
 
 def empty_model(config, where: str = "the config") -> torch.nn.Module:
