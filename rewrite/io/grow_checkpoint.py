@@ -95,7 +95,7 @@ def grow_checkpoint(source: str | Path, passes: list, destination: str | Path, *
                      "weight_map": {name: file for file, part in zip(names, shards) for name, _, _ in part}}
             (folder / INDEX).write_text(json.dumps(index, indent=2))
         native_config_.architectures = [native_class.__name__]
-        native_config_.dtype = _main_dtype(dtype for _, _, dtype in entries)
+        native_config_.dtype = main_dtype(dtype for _, _, dtype in entries)
         native_config_.save_pretrained(folder)
         for path in source.iterdir():  # tokenizer, generation config, chat template, ...
             if path.is_file() and not any(path.match(pattern) for pattern in WEIGHT_FILES):
@@ -148,6 +148,12 @@ def plan_native(graph, model: torch.nn.Module, passes: list, args: tuple, kwargs
     with parameters_on_meta():
         native = build_native(native_class, config, set(grown.map.names()))
         original = type(model)(model.config)
+    for name, target in native.state_dict().items():
+        recipe = grown.map.recipes.get(grown.map.canonical(name))
+        if recipe is None or tuple(recipe.shape) != tuple(target.shape):
+            made = "no tensor" if recipe is None else f"{tuple(recipe.shape)}"
+            raise NotRepresentableError(f"{native_class.__name__} with the grown config has {name} "
+                                        f"{tuple(target.shape)}, but the grown plan has {made} there")
     check_computed_buffers(grown, original, native)
     return NativePlan(grown, native_class, config, native)
 
@@ -203,17 +209,12 @@ def _entries(native: torch.nn.Module, grown: Grown, reader: CheckpointReader) ->
     does), each in the dtype of the checkpoint tensor it is made from; a new tensor in the checkpoint's main
     floating-point dtype."""
     recipes = grown.map
-    main = _main_dtype(reader.dtype(n) for n in reader.keys())
+    main = main_dtype(reader.dtype(n) for n in reader.keys())
     entries = []
-    for name, target in native.state_dict().items():
+    for name in native.state_dict():
         if is_tied_head(native, name):
             continue
-        if recipes.canonical(name) not in recipes.recipes:
-            raise NotRepresentableError(f"the grown model has no tensor for {type(native).__name__}'s {name}")
-        recipe = recipes.recipes[recipes.canonical(name)]
-        if tuple(recipe.shape) != tuple(target.shape):
-            raise NotRepresentableError(f"{name} is {tuple(recipe.shape)} in the grown plan but "
-                                        f"{tuple(target.shape)} in {type(native).__name__} with the grown config")
+        recipe = recipes.recipes[recipes.canonical(name)]  # every one has a recipe of its shape (plan_native)
         if recipe.source is not None and recipe.source not in reader:
             raise GrowfxError(f"{reader.folder} has no tensor {recipe.source}, which {name} is made from")
         if recipe.source is not None:
@@ -224,7 +225,7 @@ def _entries(native: torch.nn.Module, grown: Grown, reader: CheckpointReader) ->
     return entries
 
 
-def _main_dtype(dtypes) -> torch.dtype:
+def main_dtype(dtypes) -> torch.dtype:
     """The most common floating-point dtype among ``dtypes`` (float32 when there is none)."""
     floating = [dtype for dtype in dtypes if dtype.is_floating_point]
     return max(set(floating), key=floating.count) if floating else torch.float32

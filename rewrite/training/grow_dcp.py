@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 from rewrite.errors import GrowfxError
 from rewrite.io.dcp_files import DistributedCheckpoint, Entry, write_checkpoint
-from rewrite.io.grow_checkpoint import NativePlan, meta_inputs, meta_model, plan_native
+from rewrite.io.grow_checkpoint import NativePlan, main_dtype, meta_inputs, meta_model, plan_native
 from rewrite.io.native import is_tied_head
 from rewrite.io.sources import atomic_path
 from rewrite.ir.trace import trace
@@ -179,12 +179,9 @@ class _GrownKeys:
         self.makers[entry.key] = maker
 
     def _model(self, native: torch.nn.Module) -> None:
-        main = _main_dtype(self.checkpoint.dtype(k) for k in self.layout.model.values())
-        for name, target in native.state_dict().items():
-            recipe = self.growth.recipes.get(self.growth.canonical(name))
-            if recipe is None or tuple(recipe.shape) != tuple(target.shape):
-                raise GrowfxError(f"the grown plan has no tensor of {type(native).__name__}'s {name} "
-                                  f"{tuple(target.shape)}")
+        main = main_dtype(self.checkpoint.dtype(k) for k in self.layout.model.values())
+        for name in native.state_dict():
+            recipe = self.growth.recipes[self.growth.canonical(name)]  # one of its shape (plan_native)
             if recipe.source is not None and recipe.source not in self.layout.model:
                 if is_tied_head(native, name):
                     continue
@@ -282,8 +279,3 @@ def _grown_field_shape(field_shape: tuple, source_shape: tuple, parameter_shape:
         return parameter_shape
     return tuple(1 if size == 1 and source_shape[axis] != 1 else parameter_shape[axis]
                  for axis, size in enumerate(field_shape))
-
-
-def _main_dtype(dtypes) -> torch.dtype:
-    floating = [dtype for dtype in dtypes if dtype.is_floating_point]
-    return max(set(floating), key=floating.count) if floating else torch.float32

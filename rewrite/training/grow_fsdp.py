@@ -99,10 +99,7 @@ def _weights(plan: NativePlan, old: dict, grown: torch.nn.Module) -> None:
     sources = _Gathered(old)
     targets = dict(grown.named_parameters(remove_duplicate=False))
     targets.update(grown.named_buffers())
-    for name in grown.state_dict():
-        recipe = plan.grown.map.recipes.get(plan.grown.map.canonical(name))
-        if name not in targets or recipe is None:
-            raise GrowfxError(f"the grown plan has no tensor for {type(grown).__name__}'s {name}")
+    for name in grown.state_dict():  # each has a recipe of its shape (plan_native)
         _into(targets[name], plan.grown.map.make(name, sources).to(targets[name].dtype))
 
 
