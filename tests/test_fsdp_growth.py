@@ -73,6 +73,7 @@ def _train(world: int, tied: bool, folder: str):
     """STEPS of FSDP2 training, saved to ``folder``; the sharded model and optimizer."""
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config(tied))
+    model.config.architectures = None  # as a model built in code has it: grow_online must not need it
     shard_layers(model, init_device_mesh("cpu", (world,)))
     optimizer = adamw(model.parameters())
     for _ in range(STEPS):

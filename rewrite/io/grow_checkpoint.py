@@ -123,7 +123,8 @@ def meta_model(config, where: str = "the config", device: str | None = "meta") -
     architectures = getattr(config, "architectures", None) or []
     cls = getattr(transformers, architectures[0], None) if architectures else None
     if cls is None:
-        raise GrowfxError(f"{where} names no model class transformers has (architectures: {architectures})")
+        raise GrowfxError(f"{where} names no model class transformers has (architectures: {architectures}); set "
+                          f"config.architectures to the class, e.g. ['LlamaForCausalLM']")
     with torch.device(device) if device else contextlib.nullcontext():
         return cls(config).eval()
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from rewrite.errors import GrowfxError
-from rewrite.io.grow_checkpoint import NativePlan, meta_inputs, meta_model, plan_native
+from rewrite.io.grow_checkpoint import NativePlan, meta_inputs, plan_native
 from rewrite.ir.trace import trace
 from rewrite.training.carry import (MOMENTS, carry_field, check_policy, constructor_defaults, grown_param_groups,
                                     plan_state)
@@ -48,14 +48,23 @@ def grow_online(model: torch.nn.Module, optimizer: torch.optim.Optimizer, passes
     if config is None:
         raise GrowfxError(f"{type(model).__name__} has no Hugging Face config to plan the growth from")
     mesh = _mesh_of(model)
-    original = meta_model(config)
+    with torch.device("meta"):
+        original = _unsharded_class(model)(config).eval()
     args, kwargs = meta_inputs(original)
     plan = plan_native(trace(original, args, kwargs), original, passes, args, kwargs)
+    plan.config.architectures = [plan.native_class.__name__]
     grown = sharded(empty_model(plan.config), mesh, shard, device)
     old = dict(model.named_parameters(remove_duplicate=False))
     old.update(model.named_buffers())
     _weights(plan, old, grown)
     return grown, _optimizer(plan, model, optimizer, grown, policy, copies), plan
+
+
+def _unsharded_class(model: torch.nn.Module) -> type:
+    """The model's own class: ``fully_shard`` swaps in a subclass that also derives from ``FSDPModule``."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(cls for cls in type(model).__mro__ if not issubclass(cls, FSDPModule))
 
 
 def _mesh_of(model: torch.nn.Module):
