@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -106,21 +107,40 @@ def export_onnx(
         raise GrowfxError(f"export_onnx expects a torch.nn.Module or rewrite.Graph, got {type(module).__name__}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, float] = {}
     with eval_mode(fn), torch.no_grad():
-        expected = fn(*args, **kwargs)
-        notes, axes = _export(fn, name, args, kwargs, path, dynamic)
-        session = OnnxModel(path, like=expected)
-        rows = _named(f"{_shapes(args, kwargs)}", compare_outputs(expected, session(*args, **kwargs)))
+        with _timed(seconds, "torch forward"):
+            expected = fn(*args, **kwargs)
+        notes, axes = _export(fn, name, args, kwargs, path, dynamic, seconds)
+        with _timed(seconds, "onnxruntime session"):
+            session = OnnxModel(path, like=expected)
+        with _timed(seconds, "onnxruntime run"):
+            got = session(*args, **kwargs)
+        rows = _named(f"{_shapes(args, kwargs)}", compare_outputs(expected, got))
         if dynamic and axes:
             args2, kwargs2 = _grow_inputs(session, args, kwargs, axes)
-            expected2 = fn(*args2, **kwargs2)
-            rows += _named(f"{_shapes(args2, kwargs2)}", compare_outputs(expected2, session(*args2, **kwargs2)))
+            with _timed(seconds, "torch forward"):
+                expected2 = fn(*args2, **kwargs2)
+            with _timed(seconds, "onnxruntime run"):
+                got2 = session(*args2, **kwargs2)
+            rows += _named(f"{_shapes(args2, kwargs2)}", compare_outputs(expected2, got2))
     size = sum(p.stat().st_size for p in (path, _data_file(path)) if p.exists())
     notes.insert(0, f"{path} ({size / 1e6:.1f} MB), symbolic axes: {_describe_axes(axes) or 'none'}")
-    return Report(rows, title=f"onnx export of {name} vs onnxruntime", notes=notes, path=path)
+    notes.append("seconds: " + ", ".join(f"{phase} {t:.1f}" for phase, t in seconds.items()))
+    return Report(rows, title=f"onnx export of {name} vs onnxruntime", notes=notes, path=path, seconds=seconds)
 
 
-def _export(fn, name: str, args: tuple, kwargs: dict, path: Path, dynamic: bool):
+@contextlib.contextmanager
+def _timed(seconds: dict[str, float], phase: str):
+    """Add the block's wall time to ``seconds[phase]``."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[phase] = seconds.get(phase, 0.0) + time.perf_counter() - start
+
+
+def _export(fn, name: str, args: tuple, kwargs: dict, path: Path, dynamic: bool, seconds: dict[str, float]):
     """Export to a temp file, check it, rename into place.
 
     Returns (notes for the report, {input name: symbolic axes}). torch.export runs first so the
@@ -131,25 +151,27 @@ def _export(fn, name: str, args: tuple, kwargs: dict, path: Path, dynamic: bool)
 
     notes: list[str] = []
     program = None
-    if dynamic:
-        try:
-            program = _program(fn, args, kwargs, auto_dynamic_shapes(fn, args, kwargs))
-        except Exception as e:  # noqa: BLE001 - symbolic axes are a bonus; retried with static shapes
-            notes.append(f"static shapes: symbolic shapes failed to export ({first_line(e, 160)})")
-    if program is None:
-        try:
-            program = _program(fn, args, kwargs, None)
-        except Exception as e:  # noqa: BLE001
-            raise GrowfxError(f"ONNX export of {name} failed in torch.export: {first_line(e)}") from e
+    with _timed(seconds, "torch.export"):
+        if dynamic:
+            try:
+                program = _program(fn, args, kwargs, auto_dynamic_shapes(fn, args, kwargs))
+            except Exception as e:  # noqa: BLE001 - symbolic axes are a bonus; retried with static shapes
+                notes.append(f"static shapes: symbolic shapes failed to export ({first_line(e, 160)})")
+        if program is None:
+            try:
+                program = _program(fn, args, kwargs, None)
+            except Exception as e:  # noqa: BLE001
+                raise GrowfxError(f"ONNX export of {name} failed in torch.export: {first_line(e)}") from e
     weights = sum(t.numel() * t.element_size() for t in (*fn.parameters(), *fn.buffers()))
     external = weights >= PROTOBUF_LIMIT
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".growfx-onnx-") as tmp:
         tmp_path = Path(tmp) / path.name
         try:
-            with _quiet():
+            with _quiet(), _timed(seconds, "ONNX translation and writing"):
                 torch.onnx.export(program, (), str(tmp_path), dynamo=True, external_data=external, verbose=False,
                                   optimize=weights < OPTIMIZE_LIMIT, custom_translation_table=translations())
-            onnx.checker.check_model(str(tmp_path), full_check=False)
+            with _timed(seconds, "onnx.checker"):
+                onnx.checker.check_model(str(tmp_path), full_check=False)
         except Exception as e:  # noqa: BLE001
             raise GrowfxError(f"ONNX export of {name} failed: {first_line(e)}") from e
         if external:

@@ -32,6 +32,7 @@ class Report:
     title: str = "verify"
     notes: list[str] = dataclasses.field(default_factory=list)
     path: Path | None = None  # the file the comparison checked (an ONNX export)
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)  # wall time by phase (an ONNX export)
 
     @property
     def ok(self) -> bool:
