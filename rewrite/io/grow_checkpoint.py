@@ -94,7 +94,6 @@ def grow_checkpoint(source: str | Path, passes: list, destination: str | Path, *
             index = {"metadata": {"total_size": total},
                      "weight_map": {name: file for file, part in zip(names, shards) for name, _, _ in part}}
             (folder / INDEX).write_text(json.dumps(index, indent=2))
-        native_config_.architectures = [native_class.__name__]
         native_config_.dtype = main_dtype(dtype for _, _, dtype in entries)
         native_config_.save_pretrained(folder)
         for path in source.iterdir():  # tokenizer, generation config, chat template, ...
@@ -146,6 +145,7 @@ def plan_native(graph, model: torch.nn.Module, passes: list, args: tuple, kwargs
         raise NotRepresentableError(
             "an upcycled model becomes a mixture class with stacked experts, which is not streamed yet: grow it "
             "in memory (without --stream)")
+    config.architectures = [native_class.__name__]  # what the written config.json names
     with parameters_on_meta():
         native = build_native(native_class, config, set(grown.map.names()))
         original = type(model)(model.config)

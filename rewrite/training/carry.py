@@ -80,10 +80,7 @@ def carry(optimizer: torch.optim.Optimizer, grown, module: torch.nn.Module, sche
           policy: str = "mapped", copies: str = "fresh", protect: bool | None = None,
           rewarm: tuple[float, int] | None = None, train: str = "all") -> Carried:
     """The optimizer and (optionally) the learning-rate scheduler for the grown ``module``, in one call."""
-    kind = type(optimizer).__name__
-    if kind not in MOMENTS:
-        raise GrowthError(f"carry_optimizer does not know the state of {kind} (it carries "
-                          f"{', '.join(MOMENTS)}); its state would be dropped, so it refuses")
+    check_optimizer(optimizer)
     check_policy(policy, copies)
     growth: GrowthMap = grown.map
     old_names = tensor_names(grown.original.module)
@@ -104,6 +101,14 @@ def carry(optimizer: torch.optim.Optimizer, grown, module: torch.nn.Module, sche
     if scheduler is not None:
         carried.scheduler = carry_scheduler(scheduler, new)
     return carried
+
+
+def check_optimizer(optimizer: torch.optim.Optimizer) -> None:
+    """``GrowthError`` when the optimizer's state is not one this module knows how to carry."""
+    kind = type(optimizer).__name__
+    if kind not in MOMENTS:
+        raise GrowthError(f"carry_optimizer does not know the state of {kind} (it carries "
+                          f"{', '.join(MOMENTS)}); its state would be dropped, so it refuses")
 
 
 def check_policy(policy: str, copies: str) -> None:
@@ -156,12 +161,7 @@ def constructor_defaults(optimizer) -> dict:
 
 def _carry_state(old_opt, new_opt, growth: GrowthMap, name: str, parameter, by_name: dict, policy: str,
                  copies: str, carried: Carried) -> None:
-    recipe = growth.recipes[growth.canonical(name)]
-    source = by_name.get(recipe.source) if recipe.source is not None else None
-    state = old_opt.state.get(source, {}) if source is not None else {}
-    shapes = {field: tuple(value.shape) if torch.is_tensor(value) else None for field, value in state.items()}
-    kinds, refused = plan_state(growth, name, shapes, tuple(parameter.shape), MOMENTS[type(old_opt).__name__],
-                                policy, copies)
+    state, kinds, refused = source_state(old_opt, growth, name, tuple(parameter.shape), by_name, policy, copies)
     if kinds is None:
         if refused is not None:
             carried.reset.append((name, *refused))
@@ -169,6 +169,18 @@ def _carry_state(old_opt, new_opt, growth: GrowthMap, name: str, parameter, by_n
         return
     new_opt.state[parameter] = {field: carry_field(growth, name, state[field], kind, tuple(parameter.shape))
                                 for field, kind in kinds.items()}
+
+
+def source_state(optimizer: torch.optim.Optimizer, growth: GrowthMap, name: str, parameter_shape: tuple,
+                 by_name: dict, policy: str, copies: str):
+    """(state, kinds, refused): the state ``optimizer`` holds for the source of the grown parameter ``name``
+    (``by_name``: the original's parameters by name; empty when it has none) and :func:`plan_state` of it."""
+    recipe = growth.recipes[growth.canonical(name)]
+    source = by_name.get(recipe.source) if recipe.source is not None else None
+    state = optimizer.state.get(source, {}) if source is not None else {}
+    shapes = {field: tuple(value.shape) if torch.is_tensor(value) else None for field, value in state.items()}
+    return (state, *plan_state(growth, name, shapes, parameter_shape, MOMENTS[type(optimizer).__name__], policy,
+                               copies))
 
 
 def plan_state(growth: GrowthMap, name: str, shapes: dict[str, tuple | None], parameter_shape: tuple,

@@ -77,9 +77,7 @@ def grow_distributed_checkpoint(source: str | Path, config, passes: list, destin
     with _shared_destination(Path(destination), replace) as (folder, first):
         write_checkpoint(folder, writer.entries, writer.make, max_chunk_bytes=max_chunk_bytes)
         if first:
-            config = plan.config
-            config.architectures = [plan.native_class.__name__]
-            config.save_pretrained(folder)
+            plan.config.save_pretrained(folder)
     seconds["write"] = time.perf_counter() - start
     for name, field, why in writer.reset:
         warnings.warn(f"grow_distributed_checkpoint reset {field} of {name}: {why}", stacklevel=2)

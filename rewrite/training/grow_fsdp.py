@@ -21,13 +21,15 @@ resuming (``tests/test_fsdp_growth.py`` checks both against the in-memory growth
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from rewrite.errors import GrowfxError
 from rewrite.io.grow_checkpoint import NativePlan, meta_inputs, plan_native
 from rewrite.ir.trace import trace
-from rewrite.training.carry import (MOMENTS, carry_field, check_policy, constructor_defaults, grown_param_groups,
-                                    plan_state)
+from rewrite.training.carry import (carry_field, check_optimizer, check_policy, constructor_defaults,
+                                    grown_param_groups, source_state)
 from rewrite.training.fsdp import empty_model, shard_layers, sharded
 
 
@@ -38,12 +40,10 @@ def grow_online(model: torch.nn.Module, optimizer: torch.optim.Optimizer, passes
     gathered for a forward; see the module docstring)."""
     import torch.distributed as dist
 
+    check_optimizer(optimizer)
     check_policy(policy, copies)
     if not dist.is_initialized():
         raise GrowfxError("grow_online runs on a process group: call it on every process of the FSDP2 job")
-    kind = type(optimizer).__name__
-    if kind not in MOMENTS:
-        raise GrowfxError(f"grow_online does not know the state of {kind} (it carries {', '.join(MOMENTS)})")
     config = getattr(model, "config", None)
     if config is None:
         raise GrowfxError(f"{type(model).__name__} has no Hugging Face config to plan the growth from")
@@ -52,7 +52,6 @@ def grow_online(model: torch.nn.Module, optimizer: torch.optim.Optimizer, passes
         original = _unsharded_class(model)(config).eval()
     args, kwargs = meta_inputs(original)
     plan = plan_native(trace(original, args, kwargs), original, passes, args, kwargs)
-    plan.config.architectures = [plan.native_class.__name__]
     grown = sharded(empty_model(plan.config), mesh, shard, device)
     old = dict(model.named_parameters(remove_duplicate=False))
     old.update(model.named_buffers())
@@ -120,14 +119,11 @@ def _optimizer(plan: NativePlan, model, optimizer, grown, policy: str, copies: s
     if policy == "reset":
         return new
     by_name = dict(model.named_parameters())
-    fields = MOMENTS[type(optimizer).__name__]
     for name, parameter in grown.named_parameters():  # the same order on every process: the gathers match
-        recipe = growth.recipes[growth.canonical(name)]
-        source = by_name.get(recipe.source) if recipe.source is not None else None
-        state = optimizer.state.get(source, {}) if source is not None else {}
         shape = tuple(parameter.shape)
-        shapes = {f: tuple(v.shape) if torch.is_tensor(v) else None for f, v in state.items()}
-        kinds, _ = plan_state(growth, name, shapes, shape, fields, policy, copies)
+        state, kinds, refused = source_state(optimizer, growth, name, shape, by_name, policy, copies)
+        if refused is not None:
+            warnings.warn(f"grow_online reset {refused[0]} of {name}: {refused[1]}", stacklevel=3)
         if kinds is None:
             continue  # no state to carry: it starts as Adam does, and counts its own steps
         carried = {}
