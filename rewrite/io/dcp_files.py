@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import math
 import pickle
 import warnings
 from collections.abc import Callable
@@ -43,6 +42,7 @@ from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, Metadat
 from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
 
 from rewrite.errors import GrowfxError
+from rewrite.io.safetensors_stream import nbytes
 
 _METADATA_CLASSES = {
     "torch.distributed.checkpoint.metadata": {"Metadata", "BytesStorageMetadata", "ChunkStorageMetadata",
@@ -190,10 +190,10 @@ def share(entries: list[Entry], rank: int, world: int) -> list[Entry]:
     fewest bytes so far; every non-tensor value on process 0."""
     load = [0] * world
     owner = {}
-    tensors = [entry for entry in entries if entry.shape is not None]
-    for entry in sorted(tensors, key=lambda e: -math.prod(e.shape) * torch.empty((), dtype=e.dtype).element_size()):
-        owner[entry.key] = min(range(world), key=load.__getitem__)
-        load[owner[entry.key]] += math.prod(entry.shape) * torch.empty((), dtype=entry.dtype).element_size()
+    sizes = {entry.key: nbytes(entry.shape, entry.dtype) for entry in entries if entry.shape is not None}
+    for key in sorted(sizes, key=lambda k: -sizes[k]):
+        owner[key] = min(range(world), key=load.__getitem__)
+        load[owner[key]] += sizes[key]
     return [entry for entry in entries if owner.get(entry.key, 0) == rank]
 
 
@@ -264,7 +264,7 @@ def row_chunks(shape: tuple[int, ...], dtype: torch.dtype, max_bytes: int) -> li
     (one row at least), equal but for the last."""
     if not shape:
         return [((), ())]
-    row = math.prod(shape[1:]) * torch.empty((), dtype=dtype).element_size()
+    row = nbytes(shape[1:], dtype)
     rows = max(1, max_bytes // max(row, 1))
     rows = shape[0] if rows >= shape[0] else rows
     starts = range(0, max(shape[0], 1), max(rows, 1))

@@ -32,7 +32,7 @@ import torch
 from rewrite.errors import GrowfxError, NotRepresentableError
 from rewrite.io.hf import example_inputs
 from rewrite.io.native import build_native, is_tied_head, native_config
-from rewrite.io.safetensors_stream import INDEX, CheckpointReader, shard, write_safetensors
+from rewrite.io.safetensors_stream import INDEX, CheckpointReader, nbytes, shard, write_safetensors
 from rewrite.io.sources import atomic_path
 from rewrite.ir.trace import trace
 from rewrite.transform.apply import Grown, apply
@@ -90,7 +90,7 @@ def grow_checkpoint(source: str | Path, passes: list, destination: str | Path, *
             write_safetensors(folder / file, part, make, metadata={"format": "pt"})
             written += (folder / file).stat().st_size
         if len(shards) > 1:
-            total = sum(_nbytes(shape, dtype) for _, shape, dtype in entries)
+            total = sum(nbytes(shape, dtype) for _, shape, dtype in entries)
             index = {"metadata": {"total_size": total},
                      "weight_map": {name: file for file, part in zip(names, shards) for name, _, _ in part}}
             (folder / INDEX).write_text(json.dumps(index, indent=2))
@@ -230,7 +230,3 @@ def main_dtype(dtypes) -> torch.dtype:
     """The most common floating-point dtype among ``dtypes`` (float32 when there is none)."""
     floating = [dtype for dtype in dtypes if dtype.is_floating_point]
     return max(set(floating), key=floating.count) if floating else torch.float32
-
-
-def _nbytes(shape, dtype) -> int:
-    return int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()

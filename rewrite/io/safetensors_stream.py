@@ -88,7 +88,7 @@ def write_safetensors(path: str | Path, entries: list[tuple[str, tuple[int, ...]
     gives it (checked against its entry), one at a time."""
     header, offset = {}, 0
     for name, shape, dtype in entries:
-        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        size = nbytes(shape, dtype)
         header[name] = {"dtype": NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     if metadata:
@@ -114,16 +114,21 @@ def _bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
 
 
+def nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    """The bytes of a tensor of ``shape`` and ``dtype``."""
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+
+
 def shard(entries: list[tuple[str, tuple[int, ...], torch.dtype]], max_bytes: int) -> list[list]:
     """``entries`` in order, cut into consecutive shards of at most ``max_bytes`` (a larger tensor alone)."""
     shards, current, size = [], [], 0
     for entry in entries:
-        nbytes = math.prod(entry[1]) * torch.empty((), dtype=entry[2]).element_size()
-        if current and size + nbytes > max_bytes:
+        made = nbytes(entry[1], entry[2])
+        if current and size + made > max_bytes:
             shards.append(current)
             current, size = [], 0
         current.append(entry)
-        size += nbytes
+        size += made
     if current:
         shards.append(current)
     return shards
