@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import math
@@ -26,7 +25,7 @@ import shutil
 import time
 from pathlib import Path
 
-from measure import against_floor, alternate, generated, resident, save
+from measure import against_floor, floor_benchmark, resident, save
 
 RESULTS = Path(__file__).resolve().parent / "results" / "grow_dcp"
 SOURCE_CHUNK = 64 * 2**20  # the source's row chunks: what FSDP2 on 2 processes writes for the 131 MB embedding
@@ -162,18 +161,8 @@ def reference(source: Path, work: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=16)
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--work", type=Path, default=Path("/tmp/growfx-dcp"))
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    options = parser.parse_args()
-    source = options.work / f"llama-{options.layers}-layers"
-    generated(source, generate, options.layers)
-    reference(source, options.work)
-    results = alternate(run, source, options.work, options.runs)
-    for kind in ("grow", "floor", "grown-reference"):
-        shutil.rmtree(options.work / kind, ignore_errors=True)
+    options, source, results = floor_benchmark(__doc__, 16, Path("/tmp/growfx-dcp"), RESULTS, generate,
+                                               reference, run)
     summary = {"layers": options.layers, "source_gb": _bytes(source) / 1e9, "keys": results[0]["keys"],
                **against_floor(results)}
     summary["write_ratio"] = summary["phases_s"]["write"] / summary["floor_s"]

@@ -3,8 +3,10 @@ written as JSON and a markdown table."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import multiprocessing
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -25,6 +27,25 @@ def in_fresh_process(target, *args) -> dict:
     result = queue.get()
     process.join()
     return result
+
+
+def floor_benchmark(doc: str, layers: int, work: Path, out: Path, generate, reference, run):
+    """The command line and the runs the growth-against-floor benchmarks share: ``--layers --runs --work
+    --out``; the checkpoint generated once (``generate``), the grown reference for the floor (``reference``),
+    ``--runs`` alternating rounds of ``run`` and the work folders removed. (options, source, results)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=layers)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--work", type=Path, default=work)
+    parser.add_argument("--out", type=Path, default=out)
+    options = parser.parse_args()
+    source = options.work / f"llama-{options.layers}-layers"
+    generated(source, generate, options.layers)
+    reference(source, options.work)
+    results = alternate(run, source, options.work, options.runs)
+    for kind in ("grow", "floor", "grown-reference"):
+        shutil.rmtree(options.work / kind, ignore_errors=True)
+    return options, source, results
 
 
 def generated(source: Path, generate, layers: int) -> None:

@@ -20,14 +20,13 @@ discarded: the alternation spreads it).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shutil
 import time
 from pathlib import Path
 
-from measure import against_floor, alternate, generated, resident, save
+from measure import against_floor, floor_benchmark, resident, save
 
 RESULTS = Path(__file__).resolve().parent / "results" / "stream"
 
@@ -153,18 +152,8 @@ def reference(source: Path, work: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--work", type=Path, default=Path("/tmp/growfx-stream"))
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    options = parser.parse_args()
-    source = options.work / f"llama-{options.layers}-layers"
-    generated(source, generate, options.layers)
-    reference(source, options.work)
-    results = alternate(run, source, options.work, options.runs)
-    shutil.rmtree(options.work / "grow", ignore_errors=True)
-    shutil.rmtree(options.work / "floor", ignore_errors=True)
+    options, source, results = floor_benchmark(__doc__, 32, Path("/tmp/growfx-stream"), RESULTS, generate,
+                                               reference, run)
     source_bytes = sum(p.stat().st_size for p in source.glob("*.safetensors"))
     summary = {"layers": options.layers, "source_gb": source_bytes / 1e9, **against_floor(results)}
     table = (f"| checkpoint | grown | growth (s) | floor (s) | ratio | peak RSS | fixed + 3 x largest | within |\n"
