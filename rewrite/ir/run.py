@@ -51,10 +51,28 @@ def _signature(gm: torch.fx.GraphModule) -> str:
 
 
 class _Recorder(torch.fx.Interpreter):
-    """An interpreter that keeps every node's value (no garbage collection of the environment)."""
+    """An interpreter that keeps every node's value (no garbage collection of the environment). On a graph
+    whose tensors are on ``meta`` (planned on shapes), the devices the tracer wrote into the graph (``x.to(cpu)``,
+    ``arange(..., device=cpu)``) are read as ``meta``."""
 
-    def __init__(self, gm: torch.fx.GraphModule):
+    def __init__(self, gm: torch.fx.GraphModule, on_meta: bool = False):
         super().__init__(gm, garbage_collect_values=False)
+        self.on_meta = on_meta
+
+    def call_function(self, target, args, kwargs):
+        return super().call_function(target, *self._devices(args, kwargs))
+
+    def call_method(self, target, args, kwargs):
+        return super().call_method(target, *self._devices(args, kwargs))
+
+    def _devices(self, args, kwargs):
+        if not self.on_meta:
+            return args, kwargs
+        meta = torch.device("meta")
+        args, kwargs = pytree.tree_map_only(torch.device, lambda _: meta, (args, kwargs))
+        if isinstance(kwargs.get("device"), str):
+            kwargs = {**kwargs, "device": meta}
+        return args, kwargs
 
 
 def run_graph(
@@ -62,7 +80,8 @@ def run_graph(
 ) -> tuple[Any, dict[str, Any]]:
     """Interpret `gm` on `(args, kwargs)`. Returns (output as the caller sees it, {node name: value})."""
     flat = flat_inputs(gm, tuple(args), dict(kwargs or {}))
-    interpreter = _Recorder(gm)
+    on_meta = any(isinstance(t, torch.Tensor) and t.is_meta for t in (*flat, *gm.parameters(), *gm.buffers()))
+    interpreter = _Recorder(gm, on_meta)
     with torch.no_grad():
         out = interpreter.run(*flat, enable_io_processing=False)
     values = {node.name: value for node, value in interpreter.env.items()}

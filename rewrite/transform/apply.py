@@ -1,7 +1,9 @@
 """``apply(model, passes, args)``: the pass manager. Trace, plan and run growth passes and rules, verify, report.
 
 Passes (width passes, rules, rule sets flattened into their rules) run in order, each on the result of the
-one before. Every pass states its plan (sites, growth, exact or not and why, refused matches) before it
+one before, planned on shapes first: every pass runs on a copy of the graph whose tensors are on ``meta``, and
+then each grown tensor is built once from the original's (``rewrite.transform.materialise``), so no
+intermediate model is allocated and a tensor several passes grow is not built once per pass. Every pass states its plan (sites, growth, exact or not and why, refused matches) before it
 runs; with ``verify=True`` the grown graph is compared with the original on the example inputs after each
 pass, intermediate values included through the growth mapping, and a pass claimed exact that fails raises
 ``VerificationError`` naming the first diverging node (after an approximate pass, an exact one is checked
@@ -12,13 +14,15 @@ removed, resized or renamed, and the measured error. The original model is never
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import torch
 
-from rewrite.errors import GrowthError, VerificationError
+from rewrite.errors import GrowfxError, GrowthError, VerificationError
 from rewrite.ir.graph import Graph, Lineage
 from rewrite.transform.growth_map import KEPT, GrowthMap
 from rewrite.transform.growth_ops import rounded_by
+from rewrite.transform.materialise import NeedsWeights, all_on_meta, check_shapes_only, materialise, on_meta
 from rewrite.transform.static_sizes import static_sizes
 from rewrite.transform.plan import Plan
 from rewrite.transform.rules import RuleSet
@@ -70,13 +74,16 @@ class PassRecord:
 @dataclasses.dataclass
 class GrowthReport:
     passes: list[PassRecord]
+    how: str = ""  # how the grown tensors were made (``rewrite.transform.materialise``)
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)  # wall time by phase
 
     @property
     def exact(self) -> bool:
         return all(record.exact is not False for record in self.passes)
 
     def __str__(self) -> str:
-        return "\n".join(["growth report:"] + [f"  {record}" for record in self.passes])
+        how = f" ({self.how})" if self.how else ""
+        return "\n".join([f"growth report{how}:"] + [f"  {record}" for record in self.passes])
 
 
 class GrownModule(torch.nn.Module):
@@ -112,8 +119,10 @@ class Grown:
 
 
 def apply(model: torch.nn.Module | Graph, passes: list, args=(), kwargs: dict | None = None, *,
-          verify: bool = True, strict: bool = False) -> Grown:
-    """Grow ``model`` with ``passes`` in order; see the module docstring."""
+          verify: bool = True, strict: bool = False, plan_first: bool = True) -> Grown:
+    """Grow ``model`` with ``passes`` in order; see the module docstring. ``plan_first=False`` builds each pass's
+    tensors in turn instead of planning every pass on shapes first (the same bits, more time and memory; what
+    ``apply`` falls back to by itself when a rule reads the weights' values)."""
     args = args if isinstance(args, tuple) else (args,)
     kwargs = dict(kwargs or {})
     original = model if isinstance(model, Graph) else trace(model, args, kwargs)
@@ -122,22 +131,75 @@ def apply(model: torch.nn.Module | Graph, passes: list, args=(), kwargs: dict | 
         # nodes); where modules came from keeps pointing at the traced model
         original = original.with_module(original.module, Lineage(origins=original.lineage.origins))
     original = static_sizes(original)  # the fx graph's shape reads of weight-fixed axes as literals
-    current = original
+    flat = _flatten(passes)
+    seconds = {}
+    start = time.perf_counter()
+    if all_on_meta(original) or not plan_first:  # without weights, the plan on shapes is the result
+        how = ("planned on shapes (the model has no weights)" if plan_first
+               else "built pass by pass (plan_first=False)")
+        steps, final = _pass_by_pass(original, flat, strict)
+    else:
+        try:
+            steps = _run_passes(on_meta(original), flat, strict, planning=True)
+            seconds["plan"] = time.perf_counter() - start
+            start = time.perf_counter()
+            grown = [step for step in steps if step.plan is not None]
+            final = materialise(grown[-1].graph, [s.map for s in grown], original) if grown else original
+            how = "planned on shapes, each tensor built once"
+        except NeedsWeights as why:
+            seconds, start = {}, time.perf_counter()
+            how = f"built pass by pass: {why}"
+            steps, final = _pass_by_pass(original, flat, strict)
+    seconds["build" if "plan" in seconds else "plan and build"] = time.perf_counter() - start
+    records = [step.record for step in steps]
+    if verify:
+        start = time.perf_counter()
+        _verify_passes(original, steps, final, args, kwargs)
+        seconds["verify"] = time.perf_counter() - start
+    if final.lineage.growth_map is None:  # nothing grew: the map of the model onto itself
+        final = final.with_module(final.module, Lineage(growth_map=GrowthMap.identity(final.module)))
+    return Grown(GrownModule(final), final, GrowthReport(records, how, seconds), original)
+
+
+def _pass_by_pass(original: Graph, flat: list, strict: bool) -> tuple[list["_Step"], Graph]:
+    """Every pass run on the tensors the one before made: the steps and the last graph."""
+    steps = _run_passes(original, flat, strict, planning=False)
+    return steps, steps[-1].graph if steps else original
+
+
+@dataclasses.dataclass
+class _Step:
+    """One pass as it ran: its record, its plan (None: it matched nothing), the graph after it, its map."""
+
+    record: PassRecord
+    plan: Plan | None
+    graph: Graph
+    map: GrowthMap | None
+
+
+def _run_passes(start: Graph, flat: list, strict: bool, planning: bool) -> list[_Step]:
+    """Plan and run every pass in order on ``start`` (its tensors on meta when ``planning``: ``NeedsWeights``
+    when a pass needs the weights' values)."""
+    current = start
     shapes = _parameter_shapes(current)
-    records = []
-    for growth in _flatten(passes):
+    steps = []
+    for growth in flat:
         before = _count(shapes)
-        plan = growth.plan(current)
+        plan = _shapes_only(lambda: growth.plan(current), growth.name, planning)
         if plan.empty:
             if strict:
                 why = "".join(f"; at {site}: {reason}" for site, reason in plan.refusals)
                 raise GrowthError(f"{growth.name} matched nothing{why}")
-            records.append(PassRecord(growth.name, None, before, before, refusals=plan.refusals))
+            steps.append(_Step(PassRecord(growth.name, None, before, before, refusals=plan.refusals), None,
+                               current, None))
             continue
         # an intermediate this loop made is replaced by the pass's result: its tensors may move on
-        handed = current.handed_over() if current is not original else current
-        previous, current = current, growth.run(handed, plan)
-        moves = _moves(current.lineage.step_map)
+        handed = current.handed_over() if current is not start else current
+        current = _shapes_only(lambda: growth.run(handed, plan), growth.name, planning)
+        step_map = current.lineage.step_map
+        if planning:
+            check_shapes_only(step_map, growth.name)
+        moves = _moves(step_map)
         renamed = [name for name in shapes if moves.get(name, name) != name]
         old_shapes = {moves.get(name, name): shape for name, shape in shapes.items()}
         shapes = _parameter_shapes(current)
@@ -146,17 +208,63 @@ def apply(model: torch.nn.Module | Graph, passes: list, args=(), kwargs: dict | 
             added=[n for n in shapes if n not in old_shapes],
             removed=[n for n in old_shapes if n not in shapes],
             resized=[n for n in shapes if n in old_shapes and shapes[n] != old_shapes[n]],
-            renamed=renamed, notes=_rounding(current.lineage.step_map) if plan.exact else [],
+            renamed=renamed, notes=_rounding(step_map) if plan.exact else [],
         )
-        if verify:  # the error against the original; an exact pass after an approximate one is checked
-            exact_so_far = all(r.exact is not False for r in records)  # against its own input as well
-            record.verification = _check(original, current, args, kwargs, growth.name, plan, exact_so_far)
-            if not exact_so_far and plan.exact:
-                _check(previous, current, args, kwargs, growth.name, plan, True)
-        records.append(record)
-    if current.lineage.growth_map is None:  # nothing grew: the map of the model onto itself
-        current = current.with_module(current.module, Lineage(growth_map=GrowthMap.identity(current.module)))
-    return Grown(GrownModule(current), current, GrowthReport(records), original)
+        steps.append(_Step(record, plan, current, step_map))
+    return steps
+
+
+def _shapes_only(call, name: str, planning: bool):
+    """``call()``; when ``planning`` on meta, a failure that is not a rule's own (``.item()`` of a meta tensor, a
+    graph that runs on weights but not on meta) means the pass needs the weights: ``NeedsWeights``."""
+    if not planning:
+        return call()
+    try:
+        return call()
+    except GrowfxError as e:
+        if e.__cause__ is None or isinstance(e.__cause__, GrowfxError):
+            raise
+        raise NeedsWeights(f"{name} does not run on shapes alone ({first_line(e)})") from e
+    except Exception as e:  # noqa: BLE001 - see the docstring
+        raise NeedsWeights(f"{name} reads the weights' values ({first_line(e)})") from e
+
+
+def _verify_passes(original: Graph, steps: list[_Step], final: Graph, args: tuple, kwargs: dict) -> None:
+    """Every pass checked against the original; the reports go on the pass records. When every pass is exact,
+    the final model is compared with the original once (through the composed node map), and that report is
+    every pass's; otherwise, or when it diverges, pass by pass (an exact pass after an approximate one also
+    against its own input), to name the pass and the first node that diverges. A pass's intermediate model
+    planned on shapes is built for that from the original's tensors (the passes so far)."""
+    grown = [step for step in steps if step.plan is not None]
+    if len(grown) > 1 and all(step.plan.exact for step in grown):
+        try:
+            report = verify(original, final, args, kwargs, title=f"after {', '.join(s.record.name for s in grown)}")
+        except Exception:  # noqa: BLE001 - the pass-by-pass check below names the pass whose graph does not run
+            report = None
+        if report is not None and report.ok:
+            for step in grown:
+                step.record.verification = report
+            return
+    previous = original
+    for i, step in enumerate(grown):
+        if step is grown[-1]:
+            current = final
+        elif all_on_meta(step.graph) and not all_on_meta(original):
+            current = materialise(_planned_copy(step.graph), [s.map for s in grown[:i + 1]], original)
+        else:
+            current = step.graph
+        exact_so_far = all(s.record.exact is not False for s in grown[:i])
+        step.record.verification = _check(original, current, args, kwargs, step.record.name, step.plan,
+                                          exact_so_far)
+        if not exact_so_far and step.plan.exact:
+            _check(previous, current, args, kwargs, step.record.name, step.plan, True)
+        previous = current
+
+
+def _planned_copy(graph: Graph) -> Graph:
+    """A copy of an intermediate planned graph to materialise (its module may have been handed to the next pass,
+    which shares its untouched meta tensors)."""
+    return graph.with_module(graph.module_copy())
 
 
 def _moves(step: GrowthMap | None) -> dict[str, str]:

@@ -42,6 +42,9 @@ class Editor:
         self.origins: dict[str, str] = dict(graph.lineage.origins)  # module -> its module in the traced model
         self._names = tensor_names(self.module)  # identity -> name, for the tensors as the source graph has them
         self._made: dict[int, tuple[torch.Tensor, Recipe]] = {}  # identity -> (tensor, how it was made)
+        # planning on shapes (``rewrite.transform.materialise``): new tensors are held on meta too, their
+        # recipes keep the values
+        self._meta = any(t.is_meta for t in (*self.module.parameters(), *self.module.buffers()))
 
     # -- nodes -------------------------------------------------------------------------------------
     def node(self, name: str) -> torch.fx.Node:
@@ -238,7 +241,7 @@ class Editor:
         """A new parameter ``name`` holding ``value`` (parent modules are created as needed); returns its name.
         The growth map records zeros as zeros and any other value as an opaque value."""
         value = value.detach()
-        kind = "zeros" if not value.count_nonzero() else "value"
+        kind = "value" if value.is_meta or value.count_nonzero() else "zeros"
         fill = Fill(kind, tuple(value.shape), value.dtype, value=value.clone() if kind == "value" else None)
         return self._add(name, value, Recipe(None, role=NEW, start=fill))
 
@@ -246,20 +249,22 @@ class Editor:
         """A new parameter ``name`` drawn from ``N(0, std^2)`` with ``seed`` (a router, a fresh projection); the
         growth map records the seed, not the value."""
         fill = Fill("normal", tuple(shape), dtype, seed=seed, std=std)
-        return self._add(name, fill.make(), Recipe(None, role=NEW, start=fill))
+        value = torch.empty(shape, dtype=dtype, device="meta") if self._meta else fill.make()
+        return self._add(name, value, Recipe(None, role=NEW, start=fill))
 
     def _add(self, name: str, value: torch.Tensor, recipe: Recipe) -> str:
         parent, _, leaf = name.rpartition(".")
         holder = self._module_at(parent)
         if hasattr(holder, leaf):
             raise GrowthError(f"cannot add parameter {name}: the name is taken")
-        parameter = torch.nn.Parameter(value)
+        parameter = torch.nn.Parameter(value.to("meta") if self._meta else value)
         holder.register_parameter(leaf, parameter)
         self._record(parameter, recipe)
         return name
 
     def _replace(self, name: str, value: torch.Tensor, recipe: Recipe) -> None:
         old = self.tensor(name)
+        value = value.to("meta") if self._meta else value
         if isinstance(old, torch.nn.Parameter):
             value = torch.nn.Parameter(value.detach(), old.requires_grad)
         for module in self.module.modules():

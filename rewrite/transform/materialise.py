@@ -1,0 +1,161 @@
+"""Plan on shapes, then build each grown tensor once: the two halves of ``rewrite.apply``.
+
+**Planning** (:func:`on_meta`) runs every pass on a copy of the traced graph whose parameters and buffers
+are on the ``meta`` device: the rules analyse, copy blocks and resize exactly as they would on weights, but
+no weight is allocated, copied or filled, and each pass's growth map (``lineage.step_map``) records how its
+tensors are made from the ones before.
+
+**Materialising** (:func:`materialise`) makes every tensor of the planned graph from the original's tensors
+by running the recipes of the passes one after another, tensor by tensor, and puts it in place of the meta
+tensor (tied names share it). Consecutive passes' ops run in one go, so a tensor two passes grow (the MLP of
+``widen_hidden`` + ``widen_mlp``) is built once, where that gives the same bits as running the passes one at
+a time:
+
+    run_ops(run_ops(x, a), b) == run_ops(x, a + b)
+
+holds when nothing is rounded between them (float32, float64, integers: a bfloat16/float16 tensor is
+rounded at the end of every pass, so its passes run one at a time) and ``b`` draws no noise before its first
+``Take`` (noise is scaled by the std of the tensor before the last Take: in one run that would be ``a``'s
+input instead of its output). Tensors are made by a few threads at once (a seeded normal draw runs on one
+core; each tensor's values depend on its own seeds only, so the bits do not depend on the order). Peak
+memory is the original, the grown tensors, and the scratch of the tensors being made.
+
+A rule that computes a value from the weights (``Editor.set_tensor`` of a value made from a meta tensor,
+a tensor registered without the Editor) or reads one (``.item()`` on a meta tensor) cannot be planned on
+shapes; :class:`NeedsWeights` says so and ``apply`` runs the passes on the weights instead.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+import torch.utils._pytree as pytree
+
+from rewrite.ir.graph import Graph
+from rewrite.transform.growth_map import GrowthMap, Recipe
+from rewrite.transform.growth_ops import Noise, Take, run_ops
+
+
+WORKERS = 4  # tensors made at once, at most one per torch thread: a seeded draw runs on one core
+
+
+class NeedsWeights(Exception):
+    """The plan depends on the weights' values, not only their shapes (see the module docstring)."""
+
+
+def tensors_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of ``module`` by every name it goes by (non-persistent buffers included)."""
+    return {**dict(module.named_parameters(remove_duplicate=False)),
+            **dict(module.named_buffers(remove_duplicate=False))}
+
+
+def all_on_meta(graph: Graph) -> bool:
+    """True when every parameter and buffer of ``graph`` is on ``meta`` (a model built without weights)."""
+    tensors = list(tensors_of(graph.module).values())
+    return bool(tensors) and all(t.is_meta for t in tensors)
+
+
+def on_meta(graph: Graph) -> Graph:
+    """A copy of ``graph`` whose parameters and buffers are on ``meta`` (constants the tracer lifted stay as
+    they are), with its example inputs on ``meta`` too: what the passes plan on."""
+    memo: dict[int, torch.Tensor] = {}
+    for tensor in (*graph.module.parameters(), *graph.module.buffers()):
+        if id(tensor) not in memo:
+            shape = tensor.detach().to("meta")
+            memo[id(tensor)] = (torch.nn.Parameter(shape, tensor.requires_grad)
+                                if isinstance(tensor, torch.nn.Parameter) else shape)
+    planned = graph.with_module(graph.module_copy(memo), disposable=True)
+    planned.example_args = _to_meta(graph.example_args)
+    planned.example_kwargs = _to_meta(graph.example_kwargs)
+    return planned
+
+
+def check_shapes_only(step: GrowthMap, rule: str) -> None:
+    """``NeedsWeights`` when a pass's map holds a value that was computed on ``meta`` (a value from the
+    weights, which planning does not have)."""
+    for name, recipe in step.recipes.items():
+        start = recipe.start
+        if start is not None and start.value is not None and start.value.is_meta:
+            raise NeedsWeights(f"{rule} computes {name} from the weights' values")
+
+
+def materialise(planned: Graph, steps: list[GrowthMap], original: Graph) -> Graph:
+    """The graph ``planned`` (on meta, made from ``original`` by passes whose maps are ``steps``, in order) with
+    every tensor made from ``original``'s tensors; it takes ``original``'s example inputs. ``planned``'s module
+    is filled in place: it is the result."""
+    sources = tensors_of(original.module)
+    module = planned.module
+    final = steps[-1]
+    made: dict[int, torch.Tensor] = {}  # id of the meta tensor -> the real one
+    todo = list(_distinct(module))
+    for name, _ in todo:
+        if final.canonical(name) not in final.recipes:
+            raise NeedsWeights(f"the planned graph has a tensor {name} its growth map does not make")
+    with ThreadPoolExecutor(max(1, min(WORKERS, torch.get_num_threads()))) as pool:
+        values = list(pool.map(lambda item: _make(final.canonical(item[0]), steps, sources), todo))
+    for (name, tensor), value in zip(todo, values):
+        made[id(tensor)] = (torch.nn.Parameter(value, tensor.requires_grad)
+                            if isinstance(tensor, torch.nn.Parameter) else value)
+    for sub in module.modules():
+        for store in (sub._parameters, sub._buffers):
+            for key, tensor in store.items():
+                if tensor is not None and id(tensor) in made:
+                    store[key] = made[id(tensor)]
+    return original.with_module(module, planned.lineage)
+
+
+def _distinct(module: torch.nn.Module):
+    """(first name, tensor) for each parameter and buffer once."""
+    seen = set()
+    for name, tensor in tensors_of(module).items():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            yield name, tensor
+
+
+def _make(name: str, steps: list[GrowthMap], sources: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The tensor ``name`` of the last step, made from ``sources`` by the recipes of every step in turn, runs of
+    steps that give the same bits in one go (see the module docstring); never a view of a source."""
+    chain: list[Recipe] = []
+    for step in reversed(steps):
+        recipe = step.recipes[step.canonical(name)]
+        chain.append(recipe)
+        if recipe.source is None:
+            break
+        name = recipe.source
+    chain.reverse()
+    first = chain[0]
+    if first.source is None:
+        x, fresh = first.start.make(), True
+    else:
+        if first.source not in sources:
+            raise NeedsWeights(f"the growth map reads {first.source}, which the traced model does not have")
+        x, fresh = sources[first.source], False
+    ops: list = []
+    for recipe in chain:
+        if ops and not _joins(x.dtype, recipe.ops):
+            x, fresh, ops = run_ops(x, ops), True, []
+        ops.extend(recipe.ops)
+    if ops:
+        x, fresh = run_ops(x, ops), True
+    return x if fresh else x.detach().clone()  # every op makes a new tensor; an unchanged one is copied
+
+
+def _joins(dtype: torch.dtype, ops) -> bool:
+    """Whether a pass's ``ops`` may run in one go with the ops of the passes before it (module docstring)."""
+    if dtype.is_floating_point and torch.finfo(dtype).bits < 32:
+        return False
+    for op in ops:
+        if isinstance(op, Take):
+            return True
+        if isinstance(op, Noise):
+            return False
+    return True
+
+
+def _to_meta(value):
+    return pytree.tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, value)
+
+
+__all__ = ["NeedsWeights", "all_on_meta", "check_shapes_only", "materialise", "on_meta", "tensors_of"]

@@ -1,0 +1,159 @@
+"""Planning every pass on shapes, then building each tensor once, gives the bits building pass by pass gives.
+
+``rewrite.apply`` plans on a copy of the graph whose tensors are on ``meta`` and then makes every grown tensor
+from the original's (``rewrite.transform.materialise``); ``plan_first=False`` is the old way, every pass
+building its tensors from the previous pass's. Both must give the same module, bit for bit, for every pass,
+policy and dtype, and the built-in passes must never need the weights to plan.
+"""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+import passes
+import rewrite
+from conftest import assert_same_state, traced
+from rewrite.app.zoo.handwritten import GPT, Llama
+from test_property_growth import models, steps
+
+PLANNED = "planned on shapes, each tensor built once"
+
+
+def both_ways(model, plan, args, kwargs=None, verify=False):
+    """(planned first, built pass by pass), or None when the plan is refused (both must refuse alike)."""
+    try:
+        first = rewrite.apply(model, plan, args, kwargs, verify=verify)
+    except rewrite.GrowthError as refusal:
+        with pytest.raises(type(refusal)) as again:
+            rewrite.apply(model, plan, args, kwargs, verify=verify, plan_first=False)
+        assert str(again.value) == str(refusal)
+        return None
+    return first, rewrite.apply(model, plan, args, kwargs, verify=verify, plan_first=False)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(models(), st.data(), st.sampled_from([torch.float32, torch.bfloat16]))
+def test_property_planning_first_gives_the_bits_of_building_pass_by_pass(drawn, data, dtype):
+    kind, model, ratio = drawn
+    model = model.to(dtype)
+    plan = data.draw(steps(ratio))
+    ids = torch.randint(0, 32, (2, 6))
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    ways = both_ways(model, plan, (ids,))
+    if ways is None:
+        return
+    first, by_pass = ways
+    assert first.report.how == PLANNED, first.report.how
+    assert_same_state(first.module.state_dict(), by_pass.module.state_dict())
+    assert_same_state(first.map.apply(model.state_dict()), first.module.state_dict())
+    assert_same_state(model.state_dict(), before)  # the original is never modified
+    own = {t.data_ptr() for t in model.state_dict().values()}
+    assert not any(t.data_ptr() in own for t in first.module.state_dict().values())  # nor shared
+    torch.testing.assert_close(first.module(ids), by_pass.module(ids), rtol=0, atol=0)
+
+
+ZOO_PLANS = {
+    "widen_mlp": lambda: [passes.widen_mlp(factor=2, init="clone")],
+    "widen_hidden": lambda: [passes.widen_hidden(factor=2, init="clone")],
+    "add_layers(copy)": lambda: [passes.add_layers(1, init="copy")],
+    "add_layers(at=0)": lambda: [passes.add_layers(2, at=0)],
+    "split_layers": lambda: [passes.split_layers(2, layers=[0])],
+    "upcycle_moe": lambda: [passes.upcycle_moe(3, 2)],
+    "three passes": lambda: [passes.widen_mlp(factor=2), passes.add_layers(1, init="copy"),
+                             passes.widen_hidden(factor=2, init="clone")],
+}
+
+
+@pytest.mark.parametrize("name", ["gpt", "llama", "hf-gpt2", "hf-llama", "hf-qwen2", "hf-bert", "hf-mixtral"])
+@pytest.mark.parametrize("plan", list(ZOO_PLANS))
+def test_the_built_in_passes_plan_on_shapes_on_traced_hugging_face_graphs(name, plan):
+    built, graph = traced(name)
+    ways = both_ways(graph, ZOO_PLANS[plan](), built.args, built.kwargs, verify=True)
+    if ways is None:
+        return
+    first, by_pass = ways
+    assert first.report.how == PLANNED, first.report.how
+    assert_same_state(first.module.state_dict(), by_pass.module.state_dict())
+    for mine, theirs in zip(first.report.passes, by_pass.report.passes):
+        assert (mine.verification is None) == (theirs.verification is None)
+        if mine.verification is not None:
+            assert mine.verification.max_abs_error == theirs.verification.max_abs_error
+
+
+def test_net2deeper_plans_on_shapes_and_keeps_its_identity_layer():
+    built, graph = traced("cnn")
+    first, by_pass = both_ways(graph, [passes.net2deeper("conv1")], built.args, built.kwargs, verify=True)
+    assert first.report.how == PLANNED
+    assert_same_state(first.module.state_dict(), by_pass.module.state_dict())
+
+
+def test_a_rule_that_reads_the_weights_is_built_pass_by_pass_and_says_so():
+    torch.manual_seed(0)
+    model = GPT(vocab=32, dim=16, heads=4, hidden=24, layers=1).eval()
+    ids = torch.randint(0, 32, (2, 6))
+
+    @rewrite.rule(rewrite.op("linear", "fc", module="*.fc"))
+    def perturb(match, edit):
+        weight = match.weight("fc")
+        edit.set_tensor(weight, edit.tensor(weight).detach().sin())
+
+    @rewrite.rule(rewrite.op("linear", "fc", module="*.fc"))
+    def halve_if_large(match, edit):
+        weight = match.weight("fc")
+        if edit.tensor(weight).abs().max() > 0:  # reads a value: cannot run on meta
+            edit.transform(weight, rewrite.Scale(0.5))
+
+    for rule, why in ((perturb, "computes blocks.0.fc.weight from the weights' values"),
+                      (halve_if_large, "reads the weights' values")):
+        grown = rewrite.apply(model, [passes.widen_mlp(factor=2), rule], (ids,), verify=False)
+        assert grown.report.how.startswith("built pass by pass") and why in grown.report.how, grown.report.how
+        by_pass = rewrite.apply(model, [passes.widen_mlp(factor=2), rule], (ids,), verify=False, plan_first=False)
+        assert_same_state(grown.module.state_dict(), by_pass.module.state_dict())
+
+
+def test_the_report_times_planning_building_and_verifying():
+    torch.manual_seed(0)
+    model = Llama(vocab=32, dim=16, heads=4, kv_heads=2, hidden=24, layers=2).eval()
+    ids = torch.randint(0, 32, (2, 6))
+    grown = rewrite.apply(model, [passes.widen_mlp(factor=2), passes.add_layers(1)], (ids,))
+    assert set(grown.report.seconds) == {"plan", "build", "verify"}
+    assert all(seconds >= 0 for seconds in grown.report.seconds.values())
+    assert PLANNED in str(grown.report)
+
+
+def test_a_bfloat16_tensor_two_passes_scale_is_rounded_after_each_pass_as_before():
+    """``widen_hidden`` scales RMSNorm gains by sqrt(2), which bfloat16 rounds: twice in a row, the gains are
+    rounded after each pass when built pass by pass, so a build in one go would differ in the last bit."""
+    torch.manual_seed(0)
+    model = Llama(vocab=32, dim=16, heads=4, kv_heads=2, hidden=24, layers=1).eval()
+    for norm in (m for m in model.modules() if hasattr(m, "weight") and m.weight.dim() == 1):
+        torch.nn.init.uniform_(norm.weight, 0.5, 1.5)  # gains that round differently, not all ones
+    model = model.to(torch.bfloat16)
+    ids = torch.randint(0, 32, (2, 6))
+    plan = [passes.widen_hidden(factor=2), passes.widen_hidden(factor=2)]
+    first, by_pass = both_ways(model, plan, (ids,))
+    assert first.report.how == PLANNED
+    assert_same_state(first.module.state_dict(), by_pass.module.state_dict())
+    gains = [name for name, recipe in first.map.recipes.items()
+             if sum(type(op).__name__ == "Scale" for op in recipe.ops) == 2]
+    assert gains  # the case this test is about: two roundings of one tensor
+
+
+def test_noise_a_later_pass_draws_keeps_the_scale_of_that_pass_s_input():
+    """Noise is scaled by the std of the tensor before the last ``Take``; a pass that adds noise without a
+    Take of its own scales it by its own input (the MLP zero-padded by the pass before), not the original's."""
+    torch.manual_seed(0)
+    model = GPT(vocab=32, dim=16, heads=4, hidden=24, layers=1).eval()
+    ids = torch.randint(0, 32, (2, 6))
+
+    @rewrite.rule(rewrite.op("linear", "fc", module="*.fc"))
+    def jitter(match, edit):
+        weight = match.weight("fc")
+        rows = edit.tensor(weight).shape[0]
+        edit.transform(weight, rewrite.Noise(0, torch.arange(rows), seed=7, relative=0.1))
+
+    plan = [passes.widen_mlp(factor=2), jitter]
+    first, by_pass = both_ways(model, plan, (ids,))
+    assert first.report.how == PLANNED
+    assert_same_state(first.module.state_dict(), by_pass.module.state_dict())
