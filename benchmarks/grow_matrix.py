@@ -3,7 +3,7 @@
     python benchmarks/grow_matrix.py               # the five cases, medians of 7
     python benchmarks/grow_matrix.py --cases a,c --runs 5
 
-The cases (the models of ``examples/bench_widen.py``: a Llama-style decoder, 12 layers, dim 768, GQA 12/4,
+The cases (two hand-written models of GPT-2 small's size: a Llama-style decoder, 12 layers, dim 768, GQA 12/4,
 MLP 2048, vocabulary 32000, and a GPT-style one, 12 layers, dim 768, MLP 3072, vocabulary 50257, tied):
 
 * (a) Llama: ``widen_hidden(factor=2, init="clone")`` + ``widen_mlp(factor=2)``;
@@ -17,12 +17,16 @@ Each case runs in its own fresh process, ``torch.set_num_threads`` fixed (``--th
 
 * **time**: the model traced once, then ``--runs`` rounds alternating the growth
   (``rewrite.apply(graph, plan, verify=False)``) and the floor, the previous result freed before each; medians.
-  The floor writes every tensor of the grown model once (zeros) and copies the old values into its leading
-  slice: what any growth must do, since the grown model owns its tensors. Then ``apply(verify=True)`` a few
+  Every run starts from a trimmed heap (``measure.fresh_heap``), so its tensors take new pages as in a
+  process that grows once. The floor writes every tensor of the grown model once (zeros) and copies the old
+  values into its leading slice: what any growth must do, since the grown model owns its tensors. Then ``apply(verify=True)`` a few
   times: the extra is verification's cost, reported separately. The growth's own phases (planning on shapes,
   materialising) come from ``GrowthReport.seconds``. A third kind in each round, ``plan_first=False``, is the
   growth built pass by pass (every intermediate model materialised: how ``apply`` grew before).
-* **memory**: two more fresh processes per case, one growing once and one running the floor once; each
+* **draws**: the normal draws the plan makes (noise on new units, redrawn copies, seeded fills), counted
+  from its growth map and timed alone: the one part of a growth the floor does not do.
+* **memory**: three more fresh processes per case, growing once, building pass by pass once
+  (``plan_first=False``) and running the floor once; each
   resets its peak resident memory (``/proc/self/clear_refs``) after building and tracing the model, so the
   peaks compare the growth with the floor over the same starting point (the model and the interpreter).
 
@@ -32,12 +36,12 @@ Writes ``benchmarks/results/grow_matrix/results.json`` and ``results.md``.
 from __future__ import annotations
 
 import argparse
-import gc
+import math
 import statistics
 import time
 from pathlib import Path
 
-from measure import in_fresh_process, resident, save
+from measure import fresh_heap, in_fresh_process, resident, save
 
 RESULTS = Path(__file__).resolve().parent / "results" / "grow_matrix"
 
@@ -108,6 +112,35 @@ def floor(original, grown: dict) -> list:
     return tensors
 
 
+def draws(growth_map) -> list[int]:
+    """How many normal draws each seeded op of the plan makes (noise on new units, redrawn copies, seeded
+    fills): the one part of a growth the floor does not do, timed alone for reference."""
+    from rewrite.transform.growth_ops import Noise, Redraw, Take
+
+    counts = []
+    for recipe in growth_map.recipes.values():
+        shape = list(recipe.start.shape if recipe.source is None else growth_map.original[recipe.source][0])
+        if recipe.source is None and recipe.start.kind == "normal":
+            counts.append(math.prod(shape))
+        for op in recipe.ops:
+            if isinstance(op, Take):
+                shape[op.axis] = len(op.index)
+            elif isinstance(op, Redraw):
+                counts.append(math.prod(shape))
+            elif isinstance(op, Noise):
+                counts.append(math.prod(shape) // shape[op.axis] * len(op.positions))
+    return counts
+
+
+def draw_time(counts: list[int]) -> float:
+    import torch
+
+    start = time.perf_counter()
+    for n in counts:
+        torch.randn(n, generator=torch.Generator().manual_seed(0))
+    return time.perf_counter() - start
+
+
 def timing(case: str, runs: int, threads: int, queue) -> None:
     """The alternating rounds of one case in this process (see the module docstring)."""
     import rewrite
@@ -116,35 +149,38 @@ def timing(case: str, runs: int, threads: int, queue) -> None:
     steps = plan(case)
     grown, count = shapes(graph, steps, args)
     sizes = (graph.num_parameters, count)
-    how = rewrite.apply(graph, steps, args, verify=False).report.how
+    reference = rewrite.apply(graph, steps, args, verify=False)
+    how, counts = reference.report.how, draws(reference.map)
+    del reference
     grow_s, floor_s, by_pass_s, phases = [], [], [], []
     for _ in range(runs):
-        gc.collect()
+        fresh_heap()
         start = time.perf_counter()
         result = rewrite.apply(graph, steps, args, verify=False)
         grow_s.append(time.perf_counter() - start)
         phases.append(result.report.seconds)
         del result
-        gc.collect()
+        fresh_heap()
         start = time.perf_counter()
         result = floor(graph, grown)
         floor_s.append(time.perf_counter() - start)
         del result
-        gc.collect()
+        fresh_heap()
         start = time.perf_counter()
         result = rewrite.apply(graph, steps, args, verify=False, plan_first=False)
         by_pass_s.append(time.perf_counter() - start)
         del result
+    draws_s = statistics.median(draw_time(counts) for _ in range(runs))
     verified_s, errors = [], []
     for _ in range(3):
-        gc.collect()
+        fresh_heap()
         start = time.perf_counter()
         result = rewrite.apply(graph, steps, args, verify=True)
         verified_s.append(time.perf_counter() - start)
         errors.append(max(r.verification.max_rel_error for r in result.report.passes if r.verification))
         del result
     queue.put({"case": case, "parameters": sizes, "how": how, "grow_s": grow_s, "floor_s": floor_s,
-               "by_pass_s": by_pass_s,
+               "by_pass_s": by_pass_s, "draws": sum(counts), "draws_s": draws_s,
                "phases": {k: statistics.median(p[k] for p in phases) for k in phases[0]},
                "verified_s": verified_s, "max_rel_error": max(errors)})
 
@@ -156,10 +192,13 @@ def peak(case: str, kind: str, threads: int, queue) -> None:
     model, graph, args = traced(case, threads)
     steps = plan(case)
     grown = shapes(graph, steps, args)[0] if kind == "floor" else None
-    gc.collect()
+    fresh_heap()
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     before = resident()[0]
-    result = rewrite.apply(graph, steps, args, verify=False) if kind == "grow" else floor(graph, grown)
+    if kind == "floor":
+        result = floor(graph, grown)
+    else:
+        result = rewrite.apply(graph, steps, args, verify=False, plan_first=kind == "grow")
     queue.put({"case": case, "kind": kind, "before": before, "peak": resident()[1]})
     del result
 
@@ -176,6 +215,7 @@ def main() -> None:
         timed = in_fresh_process(timing, case, options.runs, options.threads)
         grow_peak = in_fresh_process(peak, case, "grow", options.threads)
         floor_peak = in_fresh_process(peak, case, "floor", options.threads)
+        by_pass_peak = in_fresh_process(peak, case, "by pass", options.threads)
         grow, floor_ = statistics.median(timed["grow_s"]), statistics.median(timed["floor_s"])
         by_pass = statistics.median(timed["by_pass_s"])
         verified = statistics.median(timed["verified_s"])
@@ -183,12 +223,14 @@ def main() -> None:
                "by_pass_median_s": by_pass, "by_pass_ratio": by_pass / floor_,
                "verify_extra_s": verified - grow, "grow_peak_gb": grow_peak["peak"] / 1e9,
                "floor_peak_gb": floor_peak["peak"] / 1e9, "start_gb": grow_peak["before"] / 1e9,
+               "by_pass_peak_gb": by_pass_peak["peak"] / 1e9,
                "peak_over_floor": grow_peak["peak"] / floor_peak["peak"]}
         print(row, flush=True)
         rows.append(row)
     table = ["| case | model | plan | parameters | growth (s) | floor (s) | ratio | plan / build (s) "
-             "| pass by pass (s, ratio) | verify adds (s) | peak / floor peak (GB) | peak over floor |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| normal draws alone (s) | pass by pass (s, ratio) | verify adds (s) | peak / floor peak (GB) "
+             "| peak over floor | pass by pass peak (GB) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         model, text = CASES[row["case"]]
         phases = row["phases"]
@@ -197,9 +239,10 @@ def main() -> None:
         table.append(
             f"| ({row['case']}) | {model}-124M | `{text}` | {row['parameters'][0] / 1e6:.1f}M -> "
             f"{row['parameters'][1] / 1e6:.1f}M | {row['grow_median_s']:.3f} | {row['floor_median_s']:.3f} | "
-            f"**{row['ratio']:.2f}x** | {split} | {row['by_pass_median_s']:.3f}, {row['by_pass_ratio']:.2f}x | "
-            f"{row['verify_extra_s']:.2f} | "
-            f"{row['grow_peak_gb']:.2f} / {row['floor_peak_gb']:.2f} | {100 * (row['peak_over_floor'] - 1):+.1f}% |")
+            f"**{row['ratio']:.2f}x** | {split} | {row['draws_s']:.2f} ({row['draws'] / 1e6:.0f}M) | "
+            f"{row['by_pass_median_s']:.3f}, {row['by_pass_ratio']:.2f}x | {row['verify_extra_s']:.2f} | "
+            f"{row['grow_peak_gb']:.2f} / {row['floor_peak_gb']:.2f} | **{100 * (row['peak_over_floor'] - 1):+.1f}%** | "
+            f"{row['by_pass_peak_gb']:.2f} |")
     table.append("")
     table.append(f"Medians of {options.runs} alternating runs, {options.threads} threads; peaks from fresh processes, "
                  f"counted from after the trace. How the tensors were made: {rows[0]['how'] if rows else ''}.")

@@ -2,7 +2,7 @@
 
     python benchmarks/plan_breakdown.py [--runs 3] [--work /tmp/growfx-plan-breakdown]
 
-Two models, each phase timed ``--runs`` times in this process (medians; ``torch.set_num_threads(2)``):
+Two models, each in a fresh process, each phase timed ``--runs`` times (medians; ``torch.set_num_threads(2)``):
 
 * SmolLM2-135M-Instruct as a float32 Hugging Face folder (the one ``mergekit_compare.py`` writes), grown
   LLaMA-Pro style (``add_layers(1, at=[14, 29], init="copy")``) as ``growfx grow`` does: load, trace with
@@ -22,7 +22,7 @@ import statistics
 import time
 from pathlib import Path
 
-from measure import save
+from measure import in_fresh_process, save
 
 RESULTS = Path(__file__).resolve().parent / "results" / "plan_breakdown"
 
@@ -38,7 +38,7 @@ def timed(function, runs: int) -> tuple[float, object]:
     return statistics.median(times), result
 
 
-def smollm2(work: Path, runs: int) -> dict:
+def smollm2(work: str, runs: int, queue) -> None:
     import torch
 
     import passes
@@ -48,6 +48,8 @@ def smollm2(work: Path, runs: int) -> dict:
     from rewrite.io.native import to_native
     from rewrite.io.sources import save_huggingface
 
+    torch.set_num_threads(2)
+    work = Path(work)
     folder = source_folder(work)
     phases = {}
     phases["load"], source = timed(lambda: load(str(folder)), runs)
@@ -73,15 +75,15 @@ def smollm2(work: Path, runs: int) -> dict:
     phases["write the folder"], _ = timed(
         lambda: save_huggingface(native, out, source.tokenizer, replace=True, dtype=torch.float32), runs)
     shutil.rmtree(out, ignore_errors=True)
-    return phases
+    queue.put(phases)
 
 
-def llama_124m(runs: int) -> dict:
+def llama_124m(runs: int, queue) -> None:
     import rewrite
     from grow_matrix import plan, traced
 
     phases = {}
-    phases["trace (fx)"], (model, graph, args) = timed(lambda: traced("a", 2), runs)
+    phases["build the model and trace it (fx)"], (model, graph, args) = timed(lambda: traced("a", 2), runs)
     steps = plan("a")
     reports = []
 
@@ -93,20 +95,19 @@ def llama_124m(runs: int) -> dict:
     phases["apply (verify=False)"], _ = timed(grow, runs)
     for key in reports[0]:
         phases[f"  of which {key}"] = statistics.median(r[key] for r in reports)
-    return phases
+    queue.put(phases)
 
 
 def main() -> None:
-    import torch
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--work", type=Path, default=Path("/tmp/growfx-plan-breakdown"))
     parser.add_argument("--out", type=Path, default=RESULTS)
     options = parser.parse_args()
-    torch.set_num_threads(2)
-    results = {"SmolLM2-135M, LLaMA-Pro add_layers(1, at=[14, 29], init=copy)": smollm2(options.work, options.runs),
-               "Llama-style 124M, widen_hidden(2, clone) + widen_mlp(2)": llama_124m(options.runs)}
+    results = {  # each in a fresh process
+        "SmolLM2-135M, LLaMA-Pro add_layers(1, at=[14, 29], init=copy)":
+            in_fresh_process(smollm2, str(options.work), options.runs),
+        "Llama-style 124M, widen_hidden(2, clone) + widen_mlp(2)": in_fresh_process(llama_124m, options.runs)}
     lines = [f"Medians of {options.runs} runs, 2 threads.", ""]
     for name, phases in results.items():
         lines += [f"**{name}**", "", "| phase | seconds |", "|---|---|"]

@@ -1,28 +1,19 @@
-"""Structural growth measured: exactness and errors on the zoo, and speed on a GPT-2-small-sized model.
+"""Structural growth measured: exactness and errors on the zoo (speed against the floor on 124M-parameter
+models is ``benchmarks/grow_matrix.py``).
 
-    python examples/bench_depth.py [--repeat 3] [--skip-large]
+    python examples/bench_depth.py
 
-Part 1, the zoo: every structural pass on every model where it is meaningful, through ``rewrite.apply``
-with verification; printed per case: parameters before/after, exact or approximate, the measured max abs
-and max relative output error, and the time of planning + rewriting + verifying.
-
-Part 2, speed: the GPT-style model of ``bench_widen`` (124M parameters: 12 layers, dim 768, MLP 3072,
-tied embeddings) traced once; each plan runs ``--repeat`` times with ``verify=False`` and is compared with
-a floor that writes every tensor of the grown model once (what any growth must do: the grown model owns
-its parameters). Reported: first and best run, the floor's best, and the peak resident memory.
+Every structural pass on every model where it is meaningful, through ``rewrite.apply`` with verification;
+printed per case: parameters before/after, exact or approximate, the measured max abs and max relative output
+error, and the time of planning + building + verifying.
 """
 
 import argparse
-import gc
-import resource
 import time
-
-import torch
 
 import passes
 import rewrite
 from rewrite.app import zoo
-from rewrite.app.zoo.handwritten import GPT
 
 # Each plan takes ``exact``: False only for post-norm BERT, where add_layers is refused otherwise.
 ZOO_PLANS = {
@@ -35,10 +26,6 @@ ZOO_PLANS = {
 }
 NET2DEEPER = {"mlp": "layers.0", "cnn": "conv1"}
 TRANSFORMERS = ["gpt", "llama", "hf-gpt2", "hf-llama", "hf-qwen2", "hf-bert", "hf-mixtral"]
-
-
-def peak_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
 def zoo_table() -> None:
@@ -92,58 +79,10 @@ def _build(name: str):
     return model, (batch["input_ids"],), {"attention_mask": batch["attention_mask"]}
 
 
-def floor(grown: rewrite.Graph) -> list:
-    return [torch.zeros(info.shape, dtype=info.dtype) for info in grown.tensors().values()]
-
-
-def speed(repeat: int) -> None:
-    torch.manual_seed(0)
-    model = GPT(vocab=50257, dim=768, heads=12, hidden=3072, layers=12, max_len=1024).eval()
-    ids = torch.randint(0, 50257, (1, 16))
-    start = time.perf_counter()
-    graph = rewrite.trace(model, (ids,))
-    print(f"\ngpt-124M ({graph.num_parameters / 1e6:.0f}M parameters), traced in {time.perf_counter() - start:.1f} s")
-    print("| plan | parameters after | first (s) | best (s) | floor best (s) | best / floor |")
-    print("|---|---|---|---|---|---|")
-    plans = {
-        "add_layers(12, init=copy)": lambda: [passes.add_layers(12, init="copy")],
-        "add_layers(1, at=[0..11]) (interleaved)": lambda: [passes.add_layers(1, at=list(range(12)))],
-        "split_layers(2)": lambda: [passes.split_layers(2)],
-        "upcycle_moe(8, 2, layers=[0..3])": lambda: [passes.upcycle_moe(8, 2, layers=[0, 1, 2, 3])],
-    }
-    for label, plan in plans.items():
-        times, grown = [], None
-        for _ in range(repeat):
-            del grown
-            gc.collect()
-            start = time.perf_counter()
-            grown = rewrite.apply(graph, plan(), (ids,), verify=False)
-            times.append(time.perf_counter() - start)
-        floors = []
-        for _ in range(repeat):
-            gc.collect()
-            start = time.perf_counter()
-            written = floor(grown.graph)
-            floors.append(time.perf_counter() - start)
-            del written
-        print(f"| {label} | {grown.graph.num_parameters / 1e6:.0f}M | {times[0]:.2f} | {min(times):.2f} | "
-              f"{min(floors):.2f} | {min(times) / min(floors):.1f}x |")
-    start = time.perf_counter()
-    grown = rewrite.apply(graph, [passes.add_layers(2)], (ids,))
-    print(f"add_layers(2) with verification: {time.perf_counter() - start:.2f} s, "
-          f"max rel error {grown.report.passes[0].verification.max_rel_error:.2g}")
-    print(f"peak resident memory: {peak_gb():.1f} GB")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--skip-large", action="store_true", help="only the zoo table")
-    options = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    parser.parse_args()
     zoo_table()
-    if not options.skip_large:
-        speed(options.repeat)
 
 
 if __name__ == "__main__":

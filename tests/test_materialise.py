@@ -62,6 +62,8 @@ ZOO_PLANS = {
     "upcycle_moe": lambda: [passes.upcycle_moe(3, 2)],
     "three passes": lambda: [passes.widen_mlp(factor=2), passes.add_layers(1, init="copy"),
                              passes.widen_hidden(factor=2, init="clone")],
+    "widths then a layer": lambda: [passes.widen_hidden(factor=2), passes.widen_mlp(factor=2),
+                                    passes.add_layers(1, at=0)],
 }
 
 
@@ -157,3 +159,68 @@ def test_noise_a_later_pass_draws_keeps_the_scale_of_that_pass_s_input():
     first, by_pass = both_ways(model, plan, (ids,))
     assert first.report.how == PLANNED
     assert_same_state(first.module.state_dict(), by_pass.module.state_dict())
+
+
+@st.composite
+def takes_on_axes(draw):
+    """A tensor's shape and Takes on distinct axes of it: kept units, then copies, zeros or a random map."""
+    rank = draw(st.integers(1, 3))
+    shape = [draw(st.integers(1, 6)) for _ in range(rank)]
+    axes = draw(st.permutations(range(rank)))[:draw(st.integers(1, rank))]
+    takes = []
+    for axis in axes:
+        old = shape[axis]
+        new = draw(st.integers(old, 3 * old))
+        fill = draw(st.sampled_from(["zero", "copy", "random"]))
+        extra = {"zero": [-1] * (new - old), "copy": [j % old for j in range(new - old)],
+                 "random": draw(st.lists(st.integers(-1, old - 1), min_size=new - old, max_size=new - old))}[fill]
+        index = torch.tensor(list(range(old)) + extra, dtype=torch.long)
+        takes.append(rewrite.Take(axis, index, torch.arange(old), fill))
+    return shape, takes
+
+
+@settings(max_examples=60, deadline=None)
+@given(takes_on_axes(), st.integers(0, 1000))
+def test_property_takes_on_several_axes_at_once_give_what_taking_one_axis_after_another_gives(drawn, seed):
+    from rewrite.transform.growth_ops import _take, _take_together, run_ops
+
+    shape, takes = drawn
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    one_by_one = x
+    for take in takes:
+        one_by_one = _take(one_by_one, take.axis, take.index)
+    assert torch.equal(_take_together(x, takes, max_blocks=10**6), one_by_one)
+    assert torch.equal(run_ops(x, takes), one_by_one)
+
+
+def test_a_fallback_reports_the_time_of_building_pass_by_pass():
+    torch.manual_seed(0)
+    model = GPT(vocab=32, dim=16, heads=4, hidden=24, layers=1).eval()
+    ids = torch.randint(0, 32, (2, 6))
+
+    @rewrite.rule(rewrite.op("linear", "fc", module="*.fc"))
+    def perturb(match, edit):
+        edit.set_tensor(match.weight("fc"), edit.tensor(match.weight("fc")).detach().sin())
+
+    grown = rewrite.apply(model, [perturb], (ids,), verify=False)
+    assert set(grown.report.seconds) == {"plan and build"}
+
+
+@pytest.mark.parametrize("name", ["gpt", "llama", "hf-gpt2", "hf-llama", "hf-bert", "hf-mixtral", "cnn"])
+@pytest.mark.parametrize("plan", ["add_layers(copy)", "add_layers(at=0)", "split_layers", "upcycle_moe",
+                                  "three passes", "widths then a layer"])
+def test_shapes_a_structural_rule_records_on_meta_are_those_running_the_whole_graph_gives(name, plan):
+    """On meta, ``Editor.finish`` computes again only the nodes an edit touched and what their shapes change.
+    (Strides may differ: the traced graph's were recorded on CPU, a whole run on meta records meta kernels'.)"""
+    from rewrite.transform.materialise import on_meta
+
+    built, graph = traced(name)
+    planned = on_meta(graph)
+    try:
+        grown = rewrite.apply(planned, ZOO_PLANS[plan](), planned.example_args, planned.example_kwargs,
+                              verify=False).graph
+    except rewrite.GrowthError:
+        return
+    recorded = {node.name: (grown.shape(node), grown.dtype(node)) for node in grown.nodes}
+    grown.propagate_shapes(*grown.example_args, **grown.example_kwargs)
+    assert recorded == {node.name: (grown.shape(node), grown.dtype(node)) for node in grown.nodes}

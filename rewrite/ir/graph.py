@@ -28,7 +28,7 @@ from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from rewrite.errors import InputError
 from rewrite.ir.compare import same_value
-from rewrite.ir.run import run_graph
+from rewrite.ir.run import run_graph, run_on_meta
 from rewrite.ir.summary import summarize
 from rewrite.ops import is_bookkeeping, op_name
 
@@ -179,6 +179,61 @@ class Graph:
                 node.meta["tensor_meta"] = _metadata(values[node.name])
         return output
 
+    def propagate_changed(self, dirty: set[torch.fx.Node]) -> bool:
+        """On a graph whose tensors are on ``meta``: the shapes of the ``dirty`` nodes (new or rewired by an edit),
+        of every tensor read, and of every node whose input's shape then changed, recomputed from their inputs'
+        recorded shapes (an input that is not a tensor, a size read at run time, is computed the same way from
+        its own inputs), instead of running the whole graph. False when some input cannot be made that way (a
+        graph input that is not a tensor): run :meth:`propagate_shapes` then."""
+        changed: set[torch.fx.Node] = set()
+        values: dict[torch.fx.Node, Any] = {}
+        runner = [None]  # one interpreter for every node run
+
+        def run(node: torch.fx.Node):
+            inputs = {i: value_of(i) for i in node.all_input_nodes}
+            value, runner[0] = run_on_meta(self.module, node, inputs, runner[0])
+            values[node] = value
+            return value
+
+        def value_of(node: torch.fx.Node):
+            if node not in values:
+                value = _from_metadata(node.meta.get("tensor_meta"))
+                if value is None and node.op == "placeholder":
+                    raise _NotFromShapes
+                values[node] = run(node) if value is None else value
+            return values[node]
+
+        try:
+            for node in self.module.graph.nodes:
+                if node.op in ("placeholder", "output"):
+                    continue
+                if node.op != "get_attr" and node not in dirty and not any(i in changed for i in node.all_input_nodes):
+                    continue  # (a tensor read is always read again: a pass before may have resized it)
+                metadata = _metadata(run(node))
+                if node.meta.get("tensor_meta") != metadata:
+                    node.meta["tensor_meta"] = metadata
+                    changed.add(node)
+        except (_NotFromShapes, RecursionError):
+            return False
+        self._output_metadata()
+        return True
+
+    def _output_metadata(self) -> None:
+        output = next(n for n in self.module.graph.nodes if n.op == "output")
+        output.meta["tensor_meta"] = pytree.tree_map(
+            lambda a: a.meta.get("tensor_meta") if isinstance(a, torch.fx.Node) else None, output.args[0])
+
+    def shapes_from_export(self) -> bool:
+        """Every node's shape and dtype from the fake values torch.export recorded (``meta["val"]``), instead of
+        running the graph: True when every node but export's own checks has one (else nothing is changed)."""
+        nodes = [n for n in self.module.graph.nodes if n.op != "output"]
+        if not all("val" in n.meta or self.is_bookkeeping(n) for n in nodes):
+            return False
+        for node in nodes:
+            node.meta["tensor_meta"] = _metadata(node.meta.get("val"))
+        self._output_metadata()
+        return True
+
     # -- nodes ---------------------------------------------------------------------------------
     @property
     def nodes(self) -> list[torch.fx.Node]:
@@ -324,6 +379,19 @@ def attribute(root: torch.nn.Module, target: str):
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+class _NotFromShapes(Exception):
+    """A value :meth:`Graph.propagate_changed` cannot make from recorded shapes."""
+
+
+def _from_metadata(metadata):
+    """A meta tensor (or tuple of them) of the recorded shape, dtype and strides; None for anything else."""
+    if isinstance(metadata, TensorMetadata):
+        return torch.empty_strided(metadata.shape, metadata.stride, dtype=metadata.dtype, device="meta")
+    if isinstance(metadata, (tuple, list)) and metadata and all(isinstance(m, TensorMetadata) for m in metadata):
+        return type(metadata)(_from_metadata(m) for m in metadata)
+    return None
 
 
 def _metadata(value):

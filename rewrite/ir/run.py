@@ -86,3 +86,13 @@ def run_graph(
         out = interpreter.run(*flat, enable_io_processing=False)
     values = {node.name: value for node, value in interpreter.env.items()}
     return gm.graph.process_outputs(out), values
+
+
+def run_on_meta(gm: torch.fx.GraphModule, node: torch.fx.Node, inputs: dict[torch.fx.Node, Any],
+                interpreter: torch.fx.Interpreter | None = None) -> tuple[Any, torch.fx.Interpreter]:
+    """The value of ``node`` alone, its input nodes' values given (``inputs``), on a graph whose tensors are on
+    ``meta`` (devices read as ``meta``); returns the value and the interpreter, to reuse for the next node."""
+    interpreter = interpreter or _Recorder(gm, on_meta=True)
+    interpreter.env = dict(inputs)
+    with torch.no_grad():
+        return interpreter.run_node(node), interpreter

@@ -9,7 +9,8 @@ parameters under a new module name (``copy``), rewires users (``replace_uses``),
 copies with their source, ops with their parameters, values a rule computed itself as opaque. New nodes are
 ATen calls with ``get_attr`` parameters, whichever front-end made the graph, so every later pass, the
 verifier and the ONNX exporter read them like any other node. ``finish`` checks the graph and records
-every node's shape on the example inputs.
+every node's shape on the example inputs (on ``meta``, only the nodes the edit touched and what their shapes
+change).
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ class Editor:
         # planning on shapes (``rewrite.transform.materialise``): new tensors are held on meta too, their
         # recipes keep the values
         self._meta = any(t.is_meta for t in (*self.module.parameters(), *self.module.buffers()))
+        # what the edit touched, so that on meta only those nodes' shapes are computed again (``finish``)
+        self._touched: set[torch.fx.Node] = set()
+        self._reshaped = False  # a tensor was replaced by one of another shape: every reader may change
 
     # -- nodes -------------------------------------------------------------------------------------
     def node(self, name: str) -> torch.fx.Node:
@@ -63,6 +67,7 @@ class Editor:
         if owner is not None:
             node.meta["nn_module_stack"] = {owner or "root": (owner, "growfx")}
         self._cursor = node
+        self._touched.add(node)
         return node
 
     def call(self, op, *args, owner: str | None = None, **kwargs) -> torch.fx.Node:
@@ -172,6 +177,7 @@ class Editor:
     def replace_uses(self, old: torch.fx.Node, new: torch.fx.Node, keep: set | None = None) -> None:
         """Every user of ``old`` reads ``new`` instead, except ``new`` itself and the nodes in ``keep``."""
         keep = set(keep or ()) | {new}
+        self._touched.update(user for user in old.users if user not in keep)
         old.replace_all_uses_with(new, delete_user_cb=lambda user: user not in keep)
 
     def erase(self, nodes: list[torch.fx.Node]) -> None:
@@ -264,6 +270,7 @@ class Editor:
 
     def _replace(self, name: str, value: torch.Tensor, recipe: Recipe) -> None:
         old = self.tensor(name)
+        self._reshaped |= old.shape != value.shape or old.dtype != value.dtype
         value = value.to("meta") if self._meta else value
         if isinstance(old, torch.nn.Parameter):
             value = torch.nn.Parameter(value.detach(), old.requires_grad)
@@ -321,7 +328,8 @@ class Editor:
         step = GrowthMap.between(source.module, self.module, {i: r for i, (_, r) in self._made.items()}, self._names)
         grown = source.with_module(self.module, grown_lineage(source.lineage, step, origins=self.origins))
         try:
-            grown.propagate_shapes(*source.example_args, **source.example_kwargs)
+            if not (self._meta and not self._reshaped and grown.propagate_changed(self._touched)):
+                grown.propagate_shapes(*source.example_args, **source.example_kwargs)
         except Exception as e:  # noqa: BLE001
             from rewrite.ir.frontends import first_line
 

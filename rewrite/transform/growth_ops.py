@@ -32,6 +32,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import itertools
 import math
 import zlib
 from typing import Union
@@ -256,10 +257,27 @@ def run_ops(tensor: torch.Tensor, ops: tuple[Op, ...] | list[Op]) -> torch.Tenso
     reference = x
     fresh = False
     low = _low_precision(x.dtype)
+    ops = list(ops)
+    last_noise = max((i for i, op in enumerate(ops) if isinstance(op, Noise)), default=-1)
     with torch.no_grad():
-        for op in ops:
+        i = 0
+        while i < len(ops):
+            op = ops[i]
+            i += 1
             if isinstance(op, Take):
-                reference, x = x, _take(x, op.axis, op.index)
+                # Takes in a row on distinct axes at once, unless noise follows (it is scaled by the tensor
+                # before the last Take, which taking them at once never makes)
+                takes = [op]
+                while (i < len(ops) and isinstance(ops[i], Take) and ops[i].axis not in {t.axis for t in takes}
+                       and last_noise < i):
+                    takes.append(ops[i])
+                    i += 1
+                together = _take_together(x, takes) if len(takes) > 1 else None
+                if together is None:
+                    for take in takes:
+                        reference, x = x, _take(x, take.axis, take.index)
+                else:
+                    x = together
                 fresh = True
                 continue
             if isinstance(op, Scale) and op.factor == 0 and op.offset == 0 and op.positions is None:
@@ -374,6 +392,31 @@ def _take(x: torch.Tensor, axis: int, index: torch.Tensor, max_runs: int = 16) -
             target.zero_()
         else:
             target.copy_(x.narrow(axis, int(part[0]), end - start))
+    return out
+
+
+def _take_together(x: torch.Tensor, takes: list[Take], max_blocks: int = 64) -> torch.Tensor | None:
+    """The Takes (on distinct axes) in one allocation, filled block by block: each index cut into its runs
+    (consecutive positions, or -1s), each block of the output a copy of one block of ``x`` or zeros. The same
+    values as taking axis after axis, without the tensors in between. None when the runs make too many blocks
+    (a random replication map): take them one at a time."""
+    cuts = []
+    for take in takes:
+        bounds = _run_starts(take.index) + [len(take.index)]
+        cuts.append([(take.axis, start, end - start, int(take.index[start]))
+                     for start, end in zip(bounds[:-1], bounds[1:])])
+    if math.prod(len(runs_) for runs_ in cuts) > max_blocks:
+        return None
+    shape = list(x.shape)
+    for take in takes:
+        shape[take.axis] = len(take.index)
+    out = torch.empty(shape, dtype=x.dtype, device=x.device)
+    for block in itertools.product(*cuts):
+        target, source = out, x
+        for axis, start, n, first in block:
+            target = target.narrow(axis, start, n)
+            source = None if source is None or first < 0 else source.narrow(axis, first, n)
+        target.zero_() if source is None else target.copy_(source)
     return out
 
 

@@ -18,7 +18,8 @@ rounded at the end of every pass, so its passes run one at a time) and ``b`` dra
 ``Take`` (noise is scaled by the std of the tensor before the last Take: in one run that would be ``a``'s
 input instead of its output). Tensors are made by a few threads at once (a seeded normal draw runs on one
 core; each tensor's values depend on its own seeds only, so the bits do not depend on the order). Peak
-memory is the original, the grown tensors, and the scratch of the tensors being made.
+memory is the original, the grown tensors, and the scratch of the tensors being made, which is given back to
+the system after each tensor.
 
 A rule that computes a value from the weights (``Editor.set_tensor`` of a value made from a meta tensor,
 a tensor registered without the Editor) or reads one (``.item()`` on a meta tensor) cannot be planned on
@@ -27,6 +28,8 @@ shapes; :class:`NeedsWeights` says so and ``apply`` runs the passes on the weigh
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -92,8 +95,13 @@ def materialise(planned: Graph, steps: list[GrowthMap], original: Graph) -> Grap
     for name, _ in todo:
         if final.canonical(name) not in final.recipes:
             raise NeedsWeights(f"the planned graph has a tensor {name} its growth map does not make")
+    def make(item):
+        value = _make(final.canonical(item[0]), steps, sources)
+        _return_freed_memory()  # the scratch of this tensor, before the next one takes new pages
+        return value
+
     with ThreadPoolExecutor(max(1, min(WORKERS, torch.get_num_threads()))) as pool:
-        values = list(pool.map(lambda item: _make(final.canonical(item[0]), steps, sources), todo))
+        values = list(pool.map(make, todo))
     for (name, tensor), value in zip(todo, values):
         made[id(tensor)] = (torch.nn.Parameter(value, tensor.requires_grad)
                             if isinstance(tensor, torch.nn.Parameter) else value)
@@ -140,6 +148,26 @@ def _make(name: str, steps: list[GrowthMap], sources: dict[str, torch.Tensor]) -
     if ops:
         x, fresh = run_ops(x, ops), True
     return x if fresh else x.detach().clone()  # every op makes a new tensor; an unchanged one is copied
+
+
+def _return_freed_memory() -> None:
+    """Give the heap pages freed since the last call back to the system (glibc's ``malloc_trim``; nothing
+    elsewhere). A tensor's scratch (a Take before a Redraw, a float32 working copy of a bfloat16 tensor) is
+    freed into the heap, where the next tensor, of another size, often cannot reuse it: without this, peak
+    memory grows by the holes (0.15 GB on a 430M-parameter build)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _load_libc()
 
 
 def _joins(dtype: torch.dtype, ops) -> bool:

@@ -19,7 +19,7 @@ from collections import defaultdict
 import torch
 import torch.fx
 import torch.utils._pytree as pytree
-from torch.fx.passes.shape_prop import TensorMetadata
+from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from rewrite.analysis.dims import DimGroup
 from rewrite.ir.graph import Graph, attribute
@@ -153,9 +153,15 @@ def _grown_axes(layouts: dict[DimGroup, Layout]) -> dict[str, dict[int, Layout]]
 
 def _grown_metadata(module: torch.fx.GraphModule, grown_axes: dict[str, dict[int, Layout]]) -> None:
     """Every node's shape after growth, from the analysis instead of a forward pass: each grown activation
-    axis takes its group's new size. (``apply`` still runs and verifies the grown graph.)"""
+    axis takes its group's new size, each tensor read the shape of its tensor. (``apply`` still runs and
+    verifies the grown graph.)"""
     sizes = {name: {axis: layout.new_size for axis, layout in axes.items()} for name, axes in grown_axes.items()}
     for node in module.graph.nodes:
+        if node.op == "get_attr":  # a tensor read: the tensor itself says
+            value = attribute(module, str(node.target))
+            if isinstance(value, torch.Tensor):
+                node.meta["tensor_meta"] = _extract_tensor_metadata(value)
+            continue
         meta = node.meta.get("tensor_meta")
         if isinstance(meta, TensorMetadata):  # a NamedTuple: test it before tuples of metadata
             node.meta["tensor_meta"] = _resized(meta, sizes.get(node.name, {}))
