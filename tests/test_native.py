@@ -273,3 +273,25 @@ def test_deepseek_v3_dense_prefix_and_latent_attention_go_back_to_their_fields()
     assert (native.config.first_k_dense_replace, native.config.num_hidden_layers) == (2, 4)
     assert [type(layer.mlp).__name__ for layer in native.model.layers] == [
         "DeepseekV3MLP", "DeepseekV3MLP", "DeepseekV3MoE", "DeepseekV3MoE"]
+
+
+@pytest.mark.parametrize("name", ["hf-llama", "hf-gpt2"])
+def test_the_native_model_holds_the_grown_tensors_and_writing_it_in_another_dtype_leaves_them(name, tmp_path):
+    """No second copy of the grown model: the native class is built on meta and takes the grown tensors
+    themselves (a tied head tied again); writing it as bfloat16 converts copies, not the shared tensors."""
+    from rewrite.io.sources import save_huggingface
+
+    built, graph = traced(name)
+    grown = rewrite.apply(graph, [passes.widen_mlp(factor=2), passes.add_layers(1)], built.args, built.kwargs)
+    native = to_native(grown, like=built.model)
+    held = {t.data_ptr() for t in grown.module.state_dict().values()}
+    assert all(t.data_ptr() in held for t in native.state_dict().values())
+    assert not any(t.is_meta for t in native.parameters())
+    head, embeddings = native.get_output_embeddings(), native.get_input_embeddings()
+    assert (head.weight is embeddings.weight) == built.model.config.tie_word_embeddings
+    save_huggingface(native, tmp_path / "bf16", dtype=torch.bfloat16)
+    assert all(t.dtype == torch.float32 for t in grown.module.parameters())
+    reloaded = type(built.model).from_pretrained(tmp_path / "bf16")
+    assert reloaded.dtype == torch.bfloat16
+    for key, tensor in reloaded.state_dict().items():
+        assert torch.equal(tensor, grown.module.state_dict()[key].to(torch.bfloat16)), key

@@ -31,7 +31,7 @@ import torch
 
 from rewrite.errors import GrowfxError, NotRepresentableError
 from rewrite.io.hf import example_inputs
-from rewrite.io.native import build_native, is_tied_head, native_config
+from rewrite.io.native import build_native, is_tied_head, native_config, parameters_on_meta
 from rewrite.io.safetensors_stream import INDEX, CheckpointReader, nbytes, shard, write_safetensors
 from rewrite.io.sources import atomic_path
 from rewrite.ir.trace import trace
@@ -157,24 +157,6 @@ def plan_native(graph, model: torch.nn.Module, passes: list, args: tuple, kwargs
                                         f"{tuple(target.shape)}, but the grown plan has {made} there")
     check_computed_buffers(grown, original, native)
     return NativePlan(grown, native_class, config, native)
-
-
-@contextlib.contextmanager
-def parameters_on_meta():
-    """Modules built inside get their parameters on ``meta`` (as they are registered, before any
-    initialisation runs) and their buffers where the constructor makes them."""
-    register = torch.nn.Module.register_parameter
-
-    def on_meta(module, name, parameter):
-        if parameter is not None and parameter.device.type != "meta":
-            parameter = torch.nn.Parameter(parameter.to("meta"), requires_grad=parameter.requires_grad)
-        register(module, name, parameter)
-
-    torch.nn.Module.register_parameter = on_meta
-    try:
-        yield
-    finally:
-        torch.nn.Module.register_parameter = register
 
 
 def check_computed_buffers(grown: Grown, original: torch.nn.Module, native: torch.nn.Module) -> None:

@@ -26,6 +26,7 @@ dispatches tokens to their top-k experts only.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import itertools
@@ -67,7 +68,9 @@ LAYER_PREFIX_FIELDS = ("first_k_dense_replace",)  # how many leading layers are 
 def to_native(grown, like: torch.nn.Module) -> torch.nn.Module:
     """An instance of ``like``'s class with the grown sizes in its config and the grown weights.
 
-    ``grown`` is a ``rewrite.Grown`` (or its Graph); ``like`` the original Hugging Face model."""
+    ``grown`` is a ``rewrite.Grown`` (or its Graph); ``like`` the original Hugging Face model. The native model
+    holds the grown model's tensors themselves, not copies (an upcycled model's stacked experts excepted):
+    train one and the other sees it; ``copy.deepcopy`` it for a model of its own."""
     graph: Graph = getattr(grown, "graph", grown)
     cls, config, moe = native_config(graph, like)
     tensors = dict(_named_tensors(graph.module))
@@ -77,9 +80,11 @@ def to_native(grown, like: torch.nn.Module) -> torch.nn.Module:
     if moe is not None:
         native = build_native(cls, config, None).to(dtype).eval()
         tensors = moe_tensors(tensors, moe, MOE_CLASSES[like.config.model_type], native.state_dict())
-    else:
-        native = build_native(cls, config, set(tensors)).to(dtype).eval()  # the class builds float32: keep the dtype
-    _load(native, tensors)
+        _load(native, tensors)
+    else:  # parameters on meta, then the grown tensors themselves: no second copy of the grown model
+        with parameters_on_meta():
+            native = build_native(cls, config, set(tensors)).to(dtype).eval()  # the class builds float32
+        _load(native, tensors, assign=True)
     report = verify(graph, native, graph.example_args, graph.example_kwargs, title="native vs grown graph")
     if not report.ok:
         raise NotRepresentableError(
@@ -360,8 +365,11 @@ def _layer_of(graph: Graph, paths) -> dict[str, int]:
             for path in paths}
 
 
-def _load(native: torch.nn.Module, grown: dict[str, torch.Tensor]) -> None:
-    state = native.state_dict()
+def _load(native: torch.nn.Module, grown: dict[str, torch.Tensor], assign: bool = False) -> None:
+    """The ``grown`` tensors into ``native``, checked name by name and shape by shape: copied into its tensors,
+    or with ``assign`` put in their place (its parameters are on ``meta``; a head tied to the embeddings is tied
+    again to what the embeddings now hold)."""
+    state = native.state_dict(keep_vars=True)
     buffers = dict(native.named_buffers())  # non-persistent ones (rotary tables) are not in the state dict
     unplaced = [n for n in grown if n not in state and n not in buffers]
     if unplaced:
@@ -379,10 +387,49 @@ def _load(native: torch.nn.Module, grown: dict[str, torch.Tensor]) -> None:
                 f"{name} is {tuple(grown[name].shape)} in the grown graph but {tuple(target.shape)} in "
                 f"{type(native).__name__} with the grown config"
             )
+    if assign:
+        _assign(native, {name: grown[name] for name in state if name in grown})
+        return
     with torch.no_grad():
         for name, target in state.items():
             if name in grown:
                 target.copy_(grown[name])
+
+
+def _assign(native: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    tied = {name for name in native.state_dict() if is_tied_head(native, name)}
+    for name, tensor in tensors.items():
+        path, _, leaf = name.rpartition(".")
+        holder = native.get_submodule(path)
+        if leaf in holder._parameters:
+            holder._parameters[leaf] = tensor if isinstance(tensor, torch.nn.Parameter) else torch.nn.Parameter(
+                tensor, requires_grad=holder._parameters[leaf].requires_grad)
+        else:
+            holder._buffers[leaf] = tensor
+    for name in tied - set(tensors):  # the head the embeddings fill: the embeddings' tensor again
+        path, _, leaf = name.rpartition(".")
+        native.get_submodule(path)._parameters[leaf] = native.get_input_embeddings().weight
+    left = [name for name, t in (*native.named_parameters(), *native.named_buffers()) if t.is_meta]
+    if left:
+        raise NotRepresentableError(f"{type(native).__name__}'s {left[0]} has no tensor in the grown graph")
+
+
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Modules built inside get their parameters on ``meta`` (as they are registered, before any
+    initialisation runs) and their buffers where the constructor makes them."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module, name, parameter):
+        if parameter is not None and parameter.device.type != "meta":
+            parameter = torch.nn.Parameter(parameter.to("meta"), requires_grad=parameter.requires_grad)
+        register(module, name, parameter)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
 
 
 def build_native(cls, config, names: set[str] | None) -> torch.nn.Module:

@@ -162,7 +162,14 @@ def save_huggingface(native: torch.nn.Module, destination: Path, tokenizer=None,
     """``save_pretrained`` (safetensors) of the native model, with the tokenizer, written atomically; with
     ``dtype`` (the source folder's), the weights and the config are written in it, as the source was."""
     if dtype is not None and dtype != native.dtype:
-        native = native.to(dtype)
+        # new tensors in the model, rather than converting the ones it holds in place: those may be a grown
+        # model's too (``to_native`` shares them), which must keep its dtype
+        overwrite = torch.__future__.get_overwrite_module_params_on_conversion()
+        torch.__future__.set_overwrite_module_params_on_conversion(True)
+        try:
+            native = native.to(dtype)
+        finally:
+            torch.__future__.set_overwrite_module_params_on_conversion(overwrite)
         native.config.dtype = dtype
     with atomic_path(destination, replace=replace) as folder:
         native.save_pretrained(folder, safe_serialization=True)
