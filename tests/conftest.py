@@ -50,6 +50,14 @@ def grow(name: str, *plan, **options):
     return built, rewrite.apply(graph, list(plan), built.args, built.kwargs, **options)
 
 
+def tiny_gpt():
+    """A one-layer hand-written GPT (dim 16, MLP 24, vocabulary 32) and a batch of token ids, from seed 0."""
+    from rewrite.app.zoo.handwritten import GPT
+
+    torch.manual_seed(0)
+    return GPT(vocab=32, dim=16, heads=4, hidden=24, layers=1).eval(), torch.randint(0, 32, (2, 6))
+
+
 def assert_same_state(made: dict, state: dict) -> None:
     """Two state dicts with the same names, dtypes, shapes and values, bit for bit."""
     assert list(made) == list(state)

@@ -9,7 +9,7 @@ exactly the entries growth added.
 import json
 
 import torch
-from conftest import assert_same_state, grow
+from conftest import assert_same_state, grow, tiny_gpt
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -149,9 +149,7 @@ def test_the_grown_module_uses_the_original_names():
 
 
 def test_an_opaque_tensor_is_stored_and_said_to_be_opaque():
-    torch.manual_seed(0)
-    model = GPT(vocab=32, dim=16, heads=4, hidden=24, layers=1).eval()
-    ids = torch.randint(0, 32, (2, 6))
+    model, ids = tiny_gpt()
 
     @rewrite.rule(rewrite.op("linear", "fc", module="*.fc"))
     def perturb(match, edit):

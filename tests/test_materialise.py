@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 import passes
 import rewrite
-from conftest import assert_same_state, traced
-from rewrite.app.zoo.handwritten import GPT, Llama
+from conftest import assert_same_state, tiny_gpt, traced
+from rewrite.app.zoo.handwritten import Llama
 from test_property_growth import models, steps
 
 PLANNED = "planned on shapes, each tensor built once"
@@ -91,9 +91,7 @@ def test_net2deeper_plans_on_shapes_and_keeps_its_identity_layer():
 
 
 def test_a_rule_that_reads_the_weights_is_built_pass_by_pass_and_says_so():
-    torch.manual_seed(0)
-    model = GPT(vocab=32, dim=16, heads=4, hidden=24, layers=1).eval()
-    ids = torch.randint(0, 32, (2, 6))
+    model, ids = tiny_gpt()
 
     @rewrite.rule(rewrite.op("linear", "fc", module="*.fc"))
     def perturb(match, edit):
@@ -146,9 +144,7 @@ def test_a_bfloat16_tensor_two_passes_scale_is_rounded_after_each_pass_as_before
 def test_noise_a_later_pass_draws_keeps_the_scale_of_that_pass_s_input():
     """Noise is scaled by the std of the tensor before the last ``Take``; a pass that adds noise without a
     Take of its own scales it by its own input (the MLP zero-padded by the pass before), not the original's."""
-    torch.manual_seed(0)
-    model = GPT(vocab=32, dim=16, heads=4, hidden=24, layers=1).eval()
-    ids = torch.randint(0, 32, (2, 6))
+    model, ids = tiny_gpt()
 
     @rewrite.rule(rewrite.op("linear", "fc", module="*.fc"))
     def jitter(match, edit):

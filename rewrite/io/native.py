@@ -40,6 +40,7 @@ from rewrite.ir.frontends import first_line, is_huggingface
 from rewrite.io.native_moe import MOE_CLASSES, moe_target, moe_tensors, upcycled
 from rewrite.ir.graph import Graph
 from rewrite.ops import HOMOGENEOUS, attention, canonical_kind, operand, real_users, rms_epsilon
+from rewrite.transform.growth_map import named_tensors
 from rewrite.transform.pattern import mlp
 from rewrite.verification.verify import verify
 
@@ -73,7 +74,7 @@ def to_native(grown, like: torch.nn.Module) -> torch.nn.Module:
     train one and the other sees it; ``copy.deepcopy`` it for a model of its own."""
     graph: Graph = getattr(grown, "graph", grown)
     cls, config, moe = native_config(graph, like)
-    tensors = dict(_named_tensors(graph.module))
+    tensors = dict(named_tensors(graph.module))
     dtype = _dtype(graph, like)
     if hasattr(config, "dtype"):
         config.dtype = dtype  # what save_pretrained writes, and from_pretrained loads as
@@ -461,11 +462,6 @@ def _dtype(graph: Graph, like: torch.nn.Module) -> torch.dtype:
     if len(dtypes) == 1:
         return dtypes.pop()
     return getattr(like, "dtype", torch.get_default_dtype())
-
-
-def _named_tensors(module: torch.nn.Module):
-    yield from module.named_parameters(remove_duplicate=False)
-    yield from module.named_buffers(remove_duplicate=False)
 
 
 def is_tied_head(native: torch.nn.Module, name: str) -> bool:

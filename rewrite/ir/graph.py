@@ -180,8 +180,8 @@ class Graph:
         return output
 
     def propagate_changed(self, dirty: set[torch.fx.Node]) -> bool:
-        """On a graph whose tensors are on ``meta``: the shapes of the ``dirty`` nodes (new or rewired by an edit),
-        of every tensor read, and of every node whose input's shape then changed, recomputed from their inputs'
+        """On a graph whose tensors are on ``meta``: the shapes of the ``dirty`` nodes (new or rewired by an edit)
+        and of every node whose input's shape then changed, recomputed from their inputs'
         recorded shapes (an input that is not a tensor, a size read at run time, is computed the same way from
         its own inputs), instead of running the whole graph. False when some input cannot be made that way (a
         graph input that is not a tensor): run :meth:`propagate_shapes` then."""
@@ -207,8 +207,8 @@ class Graph:
             for node in self.module.graph.nodes:
                 if node.op in ("placeholder", "output"):
                     continue
-                if node.op != "get_attr" and node not in dirty and not any(i in changed for i in node.all_input_nodes):
-                    continue  # (a tensor read is always read again: a pass before may have resized it)
+                if node not in dirty and not any(i in changed for i in node.all_input_nodes):
+                    continue
                 metadata = _metadata(run(node))
                 if node.meta.get("tensor_meta") != metadata:
                     node.meta["tensor_meta"] = metadata

@@ -3,8 +3,8 @@
 Passes (width passes, rules, rule sets flattened into their rules) run in order, each on the result of the
 one before, planned on shapes first: every pass runs on a copy of the graph whose tensors are on ``meta``, and
 then each grown tensor is built once from the original's (``rewrite.transform.materialise``), so no
-intermediate model is allocated and a tensor several passes grow is not built once per pass. Every pass states its plan (sites, growth, exact or not and why, refused matches) before it
-runs; with ``verify=True`` the grown graph is compared with the original on the example inputs after each
+intermediate model is allocated and a tensor several passes grow is not built once per pass. Every pass states
+its plan (sites, growth, exact or not and why, refused matches) before it runs; with ``verify=True`` the grown graph is compared with the original on the example inputs after each
 pass, intermediate values included through the growth mapping, and a pass claimed exact that fails raises
 ``VerificationError`` naming the first diverging node (after an approximate pass, an exact one is checked
 against its own input). The report records, per pass, where it matched, which parameters it added,
@@ -132,10 +132,8 @@ def apply(model: torch.nn.Module | Graph, passes: list, args=(), kwargs: dict | 
         # a graph grown before: this growth is relative to it (the map from its tensors, the node map onto its
         # nodes); where modules came from keeps pointing at the traced model
         original = original.with_module(original.module, Lineage(origins=original.lineage.origins))
-    seconds = {}
-    start = time.perf_counter()
     with _collector_paused():
-        original, steps, final, how = _grow(original, _flatten(passes), strict, plan_first, seconds, start)
+        original, steps, final, how, seconds = _grow(original, _flatten(passes), strict, plan_first)
     records = [step.record for step in steps]
     if verify:
         start = time.perf_counter()
@@ -146,9 +144,10 @@ def apply(model: torch.nn.Module | Graph, passes: list, args=(), kwargs: dict | 
     return Grown(GrownModule(final), final, GrowthReport(records, how, seconds), original)
 
 
-def _grow(original: Graph, flat: list, strict: bool, plan_first: bool, seconds: dict, start: float):
-    """(the original as planned on, the steps, the grown graph, how its tensors were made); the phases' times
-    go into ``seconds``."""
+def _grow(original: Graph, flat: list, strict: bool, plan_first: bool):
+    """(the original as planned on, the steps, the grown graph, how its tensors were made, seconds by phase)."""
+    seconds = {}
+    start = time.perf_counter()
     original = static_sizes(original)  # the fx graph's shape reads of weight-fixed axes as literals
     if all_on_meta(original) or not plan_first:  # without weights, the plan on shapes is the result
         how = ("planned on shapes (the model has no weights)" if plan_first
@@ -168,7 +167,7 @@ def _grow(original: Graph, flat: list, strict: bool, plan_first: bool, seconds: 
             how = f"built pass by pass: {why}"
             steps, final = _pass_by_pass(original, flat, strict)
     seconds["build" if "plan" in seconds else "plan and build"] = time.perf_counter() - start
-    return original, steps, final, how
+    return original, steps, final, how, seconds
 
 
 @contextlib.contextmanager

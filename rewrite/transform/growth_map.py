@@ -78,7 +78,7 @@ class GrowthMap:
         state = set(result.state_dict(keep_vars=True))
         parameters = {id(p) for p in result.parameters()}
         recipes, aliases, seen = {}, {}, {}
-        for name, tensor in _named_tensors(result):
+        for name, tensor in named_tensors(result):
             if id(tensor) in seen:
                 aliases[name] = seen[id(tensor)]
                 continue
@@ -235,7 +235,7 @@ class GrowthMap:
 def _originals(module: torch.nn.Module) -> dict[str, tuple]:
     """Each tensor of ``module`` once (tied names under their first), with its shape and dtype."""
     seen, out = set(), {}
-    for name, tensor in _named_tensors(module):
+    for name, tensor in named_tensors(module):
         if id(tensor) not in seen:
             seen.add(id(tensor))
             out[name] = (tuple(tensor.shape), tensor.dtype)
@@ -245,11 +245,13 @@ def _originals(module: torch.nn.Module) -> dict[str, tuple]:
 def tensor_names(module: torch.nn.Module) -> dict[int, str]:
     """The identity of every parameter and buffer of ``module`` -> its first name."""
     names: dict[int, str] = {}
-    for name, tensor in _named_tensors(module):
+    for name, tensor in named_tensors(module):
         names.setdefault(id(tensor), name)
     return names
 
 
-def _named_tensors(module: torch.nn.Module):
+def named_tensors(module: torch.nn.Module):
+    """Every parameter and buffer of ``module`` by every name it goes by (tied names and non-persistent
+    buffers included)."""
     yield from module.named_parameters(remove_duplicate=False)
     yield from module.named_buffers(remove_duplicate=False)

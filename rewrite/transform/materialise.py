@@ -36,7 +36,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from rewrite.ir.graph import Graph
-from rewrite.transform.growth_map import GrowthMap, Recipe
+from rewrite.transform.growth_map import GrowthMap, Recipe, named_tensors, tensor_names
 from rewrite.transform.growth_ops import Noise, Take, run_ops
 
 
@@ -47,15 +47,9 @@ class NeedsWeights(Exception):
     """The plan depends on the weights' values, not only their shapes (see the module docstring)."""
 
 
-def tensors_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter and buffer of ``module`` by every name it goes by (non-persistent buffers included)."""
-    return {**dict(module.named_parameters(remove_duplicate=False)),
-            **dict(module.named_buffers(remove_duplicate=False))}
-
-
 def all_on_meta(graph: Graph) -> bool:
     """True when every parameter and buffer of ``graph`` is on ``meta`` (a model built without weights)."""
-    tensors = list(tensors_of(graph.module).values())
+    tensors = [tensor for _, tensor in named_tensors(graph.module)]
     return bool(tensors) and all(t.is_meta for t in tensors)
 
 
@@ -87,14 +81,15 @@ def materialise(planned: Graph, steps: list[GrowthMap], original: Graph) -> Grap
     """The graph ``planned`` (on meta, made from ``original`` by passes whose maps are ``steps``, in order) with
     every tensor made from ``original``'s tensors; it takes ``original``'s example inputs. ``planned``'s module
     is filled in place: it is the result."""
-    sources = tensors_of(original.module)
+    sources = dict(named_tensors(original.module))
     module = planned.module
     final = steps[-1]
-    made: dict[int, torch.Tensor] = {}  # id of the meta tensor -> the real one
-    todo = list(_distinct(module))
+    tensors = dict(named_tensors(module))
+    todo = [(name, tensors[name]) for name in tensor_names(module).values()]  # each tensor once
     for name, _ in todo:
         if final.canonical(name) not in final.recipes:
             raise NeedsWeights(f"the planned graph has a tensor {name} its growth map does not make")
+
     def make(item):
         value = _make(final.canonical(item[0]), steps, sources)
         _return_freed_memory()  # the scratch of this tensor, before the next one takes new pages
@@ -102,6 +97,7 @@ def materialise(planned: Graph, steps: list[GrowthMap], original: Graph) -> Grap
 
     with ThreadPoolExecutor(max(1, min(WORKERS, torch.get_num_threads()))) as pool:
         values = list(pool.map(make, todo))
+    made: dict[int, torch.Tensor] = {}  # id of the meta tensor -> the real one
     for (name, tensor), value in zip(todo, values):
         made[id(tensor)] = (torch.nn.Parameter(value, tensor.requires_grad)
                             if isinstance(tensor, torch.nn.Parameter) else value)
@@ -111,15 +107,6 @@ def materialise(planned: Graph, steps: list[GrowthMap], original: Graph) -> Grap
                 if tensor is not None and id(tensor) in made:
                     store[key] = made[id(tensor)]
     return original.with_module(module, planned.lineage)
-
-
-def _distinct(module: torch.nn.Module):
-    """(first name, tensor) for each parameter and buffer once."""
-    seen = set()
-    for name, tensor in tensors_of(module).items():
-        if id(tensor) not in seen:
-            seen.add(id(tensor))
-            yield name, tensor
 
 
 def _make(name: str, steps: list[GrowthMap], sources: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -186,4 +173,4 @@ def _to_meta(value):
     return pytree.tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, value)
 
 
-__all__ = ["NeedsWeights", "all_on_meta", "check_shapes_only", "materialise", "on_meta", "tensors_of"]
+__all__ = ["NeedsWeights", "all_on_meta", "check_shapes_only", "materialise", "on_meta"]
