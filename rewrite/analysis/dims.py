@@ -154,7 +154,8 @@ def analyse(graph: "Graph") -> DimAnalysis:
     groups = _groups(dims, component, facts, shapes)
     groups = {i: g for i, g in groups.items() if g.activations or any(m.roles for m in g.members)}
     _block(facts, component, groups)
-    ordered = sorted(groups.values(), key=lambda g: (not g.growable, _first_position(g, graph)))
+    order = {node.name: i for i, node in enumerate(graph.module.graph.nodes)}
+    ordered = sorted(groups.values(), key=lambda g: (not g.growable, _first_position(g, order)))
     for new_id, group in enumerate(ordered):
         group.id = new_id
     return DimAnalysis(ordered, {axis: groups[index] for axis, index in component.items() if index in groups})
@@ -212,8 +213,8 @@ def _block(facts: Facts, component: dict, groups: dict[int, DimGroup]) -> None:
                                                        f"to {anchor}"))
 
 
-def _first_position(group: DimGroup, graph: "Graph") -> int:
-    order = {node.name: i for i, node in enumerate(graph.module.graph.nodes)}
+def _first_position(group: DimGroup, order: dict[str, int]) -> int:
+    """Where in the graph (``order``: node name -> position) the group is first used."""
     positions = [order.get(node, 0) for m in group.members for _, node in m.roles] or [
         order.get(ref[2:].split("#")[0], 0) for ref, _ in group.activations
     ]
