@@ -209,3 +209,116 @@ def test_shapes_a_structural_rule_records_on_meta_are_those_running_the_whole_gr
     recorded = {node.name: (grown.shape(node), grown.dtype(node)) for node in grown.nodes}
     grown.propagate_shapes(*grown.example_args, **grown.example_kwargs)
     assert recorded == {node.name: (grown.shape(node), grown.dtype(node)) for node in grown.nodes}
+
+
+
+@settings(max_examples=80, deadline=None)
+@given(takes_on_axes(), st.integers(1, 60), st.booleans(), st.integers(0, 1000),
+       st.sampled_from([torch.bfloat16, torch.float16]), st.sampled_from([16, 64, 1 << 20]), st.booleans())
+def test_property_noise_last_on_a_bfloat16_tensor_is_the_float32_growth_rounded_once(drawn, width, scattered, seed,
+                                                                                      dtype, piece, redraw):
+    """Noise (or a redraw after it) as a bfloat16/float16 tensor's last op is drawn piece by piece in float32
+    (no float32 copy of the whole tensor): the bits of growing it in float32 and rounding once, for any piece
+    size."""
+    import rewrite.transform.growth_ops as growth_ops
+
+    shape, takes = drawn
+    x = torch.randn([*shape, width], generator=torch.Generator().manual_seed(seed))  # rows of up to 60 values
+    take = takes[-1]
+    new = len(take.index)
+    positions = (torch.randperm(new, generator=torch.Generator().manual_seed(seed))[:max(1, new // 2)].sort()[0]
+                 if scattered else torch.arange(shape[take.axis], new) if new > shape[take.axis] else torch.arange(new))
+    ops = [*takes, rewrite.Noise(take.axis, positions, seed=seed + 1, relative=0.5)]
+    ops += [growth_ops.Redraw(seed + 2)] if redraw else []
+    before, growth_ops.PIECE = growth_ops.PIECE, piece
+    try:
+        low = growth_ops.run_ops(x.to(dtype), ops)
+    finally:
+        growth_ops.PIECE = before
+    assert low.dtype == dtype  # bit for bit (a redraw of one value has std nan, both ways)
+    torch.testing.assert_close(low, growth_ops.run_ops(x.to(dtype).float(), ops).to(dtype), rtol=0, atol=0,
+                               equal_nan=True)
+
+
+@pytest.mark.parametrize("shape", [(16,), (17,), (33,), (50,), (1000,), (50, 3), (7, 5), (3, 50), (1, 40), (40, 1)])
+@pytest.mark.parametrize("piece", [16, 48, 1 << 20])
+def test_noise_in_pieces_draws_what_one_draw_of_the_whole_shape_draws(shape, piece):
+    """Pieces of a multiple of 16 values, a short last piece joined to the one before: one stream of draws."""
+    import rewrite.transform.growth_ops as growth_ops
+
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(3)).bfloat16()
+    whole = x.float().add_(torch.randn(shape, generator=torch.Generator().manual_seed(9)), alpha=0.25).bfloat16()
+    before, growth_ops.PIECE = growth_ops.PIECE, piece
+    try:
+        growth_ops._add_noise_in_pieces(x, 9, 0.25)
+    finally:
+        growth_ops.PIECE = before
+    assert torch.equal(x, whole)
+
+
+@settings(max_examples=60, deadline=None)
+@given(takes_on_axes(), st.integers(1, 60), st.integers(0, 1000), st.sampled_from([torch.float32, torch.float64]),
+       st.sampled_from([16, 48]), st.booleans())
+def test_property_noise_drawn_in_pieces_is_noise_drawn_at_once(drawn, width, seed, dtype, piece, redraw):
+    """Noise is added piece by piece (no scratch of the region's size): the bits of one draw of the region."""
+    import rewrite.transform.growth_ops as growth_ops
+
+    shape, takes = drawn
+    x = torch.randn([*shape, width], generator=torch.Generator().manual_seed(seed), dtype=dtype)
+    take = takes[-1]
+    ops = [*takes, rewrite.Noise(take.axis, torch.arange(len(take.index)), seed=seed + 1, relative=0.5),
+           rewrite.Scale(1.5, 0.0, None, None)] + ([growth_ops.Redraw(seed + 2)] if redraw else [])
+    before = growth_ops.PIECE
+    try:
+        growth_ops.PIECE = piece
+        pieces = growth_ops.run_ops(x, ops)
+        growth_ops.PIECE = 1 << 40
+        at_once = growth_ops.run_ops(x, ops)
+    finally:
+        growth_ops.PIECE = before
+    torch.testing.assert_close(pieces, at_once, rtol=0, atol=0, equal_nan=True)
+
+
+@st.composite
+def a_pass(draw, shape):
+    """One pass's ops on a tensor of ``shape``: maybe noise first, Takes, then noise, a scaling or a redraw."""
+    from rewrite.transform.growth_ops import Redraw
+
+    ops, shape = [], list(shape)
+    seed = draw(st.integers(0, 10**6))
+    axis = draw(st.integers(0, len(shape) - 1))
+    if draw(st.booleans()):
+        ops.append(rewrite.Noise(axis, torch.arange(shape[axis]), seed, 0.3))
+    for _ in range(draw(st.integers(0, 2))):
+        axis = draw(st.integers(0, len(shape) - 1))
+        extra = draw(st.integers(0, 3))
+        index = torch.tensor(list(range(shape[axis])) + [j % shape[axis] for j in range(extra)])
+        ops.append(rewrite.Take(axis, index, torch.arange(shape[axis]), "copy"))
+        shape[axis] += extra
+    tail = draw(st.sampled_from(["noise", "scale", "redraw", "none"]))
+    if tail == "noise":
+        ops.append(rewrite.Noise(axis, torch.arange(shape[axis]), seed + 1, 0.2))
+    elif tail == "scale":
+        ops.append(rewrite.Scale(0.7, 0.0, None, None))
+    elif tail == "redraw":
+        ops.append(Redraw(seed + 2))
+    return ops, shape
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.data(), st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+def test_property_two_passes_composed_give_the_bits_of_running_them_one_after_another(data, dtype):
+    """``run_ops(x, composed(a, b)) == run_ops(run_ops(x, a), b)`` for a plan in ``dtype`` (a ``PassEnd`` where
+    they would not join); and a float32 plan run on bfloat16/float16 weights (a checkpoint streamed in its
+    stored dtype) rounds once, at the end, as growing it in float32 and storing it does."""
+    from rewrite.transform.growth_ops import composed, run_ops
+
+    start = data.draw(st.lists(st.integers(1, 5), min_size=1, max_size=3))
+    a, middle = data.draw(a_pass(start))
+    b, _ = data.draw(a_pass(middle))
+    x = torch.randn(start, generator=torch.Generator().manual_seed(1)).to(dtype)
+    torch.testing.assert_close(run_ops(x, composed(dtype, tuple(a), tuple(b))), run_ops(run_ops(x, a), b),
+                               rtol=0, atol=0, equal_nan=True)
+    in_float32 = run_ops(x.float(), composed(torch.float32, tuple(a), tuple(b))).to(dtype)
+    torch.testing.assert_close(run_ops(x, composed(torch.float32, tuple(a), tuple(b))), in_float32,
+                               rtol=0, atol=0, equal_nan=True)

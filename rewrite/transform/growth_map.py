@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from rewrite.transform.growth_ops import Fill, Op, Take, op_from_dict, run_dual, run_ops
+from rewrite.transform.growth_ops import Fill, Op, Take, composed, op_from_dict, run_dual, run_ops
 
 # -- recipes and maps ----------------------------------------------------------------------------------------
 KEPT, COPY, NEW = "kept", "copy", "new"
@@ -117,7 +117,8 @@ class GrowthMap:
             earlier = self.recipes[self.canonical(recipe.source)]
             role = recipe.role if earlier.role == KEPT else earlier.role
             note = recipe.note or earlier.note
-            recipes[name] = dataclasses.replace(recipe, source=earlier.source, ops=(*earlier.ops, *recipe.ops),
+            recipes[name] = dataclasses.replace(recipe, source=earlier.source,
+                                                ops=composed(recipe.dtype, earlier.ops, recipe.ops),
                                                 role=role, start=earlier.start, note=note)
         used = {r.source for r in recipes.values() if r.role == KEPT}
         removed = tuple(n for n in self.original if n not in used)

@@ -195,7 +195,46 @@ class Redraw:
         return f"drawn afresh at the source's std (seed {self.seed})"
 
 
-Op = Union[Take, Split, Scale, Noise, Redraw]
+@dataclasses.dataclass(frozen=True)
+class PassEnd:
+    """Where one pass's ops end in a composed recipe (``GrowthMap.then``), when running them in one go would not
+    give the bits of running the passes one after another (:func:`joins`): the tensor is rounded to ``dtype``
+    here (a bfloat16/float16 plan rounds at the end of every pass; None: a wider plan, nothing to round), and
+    noise after it is scaled by the tensor here. ``run_ops(x, a + (PassEnd(dtype),) + b) ==
+    run_ops(run_ops(x, a), b)`` for a plan in ``dtype``."""
+
+    dtype: torch.dtype | None = None
+
+    def to_dict(self) -> dict:
+        return {"op": "pass_end", "dtype": None if self.dtype is None else str(self.dtype).removeprefix("torch.")}
+
+    def describe(self, shape) -> str:
+        return "end of a pass" + ("" if self.dtype is None else f" (rounded to {self.dtype})".replace("torch.", ""))
+
+
+Op = Union[Take, Split, Scale, Noise, Redraw, PassEnd]
+
+
+def joins(dtype: torch.dtype, later: tuple[Op, ...] | list[Op]) -> bool:
+    """Whether a pass's ops ``later`` may run in one go with the ops before them, ``run_ops(run_ops(x, a), b) ==
+    run_ops(x, a + b)``: float32/float64/integer tensors (a bfloat16/float16 one is rounded at the end of every
+    pass), and no noise in ``later`` before its first Take (noise is scaled by the tensor before the last Take:
+    in one run that would be a tensor of the passes before)."""
+    if _low_precision(dtype):
+        return False
+    for op in later:
+        if isinstance(op, Take):
+            return True
+        if isinstance(op, Noise):
+            return False
+    return True
+
+
+def composed(dtype: torch.dtype, earlier: tuple[Op, ...], later: tuple[Op, ...]) -> tuple[Op, ...]:
+    """The ops of two passes in a row, with a :class:`PassEnd` between them where they do not join."""
+    if earlier and later and not joins(dtype, later):
+        return (*earlier, PassEnd(dtype if _low_precision(dtype) else None), *later)
+    return (*earlier, *later)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,18 +297,21 @@ def run_ops(tensor: torch.Tensor, ops: tuple[Op, ...] | list[Op]) -> torch.Tenso
     fresh = False
     low = _low_precision(x.dtype)
     ops = list(ops)
-    last_noise = max((i for i, op in enumerate(ops) if isinstance(op, Noise)), default=-1)
     with torch.no_grad():
         i = 0
         while i < len(ops):
             op = ops[i]
             i += 1
+            if isinstance(op, PassEnd):  # what the pass before made, rounded; noise after it is scaled by it,
+                x = reference = x if op.dtype is None else x.to(op.dtype)  # the next op that writes copies it
+                fresh = False
+                continue
             if isinstance(op, Take):
                 # Takes in a row on distinct axes at once, unless noise follows (it is scaled by the tensor
                 # before the last Take, which taking them at once never makes)
                 takes = [op]
                 while (i < len(ops) and isinstance(ops[i], Take) and ops[i].axis not in {t.axis for t in takes}
-                       and last_noise < i):
+                       and not _noise_ahead(ops, i)):
                     takes.append(ops[i])
                     i += 1
                 together = _take_together(x, takes) if len(takes) > 1 else None
@@ -283,9 +325,24 @@ def run_ops(tensor: torch.Tensor, ops: tuple[Op, ...] | list[Op]) -> torch.Tenso
             if isinstance(op, Scale) and op.factor == 0 and op.offset == 0 and op.positions is None:
                 x, fresh = torch.zeros_like(x), True  # a zeroed tensor (a new block's output): no arithmetic
                 continue
+            rounded_next = i == len(ops) or isinstance(ops[i], PassEnd) and ops[i].dtype == tensor.dtype
+            if isinstance(op, Redraw) and low and rounded_next:  # drawn in float32 pieces, rounded into place
+                std, shape = float(x.float().std()), x.shape
+                x = None  # freed before the draw
+                x, fresh = torch.empty(shape, dtype=tensor.dtype), True
+                for piece, generator in _pieces(x, op.seed):
+                    piece.copy_(torch.randn(piece.shape, generator=generator).mul_(std))
+                continue
             if isinstance(op, Redraw):  # a fresh draw at x's scale, made in place: no working copy of x
                 std, dtype = float(x.float().std()), torch.float32 if low else x.dtype
                 x, fresh = _normal(x.shape, op.seed, torch.float32).to(dtype).mul_(std), True
+                continue
+            if isinstance(op, Noise) and low and x.dtype != torch.float32 and rounded_next:
+                # the last op on a bfloat16/float16 tensor: only the noised entries need float32, piece by piece
+                x = x if fresh else x.clone()
+                with _region(x, op.axis, op.positions) as target:
+                    _add_noise_in_pieces(target, op.seed, op.relative * _std(reference))
+                fresh = True
                 continue
             if low and x.dtype != torch.float32:
                 x, fresh = x.float(), True
@@ -296,12 +353,45 @@ def run_ops(tensor: torch.Tensor, ops: tuple[Op, ...] | list[Op]) -> torch.Tenso
             elif isinstance(op, Scale):
                 with _region(x, op.axis, op.positions) as target:
                     target.add_(op.offset).mul_(op.factor).sub_(op.offset)
-            elif isinstance(op, Noise):
+            elif isinstance(op, Noise):  # drawn piece by piece: no scratch of the region's size
                 with _region(x, op.axis, op.positions) as target:
-                    target.add_(_normal(target.shape, op.seed, x.dtype), alpha=op.relative * _std(reference))
+                    scale = op.relative * _std(reference)
+                    for piece, generator in _pieces(target, op.seed):
+                        piece.add_(torch.randn(piece.shape, generator=generator, dtype=x.dtype), alpha=scale)
             else:
                 raise TypeError(f"unknown growth op {op!r}")
     return x.to(tensor.dtype)
+
+
+def working_bytes(ops: tuple[Op, ...] | list[Op], shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    """About the most memory :func:`run_ops` holds at once making a tensor from a ``shape`` ``dtype`` one: the
+    input, the result, and a float32 working copy of the largest intermediate when a bfloat16/float16 tensor
+    needs arithmetic on all of it, or a redraw is made whole (noise or a redraw as the last op of a low-precision
+    tensor is drawn in pieces and needs neither)."""
+    shape, size = list(shape), torch.empty((), dtype=dtype).element_size()
+    start = largest = math.prod(shape)
+    for op in ops:
+        if isinstance(op, Take):
+            shape[op.axis] = len(op.index)
+            largest = max(largest, math.prod(shape))
+    arithmetic = [op for op in ops if not isinstance(op, (Take, PassEnd))]
+    low = _low_precision(dtype)
+    if low and arithmetic and isinstance(ops[-1], (Noise, Redraw)):
+        arithmetic = arithmetic[:-1]  # drawn in pieces
+    extra = 4 * largest if low and arithmetic else 0
+    if any(isinstance(op, Redraw) for op in arithmetic):
+        extra += 4 * largest
+    return (start + math.prod(shape)) * size + extra
+
+
+def _noise_ahead(ops, start: int) -> bool:
+    """Whether noise comes at or after ``ops[start]`` in the same pass (before a :class:`PassEnd`)."""
+    for op in ops[start:]:
+        if isinstance(op, PassEnd):
+            return False
+        if isinstance(op, Noise):
+            return True
+    return False
 
 
 def _low_precision(dtype: torch.dtype) -> bool:
@@ -349,6 +439,8 @@ def run_dual(tensor: torch.Tensor, ops: tuple[Op, ...] | list[Op], kind: str) ->
                     target.mul_(0.0 if op.factor == 0 else 1.0 / op.factor ** power)
             elif isinstance(op, Redraw):
                 x.zero_()  # a fresh draw has no gradient identity with what it replaced
+            elif isinstance(op, PassEnd):
+                continue
     return x
 
 
@@ -424,6 +516,37 @@ def _consecutive(part: torch.Tensor) -> bool:
     return bool(part[0] >= 0) and bool(torch.equal(part, torch.arange(int(part[0]), int(part[0]) + len(part))))
 
 
+PIECE = 1 << 20  # float32 values of scratch at a time when noise goes into a bfloat16/float16 tensor
+
+
+def _add_noise_in_pieces(target: torch.Tensor, seed: int, scale: float) -> None:
+    """``target += scale * randn(target.shape)`` (seeded), computed in float32 and rounded into ``target``'s
+    dtype piece by piece (:func:`_pieces`): what converting the whole tensor to float32, adding, and rounding
+    at the end gives, without the float32 copy of the whole tensor."""
+    for piece, generator in _pieces(target, seed):
+        piece.copy_(piece.float().add_(torch.randn(piece.shape, generator=generator), alpha=scale))
+
+
+def _pieces(target: torch.Tensor, seed: int):
+    """``target`` in pieces of about ``PIECE`` values along its first axis, each with the generator seeded with
+    ``seed`` to draw it from: the pieces' ``randn`` draws are those of one ``randn`` of the whole shape. A CPU
+    normal fill of 16 values or more takes one uniform per value and pairs them within blocks of 16, so pieces
+    of a multiple of 16 values (the last one at least 16) continue one stream (``tests/test_materialise.py``
+    checks it); a tensor of under 32 values is one piece."""
+    generator = torch.Generator().manual_seed(seed)
+    if target.dim() == 0 or target.numel() < 32:
+        yield target, generator
+        return
+    rows, per_row = target.shape[0], target.numel() // target.shape[0]
+    align = 16 // math.gcd(per_row, 16)  # rows per piece: a multiple of this holds a multiple of 16 values
+    step = max(align, PIECE // max(per_row, 1) // align * align)
+    starts = list(range(0, rows, step))
+    if len(starts) > 1 and (rows - starts[-1]) * per_row < 16:
+        starts.pop()  # a last piece under 16 values is drawn differently: it joins the one before
+    for start, end in zip(starts, [*starts[1:], rows]):
+        yield target.narrow(0, start, end - start), generator
+
+
 def _normal(shape, seed: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
@@ -466,4 +589,6 @@ def op_from_dict(d: dict) -> Op:
         return Noise(d["axis"], from_runs(d["positions"]), d["seed"], d["relative"])
     if kind == "redraw":
         return Redraw(d["seed"])
+    if kind == "pass_end":
+        return PassEnd(None if d["dtype"] is None else getattr(torch, d["dtype"]))
     raise ValueError(f"unknown growth op {kind!r} in a growth map")

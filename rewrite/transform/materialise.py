@@ -7,16 +7,12 @@ tensors are made from the ones before.
 
 **Materialising** (:func:`materialise`) makes every tensor of the planned graph from the original's tensors
 by running the recipes of the passes one after another, tensor by tensor, and puts it in place of the meta
-tensor (tied names share it). Consecutive passes' ops run in one go, so a tensor two passes grow (the MLP of
-``widen_hidden`` + ``widen_mlp``) is built once, where that gives the same bits as running the passes one at
-a time:
-
-    run_ops(run_ops(x, a), b) == run_ops(x, a + b)
-
-holds when nothing is rounded between them (float32, float64, integers: a bfloat16/float16 tensor is
-rounded at the end of every pass, so its passes run one at a time) and ``b`` draws no noise before its first
-``Take`` (noise is scaled by the std of the tensor before the last Take: in one run that would be ``a``'s
-input instead of its output). Tensors are made by a few threads at once (a seeded normal draw runs on one
+tensor (tied names share it). The passes' ops run in one go, so a tensor two passes grow (the MLP of
+``widen_hidden`` + ``widen_mlp``) is built once, composed as the growth map composes them
+(``growth_ops.composed``): ``run_ops(run_ops(x, a), b) == run_ops(x, a + b)`` holds when nothing is rounded
+between them (float32, float64, integers) and ``b`` draws no noise before its first ``Take`` (noise is scaled
+by the std of the tensor before the last Take); elsewhere a ``PassEnd`` between them rounds the tensor and
+resets that scale, as running the passes one at a time does. Tensors are made by a few threads at once (a seeded normal draw runs on one
 core; each tensor's values depend on its own seeds only, so the bits do not depend on the order). Peak
 memory is the original, the grown tensors, and the scratch of the tensors being made, which is given back to
 the system after each tensor.
@@ -37,10 +33,15 @@ import torch.utils._pytree as pytree
 
 from rewrite.ir.graph import Graph
 from rewrite.transform.growth_map import GrowthMap, Recipe, named_tensors, tensor_names
-from rewrite.transform.growth_ops import Noise, Take, run_ops
+from rewrite.transform.growth_ops import composed, run_ops
 
 
 WORKERS = 4  # tensors made at once, at most one per torch thread: a seeded draw runs on one core
+
+
+def workers() -> int:
+    """How many tensors to make at once: one per torch thread, at most ``WORKERS``."""
+    return max(1, min(WORKERS, torch.get_num_threads()))
 
 
 class NeedsWeights(Exception):
@@ -92,10 +93,10 @@ def materialise(planned: Graph, steps: list[GrowthMap], original: Graph) -> Grap
 
     def make(item):
         value = _make(final.canonical(item[0]), steps, sources)
-        _return_freed_memory()  # the scratch of this tensor, before the next one takes new pages
+        return_freed_memory()  # the scratch of this tensor, before the next one takes new pages
         return value
 
-    with ThreadPoolExecutor(max(1, min(WORKERS, torch.get_num_threads()))) as pool:
+    with ThreadPoolExecutor(workers()) as pool:
         values = list(pool.map(make, todo))
     made: dict[int, torch.Tensor] = {}  # id of the meta tensor -> the real one
     for (name, tensor), value in zip(todo, values):
@@ -110,8 +111,9 @@ def materialise(planned: Graph, steps: list[GrowthMap], original: Graph) -> Grap
 
 
 def _make(name: str, steps: list[GrowthMap], sources: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The tensor ``name`` of the last step, made from ``sources`` by the recipes of every step in turn, runs of
-    steps that give the same bits in one go (see the module docstring); never a view of a source."""
+    """The tensor ``name`` of the last step, made from ``sources`` by the recipes of every step in one run of
+    their ops, composed as ``GrowthMap.then`` composes them (see the module docstring); never a view of a
+    source."""
     chain: list[Recipe] = []
     for step in reversed(steps):
         recipe = step.recipes[step.canonical(name)]
@@ -127,17 +129,15 @@ def _make(name: str, steps: list[GrowthMap], sources: dict[str, torch.Tensor]) -
         if first.source not in sources:
             raise NeedsWeights(f"the growth map reads {first.source}, which the traced model does not have")
         x, fresh = sources[first.source], False
-    ops: list = []
+    ops: tuple = ()
     for recipe in chain:
-        if ops and not _joins(x.dtype, recipe.ops):
-            x, fresh, ops = run_ops(x, ops), True, []
-        ops.extend(recipe.ops)
+        ops = composed(x.dtype, ops, recipe.ops)
     if ops:
         x, fresh = run_ops(x, ops), True
     return x if fresh else x.detach().clone()  # every op makes a new tensor; an unchanged one is copied
 
 
-def _return_freed_memory() -> None:
+def return_freed_memory() -> None:
     """Give the heap pages freed since the last call back to the system (glibc's ``malloc_trim``; nothing
     elsewhere). A tensor's scratch (a Take before a Redraw, a float32 working copy of a bfloat16 tensor) is
     freed into the heap, where the next tensor, of another size, often cannot reuse it: without this, peak
@@ -157,20 +157,9 @@ def _load_libc():
 _LIBC = _load_libc()
 
 
-def _joins(dtype: torch.dtype, ops) -> bool:
-    """Whether a pass's ``ops`` may run in one go with the ops of the passes before it (module docstring)."""
-    if dtype.is_floating_point and torch.finfo(dtype).bits < 32:
-        return False
-    for op in ops:
-        if isinstance(op, Take):
-            return True
-        if isinstance(op, Noise):
-            return False
-    return True
-
-
 def _to_meta(value):
     return pytree.tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, value)
 
 
-__all__ = ["NeedsWeights", "all_on_meta", "check_shapes_only", "materialise", "on_meta"]
+__all__ = ["NeedsWeights", "all_on_meta", "check_shapes_only", "materialise", "on_meta", "return_freed_memory",
+           "workers"]
