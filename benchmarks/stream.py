@@ -9,7 +9,8 @@
    * ``grow``: ``rewrite.io.grow_checkpoint`` with ``widen_mlp(factor=2)`` + ``add_layers(2)``;
    * ``floor``: the same files without the growth's arithmetic: for every tensor the grown checkpoint holds,
      read the checkpoint tensor its recipe reads (if any) and write that many uninitialised bytes, through
-     the same reader and writer. Same bytes in, same bytes out.
+     the same reader and writer (reads made ahead on the same threads, within the same budget, while a tensor
+     is written). Same bytes in, same bytes out.
    Each process first records its resident memory after imports and planning (``fixed``), so the bound the
    issue sets, fixed + 3x the largest tensor, is computed per run.
 3. Writes ``benchmarks/results/stream/results.json`` and ``results.md`` (medians).
@@ -82,7 +83,8 @@ def run(kind: str, source: str, out: str, queue) -> None:
 
     torch.set_num_threads(2)
     import rewrite.io.grow_checkpoint as streaming
-    from rewrite.io.safetensors_stream import CheckpointReader, shard, write_safetensors
+    from rewrite.io.safetensors_stream import CheckpointReader, nbytes, shard, write_safetensors
+    from rewrite.transform.materialise import workers
 
     shutil.rmtree(out, ignore_errors=True)
     if kind == "grow":
@@ -115,6 +117,7 @@ def run(kind: str, source: str, out: str, queue) -> None:
     reader, reference = CheckpointReader(source), CheckpointReader(grown_folder)
     recipes = json.loads((grown_folder / "recipes.json").read_text())
     entries = [(n, reference.shape(n), reference.dtype(n)) for n in reference.keys()]
+    largest = max(nbytes(shape, dtype) for _, shape, dtype in entries)
     fixed = resident()[0]
     start = time.perf_counter()
     Path(out).mkdir(parents=True)
@@ -127,7 +130,7 @@ def run(kind: str, source: str, out: str, queue) -> None:
             return torch.empty(shape, dtype=dtype)
 
         path = Path(out) / f"model-{i + 1:05d}.safetensors"
-        write_safetensors(path, part, make)
+        write_safetensors(path, part, make, workers=workers(), budget=largest)  # as grow_checkpoint writes
         total += path.stat().st_size
     seconds = time.perf_counter() - start
     queue.put({"kind": kind, "seconds": seconds, "peak": resident()[1], "fixed": fixed, "bytes": total})

@@ -6,9 +6,11 @@
    (``rewrite.io.native.native_config``).
 2. **Stream.** Each tensor of the native class's state dict is made from the checkpoint tensors its recipe
    reads (``GrowthMap.make`` over a :class:`CheckpointReader`, which reads one tensor when asked) and written
-   into shards at once (``write_safetensors``: header first, then data), in the source's dtype. Resident
-   memory is the interpreter, the traced shapes, and about three tensors: a source, its float32 working copy
-   when the source is bfloat16/float16, and the result.
+   into shards at once (``write_safetensors``: header first, then data), in the source's dtype. The next
+   tensors are made on a few threads while one is written, as long as the bytes in flight stay within the
+   largest tensor's (``rewrite.io.made_ahead``). Resident memory is the interpreter, the traced shapes, and
+   about three tensors' worth: a source, its float32 working copy when the source is bfloat16/float16, and
+   the result.
 3. **Atomic.** Shards, index, config and the other files (tokenizer, generation config) are written into a
    temporary sibling folder, renamed into place at the end.
 
@@ -36,6 +38,8 @@ from rewrite.io.safetensors_stream import INDEX, CheckpointReader, nbytes, shard
 from rewrite.io.sources import atomic_path
 from rewrite.ir.trace import trace
 from rewrite.transform.apply import Grown, apply
+from rewrite.transform.growth_ops import working_bytes
+from rewrite.transform.materialise import return_freed_memory, workers
 
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", INDEX, "pytorch_model.bin.index.json",
                 "config.json")
@@ -84,10 +88,14 @@ def grow_checkpoint(source: str | Path, passes: list, destination: str | Path, *
         dtypes = {name: dtype for name, _, dtype in entries}
 
         def make(name: str) -> torch.Tensor:
-            return grown.map.make(name, reader).to(dtypes[name])
+            tensor = grown.map.make(name, reader).to(dtypes[name])
+            return_freed_memory()  # its scratch, freed into this thread's heap, back to the system
+            return tensor
 
+        holds = {name: _holds(grown.map, name, reader, dtype) for name, _, dtype in entries}
         for file, part in zip(names, shards):
-            write_safetensors(folder / file, part, make, metadata={"format": "pt"})
+            write_safetensors(folder / file, part, make, metadata={"format": "pt"}, workers=workers(),
+                              holds=holds.__getitem__, budget=max(holds.values(), default=0))
             written += (folder / file).stat().st_size
         if len(shards) > 1:
             total = sum(nbytes(shape, dtype) for _, shape, dtype in entries)
@@ -206,6 +214,14 @@ def _entries(native: torch.nn.Module, grown: Grown, reader: CheckpointReader) ->
             dtype = main if recipe.dtype.is_floating_point else recipe.dtype
         entries.append((name, tuple(recipe.shape), dtype))
     return entries
+
+
+def _holds(growth_map, name: str, reader: CheckpointReader, dtype: torch.dtype) -> int:
+    """About the memory making ``name`` holds (``growth_ops.working_bytes``): what several tensors made at once
+    may hold together is what the largest one holds alone."""
+    recipe = growth_map.recipes[growth_map.canonical(name)]
+    shape = reader.shape(recipe.source) if recipe.source is not None else recipe.start.shape
+    return working_bytes(recipe.ops, shape, dtype)
 
 
 def main_dtype(dtypes) -> torch.dtype:

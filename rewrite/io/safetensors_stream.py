@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from rewrite.errors import GrowfxError
+from rewrite.io.made_ahead import made_in_order
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -83,9 +84,12 @@ def _header(path: Path) -> dict:
 
 
 def write_safetensors(path: str | Path, entries: list[tuple[str, tuple[int, ...], torch.dtype]],
-                      make: Callable[[str], torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+                      make: Callable[[str], torch.Tensor], metadata: dict[str, str] | None = None, *,
+                      workers: int = 1, holds: Callable[[str], int] | None = None, budget: int = 0) -> None:
     """Write ``entries`` (name, shape, dtype) to ``path``: the header first, then each tensor as ``make(name)``
-    gives it (checked against its entry), one at a time."""
+    gives it (checked against its entry), in order. With ``workers`` > 1, the next tensors are made while one
+    is written, as long as the bytes they hold while made (``holds(name)``; default: their size) stay within
+    ``budget`` (at least the most any one holds; :func:`rewrite.io.made_ahead.made_in_order`)."""
     header, offset = {}, 0
     for name, shape, dtype in entries:
         size = nbytes(shape, dtype)
@@ -95,15 +99,19 @@ def write_safetensors(path: str | Path, entries: list[tuple[str, tuple[int, ...]
         header["__metadata__"] = metadata
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    shapes = {name: (shape, dtype) for name, shape, dtype in entries}
+    sizes = [(name, holds(name) if holds else nbytes(shape, dtype)) for name, shape, dtype in entries]
+    budget = max([budget, *(size for _, size in sizes)])
     with open(path, "wb") as f:
         f.write(len(text).to_bytes(8, "little"))
         f.write(text)
-        for name, shape, dtype in entries:
-            tensor = make(name)
+        for name, tensor in made_in_order(sizes, make, workers=workers, budget=budget):
+            shape, dtype = shapes[name]
             if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
                 raise GrowfxError(f"{name} was announced as {list(shape)} {dtype} in {Path(path).name} but made as "
                                   f"{list(tensor.shape)} {tensor.dtype}")
             f.write(_bytes(tensor))
+            del tensor
 
 
 def _bytes(tensor: torch.Tensor) -> memoryview:
