@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import inspect
 import warnings
 from collections import Counter
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 import torch.fx
 import torch.utils._pytree as pytree
+from torch.fx.graph import _PyTreeCodeGen
 from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from rewrite.errors import InputError
@@ -368,9 +370,40 @@ class Graph:
 
 
 def _deep_copied(module: torch.fx.GraphModule, memo: dict) -> torch.fx.GraphModule:
+    """A deep copy of ``module`` that runs the code compiled for ``module``'s graph (the copy's graph is the
+    same until it is edited, and every edit ends with a recompile) instead of generating and compiling it
+    again: ``GraphModule``'s own deepcopy recompiles, about 20 ms on a 12-layer model, 0.1 s on an 80-layer
+    one, once per rule application."""
+    source = type(module)
+    compiled = vars(source).get("forward")
     with warnings.catch_warnings():  # deepcopy of export's pytree specs warns about a deprecated alias
         warnings.simplefilter("ignore", FutureWarning)
-        return copy.deepcopy(module, memo)
+        if compiled is None or not isinstance(module, torch.fx.GraphModule) \
+                or type(module)._deepcopy_init is not torch.fx.GraphModule._deepcopy_init:
+            return copy.deepcopy(module, memo)
+        source._deepcopy_init = lambda self: functools.partial(_init_with_code_of, module, compiled)
+        try:
+            return copy.deepcopy(module, memo)
+        finally:
+            del source._deepcopy_init
+
+
+def _init_with_code_of(module: torch.fx.GraphModule, compiled, copy_: torch.fx.GraphModule, root, graph) -> None:
+    """``GraphModule.__init__`` of ``copy_`` without the recompile, taking ``module``'s compiled forward (its
+    class is the copy's alone: a GraphModule gets a class of its own)."""
+    own = type(copy_)
+    own.recompile = lambda self: None
+    try:
+        torch.fx.GraphModule.__init__(copy_, root, graph)
+    finally:
+        del own.recompile
+    own.forward = compiled
+    for name in ("_code", "_lineno_map", "_prologue_start"):
+        if name in vars(module):
+            setattr(copy_, name, vars(module)[name])
+    if isinstance(graph._codegen, _PyTreeCodeGen):  # what the compiled code reads, as recompile sets it
+        copy_._in_spec = graph._codegen.pytree_info.in_spec
+        copy_._out_spec = graph._codegen.pytree_info.out_spec
 
 
 def attribute(root: torch.nn.Module, target: str):
