@@ -7,10 +7,10 @@
 2. **Stream.** Each tensor of the native class's state dict is made from the checkpoint tensors its recipe
    reads (``GrowthMap.make`` over a :class:`CheckpointReader`, which reads one tensor when asked) and written
    into shards at once (``write_safetensors``: header first, then data), in the source's dtype. The next
-   tensors are made on a few threads while one is written, as long as the bytes in flight stay within the
-   largest tensor's (``rewrite.io.made_ahead``). Resident memory is the interpreter, the traced shapes, and
-   about three tensors' worth: a source, its float32 working copy when the source is bfloat16/float16, and
-   the result.
+   tensors are made on a few threads while one is written, as long as what they hold together stays within
+   what making the largest one holds alone (``rewrite.io.made_ahead``, ``growth_ops.working_bytes``).
+   Resident memory is the interpreter, the traced shapes, and about three tensors' worth: a source, its
+   float32 working copy where one is needed, and the result.
 3. **Atomic.** Shards, index, config and the other files (tokenizer, generation config) are written into a
    temporary sibling folder, renamed into place at the end.
 

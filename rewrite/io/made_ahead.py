@@ -2,9 +2,10 @@
 
 A streaming writer writes tensor ``k`` while the next ones are being made: their arithmetic (a bfloat16 tensor
 widened in float32, a seeded normal draw, which runs on one core) overlaps the write and each other. Memory
-stays bounded: a tensor is started only while the output bytes of the tensors started and not yet handed back
-(the one being written included) stay within ``budget``; one tensor alone always starts. With the budget at
-the largest tensor's size, what is in flight at once is at most what making the largest tensor alone holds.
+stays bounded: each tensor comes with the bytes it holds while made (``rewrite.transform.growth_ops
+.working_bytes`` for a growth), and a tensor is started only while those of the tensors started and not yet
+handed back (the one being written included) stay within ``budget``; one tensor alone always starts. With the
+budget at the most any one tensor holds, what is in flight at once is at most what the largest holds alone.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ import torch
 def made_in_order(items: list[tuple[str, int]], make: Callable[[str], torch.Tensor], *, workers: int,
                   budget: int) -> Iterator[tuple[str, torch.Tensor]]:
     """``(name, make(name))`` for each ``(name, bytes)`` of ``items``, in order; up to ``workers`` tensors are
-    made at once (the next ones start while the caller holds one), within ``budget`` bytes (see the module docstring). The
-    caller should drop each tensor before asking for the next. An error in ``make`` is raised in order, and
-    tensors not started yet are not made."""
+    made at once (the next ones start while the caller holds one), within ``budget`` bytes (see the module
+    docstring). The caller should drop each tensor before asking for the next. An error in ``make`` is raised
+    in order, and tensors not started yet are not made."""
     if workers <= 1:
         for name, _ in items:
             yield name, make(name)
