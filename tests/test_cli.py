@@ -199,3 +199,31 @@ def test_a_bfloat16_folder_is_written_back_in_bfloat16(tmp_path, capsys):
     ids = zoo.build("hf-llama").args[0]
     with torch.no_grad():  # zero new columns: the same function, to bfloat16's accumulation order
         torch.testing.assert_close(loaded.eval()(ids).logits, source.eval()(ids).logits, rtol=1.6e-2, atol=1e-2)
+
+
+def test_the_original_weights_are_freed_before_the_folder_is_written(tmp_path, monkeypatch):
+    """Writing a bfloat16 folder makes a bfloat16 copy of the grown model; the original's float32 weights, which
+    nothing reads any more, are freed first, so the copy takes their room (the 10-layer job: 9.1 -> 7.0 GB)."""
+    import weakref
+
+    import rewrite.app.cli as cli
+    import rewrite.io.sources as sources
+    from rewrite.app import zoo
+
+    zoo.build("hf-llama").model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    loaded, alive_when_writing = [], []
+    load, save = cli.load, sources.save_huggingface
+
+    def recording_load(spec):
+        source = load(spec)
+        loaded.append(weakref.ref(next(source.model.parameters())))
+        return source
+
+    def checking_save(*args, **kwargs):
+        alive_when_writing.append(loaded[0]() is not None)
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "load", recording_load)
+    monkeypatch.setattr(sources, "save_huggingface", checking_save)
+    assert main(["grow", str(tmp_path / "bf16"), "--pass", "widen_mlp:factor=2", "--out", str(tmp_path / "out")]) == 0
+    assert alive_when_writing == [False]

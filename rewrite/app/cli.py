@@ -8,6 +8,7 @@ exported) exit 1 with one line naming the problem.
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import time
 from pathlib import Path
@@ -211,6 +212,10 @@ def _grow(options) -> int:
     if source.is_huggingface:
         progress(f"writing a native Hugging Face folder to {options.out}")
         native = to_native(grown, like=source.model)
+        # the original's weights are not read again: freed (the fx graphs holding them are in reference cycles,
+        # hence the collection), they make room for the copy in the folder's dtype
+        source.model = graph = grown.original = None
+        gc.collect()
         save_huggingface(native, options.out, source.tokenizer, replace=options.force, dtype=source.dtype)
         config = native.config
         print(f"wrote {options.out}: {type(native).__name__}, {sum(p.numel() for p in native.parameters()):,} "
