@@ -159,7 +159,7 @@ def _grow(original: Graph, flat: list, strict: bool, plan_first: bool):
             seconds["plan"] = time.perf_counter() - start
             start = time.perf_counter()
             grown = [step for step in steps if step.plan is not None]
-            final = materialise(grown[-1].graph, [s.map for s in grown], original) if grown else original
+            final = materialise(grown[-1].graph, original) if grown else original
             how = "planned on shapes, each tensor built once"
         except NeedsWeights as why:
             seconds.clear()
@@ -273,7 +273,7 @@ def _verify_passes(original: Graph, steps: list[_Step], final: Graph, args: tupl
         if step is grown[-1]:
             current = final
         elif all_on_meta(step.graph) and not all_on_meta(original):
-            current = materialise(_planned_copy(step.graph), [s.map for s in grown[:i + 1]], original)
+            current = materialise(_planned_copy(step.graph), original)
         else:
             current = step.graph
         exact_so_far = all(s.record.exact is not False for s in grown[:i])

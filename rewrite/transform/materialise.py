@@ -6,13 +6,13 @@ no weight is allocated, copied or filled, and each pass's growth map (``lineage.
 tensors are made from the ones before.
 
 **Materialising** (:func:`materialise`) makes every tensor of the planned graph from the original's tensors
-by running the recipes of the passes one after another, tensor by tensor, and puts it in place of the meta
+by running its recipe in the plan's composed growth map, tensor by tensor, and puts it in place of the meta
 tensor (tied names share it). The passes' ops run in one go, so a tensor two passes grow (the MLP of
-``widen_hidden`` + ``widen_mlp``) is built once, composed as the growth map composes them
-(``growth_ops.composed``): ``run_ops(run_ops(x, a), b) == run_ops(x, a + b)`` holds when nothing is rounded
-between them (float32, float64, integers) and ``b`` draws no noise before its first ``Take`` (noise is scaled
-by the std of the tensor before the last Take); elsewhere a ``PassEnd`` between them rounds the tensor and
-resets that scale, as running the passes one at a time does. Tensors are made by a few threads at once (a
+``widen_hidden`` + ``widen_mlp``) is built once. ``GrowthMap.then`` composes them (``growth_ops.composed``):
+``run_ops(run_ops(x, a), b) == run_ops(x, a + b)`` holds when nothing is rounded between them (float32,
+float64, integers) and ``b`` draws no noise before its first ``Take`` (noise is scaled by the std of the
+tensor before the last Take); elsewhere a ``PassEnd`` between them rounds the tensor and resets that scale,
+as running the passes one at a time does. Tensors are made by a few threads at once (a
 seeded normal draw runs on one core; each tensor's values depend on its own seeds only, so the bits do not
 depend on the order). Peak memory is the original, the grown tensors, and the scratch of the tensors being
 made, which is given back to the system after each tensor.
@@ -32,8 +32,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from rewrite.ir.graph import Graph
-from rewrite.transform.growth_map import GrowthMap, Recipe, named_tensors, tensor_names
-from rewrite.transform.growth_ops import composed, run_ops
+from rewrite.transform.growth_map import GrowthMap, named_tensors, tensor_names
 
 
 WORKERS = 4  # tensors made at once, at most one per torch thread: a seeded draw runs on one core
@@ -78,21 +77,27 @@ def check_shapes_only(step: GrowthMap, rule: str) -> None:
             raise NeedsWeights(f"{rule} computes {name} from the weights' values")
 
 
-def materialise(planned: Graph, steps: list[GrowthMap], original: Graph) -> Graph:
-    """The graph ``planned`` (on meta, made from ``original`` by passes whose maps are ``steps``, in order) with
-    every tensor made from ``original``'s tensors; it takes ``original``'s example inputs. ``planned``'s module
-    is filled in place: it is the result."""
+def materialise(planned: Graph, original: Graph) -> Graph:
+    """The graph ``planned`` (on meta, made from ``original`` by passes whose composed growth map its lineage
+    holds) with every tensor made from ``original``'s tensors; it takes ``original``'s example inputs.
+    ``planned``'s module is filled in place: it is the result."""
     sources = dict(named_tensors(original.module))
+    growth = planned.lineage.growth_map
     module = planned.module
-    final = steps[-1]
     tensors = dict(named_tensors(module))
     todo = [(name, tensors[name]) for name in tensor_names(module).values()]  # each tensor once
     for name, _ in todo:
-        if final.canonical(name) not in final.recipes:
+        recipe = growth.recipes.get(growth.canonical(name))
+        if recipe is None:
             raise NeedsWeights(f"the planned graph has a tensor {name} its growth map does not make")
+        if recipe.source is not None and recipe.source not in sources:
+            raise NeedsWeights(f"the growth map reads {recipe.source}, which the traced model does not have")
 
     def make(item):
-        value = _make(final.canonical(item[0]), steps, sources)
+        name = item[0]
+        value = growth.make(name, sources)
+        if not growth.recipes[growth.canonical(name)].ops:  # every op makes a new tensor; an unchanged one is
+            value = value.detach().clone()  # copied, never a view of a source
         return_freed_memory()  # the scratch of this tensor, before the next one takes new pages
         return value
 
@@ -108,33 +113,6 @@ def materialise(planned: Graph, steps: list[GrowthMap], original: Graph) -> Grap
                 if tensor is not None and id(tensor) in made:
                     store[key] = made[id(tensor)]
     return original.with_module(module, planned.lineage)
-
-
-def _make(name: str, steps: list[GrowthMap], sources: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The tensor ``name`` of the last step, made from ``sources`` by the recipes of every step in one run of
-    their ops, composed as ``GrowthMap.then`` composes them (see the module docstring); never a view of a
-    source."""
-    chain: list[Recipe] = []
-    for step in reversed(steps):
-        recipe = step.recipes[step.canonical(name)]
-        chain.append(recipe)
-        if recipe.source is None:
-            break
-        name = recipe.source
-    chain.reverse()
-    first = chain[0]
-    if first.source is None:
-        x, fresh = first.start.make(), True
-    else:
-        if first.source not in sources:
-            raise NeedsWeights(f"the growth map reads {first.source}, which the traced model does not have")
-        x, fresh = sources[first.source], False
-    ops: tuple = ()
-    for recipe in chain:
-        ops = composed(x.dtype, ops, recipe.ops)
-    if ops:
-        x, fresh = run_ops(x, ops), True
-    return x if fresh else x.detach().clone()  # every op makes a new tensor; an unchanged one is copied
 
 
 def return_freed_memory() -> None:
