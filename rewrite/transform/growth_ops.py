@@ -326,16 +326,14 @@ def run_ops(tensor: torch.Tensor, ops: tuple[Op, ...] | list[Op]) -> torch.Tenso
                 x, fresh = torch.zeros_like(x), True  # a zeroed tensor (a new block's output): no arithmetic
                 continue
             rounded_next = i == len(ops) or isinstance(ops[i], PassEnd) and ops[i].dtype == tensor.dtype
-            if isinstance(op, Redraw) and low and rounded_next:  # drawn in float32 pieces, rounded into place
+            if isinstance(op, Redraw):  # a fresh draw at x's scale, piece by piece (float32 draws, scaled in
+                # float32 for a bfloat16/float16 tensor), straight into its dtype when it is rounded next
                 std, shape = float(x.float().std()), x.shape
+                arithmetic = torch.float32 if low else x.dtype
                 x = None  # freed before the draw
-                x, fresh = torch.empty(shape, dtype=tensor.dtype), True
+                x, fresh = torch.empty(shape, dtype=tensor.dtype if low and rounded_next else arithmetic), True
                 for piece, generator in _pieces(x, op.seed):
-                    piece.copy_(torch.randn(piece.shape, generator=generator).mul_(std))
-                continue
-            if isinstance(op, Redraw):  # a fresh draw at x's scale, made in place: no working copy of x
-                std, dtype = float(x.float().std()), torch.float32 if low else x.dtype
-                x, fresh = _normal(x.shape, op.seed, torch.float32).to(dtype).mul_(std), True
+                    piece.copy_(torch.randn(piece.shape, generator=generator).to(arithmetic).mul_(std))
                 continue
             if isinstance(op, Noise) and low and x.dtype != torch.float32 and rounded_next:
                 # the last op on a bfloat16/float16 tensor: only the noised entries need float32, piece by piece
@@ -545,10 +543,6 @@ def _pieces(target: torch.Tensor, seed: int):
         starts.pop()  # a last piece under 16 values is drawn differently: it joins the one before
     for start, end in zip(starts, [*starts[1:], rows]):
         yield target.narrow(0, start, end - start), generator
-
-
-def _normal(shape, seed: int, dtype: torch.dtype) -> torch.Tensor:
-    return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
 def _std(like: torch.Tensor) -> float:
