@@ -363,9 +363,10 @@ def run_ops(tensor: torch.Tensor, ops: tuple[Op, ...] | list[Op]) -> torch.Tenso
 
 def working_bytes(ops: tuple[Op, ...] | list[Op], shape: tuple[int, ...], dtype: torch.dtype) -> int:
     """About the most memory :func:`run_ops` holds at once making a tensor from a ``shape`` ``dtype`` one: the
-    input, the result, and a float32 working copy of the largest intermediate when a bfloat16/float16 tensor
-    needs arithmetic on all of it, or a redraw is made whole (noise or a redraw as the last op of a low-precision
-    tensor is drawn in pieces and needs neither)."""
+    input, the result, a float32 working copy of the largest intermediate when a bfloat16/float16 tensor needs
+    arithmetic on all of it (noise or a redraw as its last op is drawn in pieces and needs none), and one more
+    float32 tensor of that size for a redraw that is not last (an allowance on the safe side: its standard
+    deviation is read from a float32 copy of a bfloat16/float16 tensor)."""
     shape, size = list(shape), torch.empty((), dtype=dtype).element_size()
     start = largest = math.prod(shape)
     for op in ops:
