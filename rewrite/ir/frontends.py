@@ -27,6 +27,7 @@ import torch.fx
 import torch.utils._pytree as pytree
 from torch.export import Dim
 
+from rewrite.ir.lazy_compile import compile_on_first_use, recompiles_deferred
 from rewrite.ops.kinds import MODULE_KINDS
 
 FRONTENDS = ("fx", "export")
@@ -132,10 +133,11 @@ def trace_export(model: torch.nn.Module, args: tuple, kwargs: dict, *, dynamic: 
             program = None
     if program is None:
         program = torch.export.export(model, tuple(args), dict(kwargs), strict=False)
-    module = program.module()
+    with recompiles_deferred():  # module() builds it through four GraphModules, each compiling its code
+        module = program.module(check_guards=False)  # the guards: a pre-hook checks the inputs instead of a node
     _dropout_as_modules(module)
     _batch_norm_as_modules(module)
-    module.recompile()
+    compile_on_first_use(module)
     return module
 
 

@@ -16,6 +16,7 @@ from rewrite.errors import GrowfxError, TraceError
 from rewrite.ir.frontends import (TRACERS, accepted_kwargs, candidate_frontends, eval_mode, first_line,
                                   fixed_inputs, trace_export)
 from rewrite.ir.graph import Graph
+from rewrite.ir.lazy_compile import compile_now
 from rewrite.ir.compare import compare_outputs
 
 log = logging.getLogger("growfx")
@@ -77,6 +78,8 @@ def trace(
                 )
                 continue
             log.info("traced %s with %s", type(model).__name__, name)
+            if not on_meta:  # the graph is the user's to run, export or compile: its code is made now
+                compile_now(graph.module)
             return graph
     raise TraceError(type(model).__name__, reasons)
 

@@ -22,6 +22,7 @@ import torch
 
 from rewrite.errors import GrowfxError, GrowthError, VerificationError
 from rewrite.ir.graph import Graph, Lineage
+from rewrite.ir.lazy_compile import compile_now
 from rewrite.transform.growth_map import KEPT, GrowthMap
 from rewrite.transform.growth_ops import rounded_by
 from rewrite.transform.materialise import NeedsWeights, all_on_meta, check_shapes_only, materialise, on_meta
@@ -141,6 +142,9 @@ def apply(model: torch.nn.Module | Graph, passes: list, args=(), kwargs: dict | 
         seconds["verify"] = time.perf_counter() - start
     if final.lineage.growth_map is None:  # nothing grew: the map of the model onto itself
         final = final.with_module(final.module, Lineage(growth_map=GrowthMap.identity(final.module)))
+    if not all_on_meta(final):  # handed to the user, who may give it to dynamo (which cannot trace the
+        compile_now(final.module)  # first-use stand-in); a plan without weights runs nothing and stays pending
+        compile_now(original.module)
     return Grown(GrownModule(final), final, GrowthReport(records, how, seconds), original)
 
 

@@ -26,6 +26,7 @@ import torch.fx
 from rewrite.analysis.blocks import branch_layers
 from rewrite.errors import GrowthError
 from rewrite.ir.graph import Graph, attribute
+from rewrite.ir.lazy_compile import compile_on_first_use
 from rewrite.names import moved, under
 from rewrite.transform.growth_map import COPY, NEW, GrowthMap, Recipe, tensor_names
 from rewrite.transform.growth_ops import Fill, Op, Scale, run_ops
@@ -323,7 +324,7 @@ class Editor:
             from rewrite.ir.frontends import first_line
 
             raise GrowthError(f"a rewrite left a malformed graph: {first_line(e)}") from e
-        self.module.recompile()
+        compile_on_first_use(self.module)
         source = self.source
         step = GrowthMap.between(source.module, self.module, {i: r for i, (_, r) in self._made.items()}, self._names)
         grown = source.with_module(self.module, grown_lineage(source.lineage, step, origins=self.origins))

@@ -23,6 +23,7 @@ from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from rewrite.analysis.dims import DimGroup
 from rewrite.ir.graph import Graph, attribute
+from rewrite.ir.lazy_compile import compile_on_first_use
 from rewrite.analysis.layout import Layout
 from rewrite.analysis.propagate import layouts
 from rewrite.ops import canonical_kind, patch_literals, patch_split, resize_module_attributes
@@ -134,7 +135,7 @@ def resize(
         finish(module)
     grown_axes = _grown_axes(layouts)
     node_map = _patch_nodes(graph, module, grown_axes)
-    module.recompile()
+    compile_on_first_use(module)
     _grown_metadata(module, grown_axes)
     kept = {id(attribute(module, name)): name for name in tensor_names(graph.module).values()}
     step = GrowthMap.between(graph.module, module, made, kept)

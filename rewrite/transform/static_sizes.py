@@ -26,6 +26,7 @@ import torch.fx
 from rewrite.analysis.dims import dim_analysis
 from rewrite.errors import GrowfxError
 from rewrite.ir.graph import Graph
+from rewrite.ir.lazy_compile import compile_on_first_use
 from rewrite.ops.literals import shape_read, whole_shape
 
 
@@ -73,5 +74,5 @@ def static_sizes(graph: Graph) -> Graph:
     for node in reversed(list(fx_graph.nodes)):  # the shape tuples nothing reads any more
         if whole_shape(node) is not None and not node.users:
             fx_graph.erase_node(node)
-    module.recompile()
+    compile_on_first_use(module)
     return graph.with_module(module)

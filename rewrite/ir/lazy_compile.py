@@ -1,0 +1,133 @@
+"""A GraphModule's Python code generated when it is first used, not after every edit.
+
+``GraphModule.recompile`` writes Python source for the whole graph and compiles it: about 0.2 s on an 80-layer
+model. Tracing calls it four times inside ``ExportedProgram.module()`` and a growth once per pass and rule, yet
+the intermediate graphs of a plan never run, and a plan on the ``meta`` device does not run its last one either.
+
+``compile_on_first_use(module)`` leaves the code to be generated the first time the module is called or its
+``code`` is read, and then it is exactly what ``recompile`` would have written. Until then:
+
+* ``inspect.signature(module.forward)`` answers with the signature the code will have: for an exported graph
+  (``_PyTreeCodeGen``) the original forward's argument names, which edits do not change; otherwise the current
+  forward's, after checking that its names are still the graph's placeholders (else the code is made at once);
+* ``_in_spec``/``_out_spec``, which export's input checks read before ``forward``, are set as ``recompile``
+  would set them;
+* ``GraphModule.recompile`` itself still works and makes the module current.
+
+Each GraphModule has a class of its own (``GraphModule.__new__``), so the stand-ins set on that class concern
+that module alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import threading
+
+import torch.fx
+from torch.fx.graph import _PyTreeCodeGen
+
+
+def _first_use(signature: inspect.Signature):
+    """A class's ``forward`` until the code exists: makes it, then runs it."""
+
+    def forward(self, *args, **kwargs):
+        compile_now(self)
+        return self.forward(*args, **kwargs)
+
+    forward.__signature__ = signature  # what inspect.signature reads; unbound, so ``self`` first
+    forward._growfx_first_use = True
+    return forward
+
+
+class _CodeOnRead:
+    """The class's ``_code`` until the code exists (``GraphModule.code`` and ``__str__`` read it): makes it.
+    ``recompile`` writes ``_code`` through it into the instance, where it is read from once the code is made."""
+
+    def __get__(self, module, owner=None):
+        if module is None:
+            return self
+        compile_now(module)
+        return module.__dict__["_code"]
+
+    def __set__(self, module, value) -> None:
+        module.__dict__["_code"] = value
+
+
+def compile_on_first_use(module: torch.fx.GraphModule) -> None:
+    """Instead of ``module.recompile()`` after an edit: the code is made when first needed (module docstring)."""
+    signature = _signature_to_be(module)
+    if signature is None:
+        module.recompile()
+        return
+    own = type(module)
+    own.forward = _first_use(signature)
+    own._code = _CodeOnRead()
+    codegen = module.graph._codegen
+    if isinstance(codegen, _PyTreeCodeGen):
+        module._in_spec = codegen.pytree_info.in_spec
+        module._out_spec = codegen.pytree_info.out_spec
+
+
+def compile_now(module: torch.fx.GraphModule) -> None:
+    """Make the code of a module left by :func:`compile_on_first_use` (nothing when it is current)."""
+    own = type(module)
+    if not is_pending(module):
+        return
+    del own.forward
+    del own._code
+    module.recompile()
+
+
+def copy_code(module: torch.fx.GraphModule, copy_: torch.fx.GraphModule) -> None:
+    """``copy_``, a copy of ``module`` with the same graph, runs ``module``'s code: its compiled ``forward`` (and
+    what ``recompile`` stores beside it), or, while that is pending, the same promise of it."""
+    own = type(copy_)
+    own.forward = vars(type(module))["forward"]
+    if is_pending(module):
+        own._code = _CodeOnRead()
+    for name in ("_code", "_lineno_map", "_prologue_start"):
+        if name in vars(module):
+            copy_.__dict__[name] = vars(module)[name]
+    codegen = copy_.graph._codegen
+    if isinstance(codegen, _PyTreeCodeGen):  # what the code reads, as recompile sets it
+        copy_._in_spec = codegen.pytree_info.in_spec
+        copy_._out_spec = codegen.pytree_info.out_spec
+
+
+def is_pending(module: torch.nn.Module) -> bool:
+    """True while ``module``'s code waits to be made."""
+    return getattr(vars(type(module)).get("forward"), "_growfx_first_use", False)
+
+
+def _signature_to_be(module: torch.fx.GraphModule) -> inspect.Signature | None:
+    """The signature ``recompile`` would give ``forward``, when it is known without generating the code."""
+    codegen = module.graph._codegen
+    if isinstance(codegen, _PyTreeCodeGen) and codegen.pytree_info is not None:
+        names = [name for name in codegen.pytree_info.orig_args if name != "self"]  # gen_fn_def: (self, *orig_args)
+        kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+        return inspect.Signature([inspect.Parameter(name, kind) for name in ("self", *names)])
+    current = vars(type(module)).get("forward")
+    if current is None:
+        return None
+    signature = inspect.signature(current)
+    names = [p.name for p in signature.parameters.values()][1:]
+    placeholders = [str(n.target).lstrip("*") for n in module.graph.find_nodes(op="placeholder")]
+    return signature if names == placeholders else None
+
+
+_DEFERRING = threading.Lock()
+
+
+@contextlib.contextmanager
+def recompiles_deferred():
+    """Within: ``GraphModule.recompile`` does nothing, for every GraphModule. For calls that build a module
+    through several intermediate GraphModules that each recompile (``ExportedProgram.module()``: four times);
+    the caller then hands the result to :func:`compile_on_first_use`. Not for code that runs a module inside."""
+    with _DEFERRING:
+        real = torch.fx.GraphModule.recompile
+        torch.fx.GraphModule.recompile = lambda self: None
+        try:
+            yield
+        finally:
+            torch.fx.GraphModule.recompile = real
