@@ -66,15 +66,18 @@ def test_a_copy_of_a_pending_module_is_pending_and_runs_the_same():
     assert is_pending(module)  # making the copy's code leaves the source's to it
 
 
-def test_an_edit_that_changes_the_inputs_is_compiled_at_once():
+@pytest.mark.parametrize("target, default", [("scale", None), ("gain", 2.0), ("*rest", None)])
+def test_a_pending_signature_follows_inputs_an_edit_adds(target, default):
     _, graph = traced("gpt")
     module = graph.module_copy()
-    first = next(iter(module.graph.nodes))
-    with module.graph.inserting_after(first):
-        module.graph.placeholder("scale")
+    last = list(module.graph.find_nodes(op="placeholder"))[-1]
+    with module.graph.inserting_after(last):
+        module.graph.placeholder(target, default_value=inspect.Parameter.empty if default is None else default)
     compile_on_first_use(module)
-    assert not is_pending(module)  # its signature is not known without the code
-    assert list(inspect.signature(module.forward).parameters) == [first.target, "scale"]
+    assert is_pending(module)
+    pending = inspect.signature(module.forward)
+    assert pending == inspect.signature(_fresh(module).forward)
+    assert list(pending.parameters) == [last.target, target.lstrip("*")]
 
 
 def test_recompile_called_directly_makes_a_pending_module_current():
@@ -100,3 +103,16 @@ def test_what_apply_and_trace_hand_out_is_compiled_and_a_plan_on_meta_is_not():
     planned = rewrite.apply(graph, [passes.widen_mlp(factor=2), passes.add_layers(1)], verify=False)
     assert is_pending(graph.module) and is_pending(planned.graph.module)  # 4 + 2 recompiles not made
     assert list(inspect.signature(planned.graph.module.forward).parameters) == ["input_ids", "use_cache"]
+
+
+def test_a_module_made_and_run_while_recompiles_are_deferred_makes_its_code_when_run():
+    from rewrite.ir.lazy_compile import recompiles_deferred
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU())
+    x = torch.randn(2, 4)
+    with recompiles_deferred():
+        module = torch.fx.symbolic_trace(model)
+        assert is_pending(module)
+        torch.testing.assert_close(module(x), model(x), rtol=0, atol=0)
+    assert not is_pending(module) and 'getattr(self, "1")' in module.code
+    assert torch.fx.GraphModule.recompile is not compile_on_first_use  # restored on leaving

@@ -7,9 +7,7 @@ the intermediate graphs of a plan never run, and a plan on the ``meta`` device d
 ``compile_on_first_use(module)`` leaves the code to be generated the first time the module is called or its
 ``code`` is read, and then it is exactly what ``recompile`` would have written. Until then:
 
-* ``inspect.signature(module.forward)`` answers with the signature the code will have: for an exported graph
-  (``_PyTreeCodeGen``) the original forward's argument names, which edits do not change; otherwise the current
-  forward's, after checking that its names are still the graph's placeholders (else the code is made at once);
+* ``inspect.signature(module.forward)`` answers with the signature the code will have, read off the graph;
 * ``_in_spec``/``_out_spec``, which export's input checks read before ``forward``, are set as ``recompile``
   would set them;
 * ``GraphModule.recompile`` itself still works and makes the module current.
@@ -56,12 +54,8 @@ class _CodeOnRead:
 
 def compile_on_first_use(module: torch.fx.GraphModule) -> None:
     """Instead of ``module.recompile()`` after an edit: the code is made when first needed (module docstring)."""
-    signature = _signature_to_be(module)
-    if signature is None:
-        module.recompile()
-        return
     own = type(module)
-    own.forward = _first_use(signature)
+    own.forward = _first_use(_signature_to_be(module))
     own._code = _CodeOnRead()
     codegen = module.graph._codegen
     if isinstance(codegen, _PyTreeCodeGen):
@@ -71,12 +65,13 @@ def compile_on_first_use(module: torch.fx.GraphModule) -> None:
 
 def compile_now(module: torch.fx.GraphModule) -> None:
     """Make the code of a module left by :func:`compile_on_first_use` (nothing when it is current)."""
-    own = type(module)
     if not is_pending(module):
         return
+    own = type(module)
     del own.forward
     del own._code
-    module.recompile()
+    recompile = own.recompile
+    (_RECOMPILE if recompile is compile_on_first_use else recompile)(module)
 
 
 def copy_code(module: torch.fx.GraphModule, copy_: torch.fx.GraphModule) -> None:
@@ -100,34 +95,42 @@ def is_pending(module: torch.nn.Module) -> bool:
     return getattr(vars(type(module)).get("forward"), "_growfx_first_use", False)
 
 
-def _signature_to_be(module: torch.fx.GraphModule) -> inspect.Signature | None:
-    """The signature ``recompile`` would give ``forward``, when it is known without generating the code."""
+def _signature_to_be(module: torch.fx.GraphModule) -> inspect.Signature:
+    """The signature ``recompile`` gives ``forward`` (without annotations), read off the graph: an exported
+    graph's code takes the original forward's argument names (``_PyTreeCodeGen.gen_fn_def``); the plain code
+    takes one argument per placeholder, ``*name`` and ``**name`` included, with the placeholder's default."""
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
     codegen = module.graph._codegen
     if isinstance(codegen, _PyTreeCodeGen) and codegen.pytree_info is not None:
-        names = [name for name in codegen.pytree_info.orig_args if name != "self"]  # gen_fn_def: (self, *orig_args)
-        kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+        names = [name for name in codegen.pytree_info.orig_args if name != "self"]
         return inspect.Signature([inspect.Parameter(name, kind) for name in ("self", *names)])
-    current = vars(type(module)).get("forward")
-    if current is None:
-        return None
-    signature = inspect.signature(current)
-    names = [p.name for p in signature.parameters.values()][1:]
-    placeholders = [str(n.target).lstrip("*") for n in module.graph.find_nodes(op="placeholder")]
-    return signature if names == placeholders else None
+    parameters = [inspect.Parameter("self", kind)]
+    for node in module.graph.find_nodes(op="placeholder"):
+        target = str(node.target)
+        if target.startswith("**"):
+            parameters.append(inspect.Parameter(target[2:], inspect.Parameter.VAR_KEYWORD))
+        elif target.startswith("*"):
+            parameters.append(inspect.Parameter(target[1:], inspect.Parameter.VAR_POSITIONAL))
+            kind = inspect.Parameter.KEYWORD_ONLY
+        else:
+            default = node.args[0] if node.args else inspect.Parameter.empty
+            parameters.append(inspect.Parameter(target, kind, default=default))
+    return inspect.Signature(parameters)
 
 
 _DEFERRING = threading.Lock()
+_RECOMPILE = torch.fx.GraphModule.recompile
 
 
 @contextlib.contextmanager
 def recompiles_deferred():
-    """Within: ``GraphModule.recompile`` does nothing, for every GraphModule. For calls that build a module
-    through several intermediate GraphModules that each recompile (``ExportedProgram.module()``: four times);
-    the caller then hands the result to :func:`compile_on_first_use`. Not for code that runs a module inside."""
+    """Within: ``GraphModule.recompile`` is :func:`compile_on_first_use`, for every GraphModule. For torch code
+    that rewrites a graph in several passes, each ending with a recompile, and runs the graph seldom or never
+    (``torch.export.export``: six times; ``ExportedProgram.module()``: four); a module it does run makes its
+    code then."""
     with _DEFERRING:
-        real = torch.fx.GraphModule.recompile
-        torch.fx.GraphModule.recompile = lambda self: None
+        torch.fx.GraphModule.recompile = compile_on_first_use
         try:
             yield
         finally:
-            torch.fx.GraphModule.recompile = real
+            torch.fx.GraphModule.recompile = _RECOMPILE
