@@ -39,6 +39,21 @@ def test_argument_errors_exit_2_with_one_line(args, message):
     assert message in result.stderr
 
 
+def test_the_executable_ends_with_main_s_code_its_output_flushed_and_its_exit_handlers_run(tmp_path):
+    """``command`` leaves through ``os._exit``: what main printed into a pipe, its exit code, and the exit handlers
+    (here one that writes a file) must survive that."""
+    marker = tmp_path / "atexit-ran"
+    script = (f"import atexit, pathlib, sys; atexit.register(pathlib.Path({str(marker)!r}).touch); "
+              f"sys.argv[1:] = sys.argv[2:]; from rewrite.app.cli import command; command()")
+    ok = subprocess.run([sys.executable, "-c", script, "-", "inspect", "llama"], capture_output=True, text=True,
+                        timeout=300)
+    assert ok.returncode == 0 and "blocks.0-1  LlamaBlock x2" in ok.stdout and marker.exists()
+    failed = subprocess.run([sys.executable, "-c", script, "-", "grow", "hf-gpt2", "--pass",
+                             "upcycle_moe:experts=2,top_k=1", "--out", str(tmp_path / "moe")],
+                            capture_output=True, text=True, timeout=300)
+    assert failed.returncode == 1 and "has no mixture-of-experts class" in failed.stderr
+
+
 def test_inspect_builtin(capsys):
     assert main(["inspect", "llama"]) == 0
     out = capsys.readouterr().out

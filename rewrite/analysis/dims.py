@@ -1,8 +1,7 @@
 """Dimension groups: the (tensor, axis) pairs that must grow together, from op semantics.
 
 The analysis turns every node into a canonical call (``rewrite.ops``), lets its rule state couplings, and
-builds a networkx graph whose nodes are ``(ref, axis)`` and whose edges are "must stay equal".
-Connected components are the groups. A size-1 axis is never coupled (broadcasting). A group that
+joins ``(ref, axis)`` pairs whose sizes must stay equal. The connected components are the groups. A size-1 axis is never coupled (broadcasting). A group that
 contains a parameter axis is *growable*; its parameter members carry roles (``produces``, ``consumes``,
 ``along``, ``indexed``), and the group records the ops that mix values along it (norms, softmax,
 attention temperature), the nodes whose literal sizes encode it (a view into heads x head_dim), and how
@@ -16,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import networkx as nx
 import torch
 import torch.fx
 from torch.fx.passes.shape_prop import TensorMetadata
@@ -139,19 +137,15 @@ def analyse(graph: "Graph") -> DimAnalysis:
     Tensors the graph never reads (a stale buffer) are left out.
     """
     facts, shapes = collect(graph)
-    dims = nx.Graph()
-    for ref, shape in shapes.items():
-        dims.add_nodes_from((ref, axis) for axis in range(len(shape)))
+    axes = [(ref, axis) for ref, shape in shapes.items() for axis in range(len(shape))]
+    joined = _Components(axes)
     for a, b, _ in facts.edges:
         if _size(shapes, a) != 1 and _size(shapes, b) != 1:
             if _size(shapes, a) != _size(shapes, b):
                 raise UnsupportedOpError("?", _, f"coupled axes {a} and {b} differ in size")
-            dims.add_edge(a, b)
-    component = {}
-    for index, nodes in enumerate(nx.connected_components(dims)):
-        for axis in nodes:
-            component[axis] = index
-    groups = _groups(dims, component, facts, shapes)
+            joined.join(a, b)
+    component = joined.numbered(axes)
+    groups = _groups(component, facts, shapes)
     groups = {i: g for i, g in groups.items() if g.activations or any(m.roles for m in g.members)}
     _block(facts, component, groups)
     order = {node.name: i for i, node in enumerate(graph.module.graph.nodes)}
@@ -161,12 +155,37 @@ def analyse(graph: "Graph") -> DimAnalysis:
     return DimAnalysis(ordered, {axis: groups[index] for axis, index in component.items() if index in groups})
 
 
+class _Components:
+    """Union-find over axes: ``join`` two, then ``numbered`` gives each axis its component's number, components
+    numbered in the order of their first axis in ``axes`` (and axes listed in that order)."""
+
+    def __init__(self, axes: list[Axis]):
+        self.parent = {axis: axis for axis in axes}
+
+    def root(self, axis: Axis) -> Axis:
+        parent = self.parent
+        while parent[axis] != axis:
+            parent[axis] = parent[parent[axis]]  # path halving
+            axis = parent[axis]
+        return axis
+
+    def join(self, a: Axis, b: Axis) -> None:
+        self.parent[self.root(a)] = self.root(b)
+
+    def numbered(self, axes: list[Axis]) -> dict[Axis, int]:
+        numbers: dict[Axis, int] = {}
+        members: dict[int, list[Axis]] = {}
+        for axis in axes:
+            members.setdefault(numbers.setdefault(self.root(axis), len(numbers)), []).append(axis)
+        return {axis: number for number, group in members.items() for axis in group}
+
+
 def _size(shapes: dict, axis: Axis) -> int:
     ref, index = axis
     return shapes[ref][index]
 
 
-def _groups(dims: nx.Graph, component: dict, facts: Facts, shapes: dict) -> dict[int, DimGroup]:
+def _groups(component: dict, facts: Facts, shapes: dict) -> dict[int, DimGroup]:
     groups: dict[int, DimGroup] = {}
     for axis, index in component.items():
         group = groups.setdefault(index, DimGroup(index, _size(shapes, axis), [], [], [], [], []))

@@ -118,8 +118,9 @@ def _signature_to_be(module: torch.fx.GraphModule) -> inspect.Signature:
     return inspect.Signature(parameters)
 
 
-_DEFERRING = threading.Lock()
 _RECOMPILE = torch.fx.GraphModule.recompile
+_DEFERRING = threading.RLock()
+_depth = 0  # recompiles_deferred entered, not yet left (it nests: a trace inside an export)
 
 
 @contextlib.contextmanager
@@ -127,10 +128,14 @@ def recompiles_deferred():
     """Within: ``GraphModule.recompile`` is :func:`compile_on_first_use`, for every GraphModule. For torch code
     that rewrites a graph in several passes, each ending with a recompile, and runs the graph seldom or never
     (``torch.export.export``: six times; ``ExportedProgram.module()``: four); a module it does run makes its
-    code then."""
+    code then. Other threads wait to enter."""
+    global _depth
     with _DEFERRING:
+        _depth += 1
         torch.fx.GraphModule.recompile = compile_on_first_use
         try:
             yield
         finally:
-            torch.fx.GraphModule.recompile = _RECOMPILE
+            _depth -= 1
+            if _depth == 0:
+                torch.fx.GraphModule.recompile = _RECOMPILE
