@@ -25,7 +25,6 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from rewrite.errors import GrowfxError, InputError
 from rewrite.ir.frontends import accepted_kwargs, auto_dynamic_shapes, eval_mode, first_line
-from rewrite.ir.lazy_compile import recompiles_deferred
 from rewrite.io.onnx_ops import translations
 from rewrite.ir.compare import compare_outputs
 from rewrite.verification.verify import Report
@@ -168,7 +167,7 @@ def _export(fn, name: str, args: tuple, kwargs: dict, path: Path, dynamic: bool,
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".growfx-onnx-") as tmp:
         tmp_path = Path(tmp) / path.name
         try:
-            with _quiet(), _timed(seconds, "ONNX translation and writing"), recompiles_deferred():
+            with _quiet(), _timed(seconds, "ONNX translation and writing"):
                 torch.onnx.export(program, (), str(tmp_path), dynamo=True, external_data=external, verbose=False,
                                   optimize=weights < OPTIMIZE_LIMIT, custom_translation_table=translations())
             with _timed(seconds, "onnx.checker"):
@@ -182,7 +181,7 @@ def _export(fn, name: str, args: tuple, kwargs: dict, path: Path, dynamic: bool,
 
 
 def _program(fn, args: tuple, kwargs: dict, dynamic_shapes):
-    with _quiet(), recompiles_deferred():  # its passes' graphs make their code if and when they run
+    with _quiet():
         return torch.export.export(fn, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
 
 
