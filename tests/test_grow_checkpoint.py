@@ -75,10 +75,50 @@ def test_streaming_writes_shards_one_tensor_at_a_time_within_the_shard_size(tmp_
     assert written.grown.report.exact and not written.grown.report.passes[0].verification  # planned, not run
 
 
+def _qwen2(dtype, tied=False):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=64, tie_word_embeddings=tied)
+    return Qwen2ForCausalLM(config).to(dtype).eval()
+
+
+@pytest.mark.parametrize("family, dtype, plan, mixture", [
+    (_llama, torch.bfloat16, ["upcycle_moe:experts=4,top_k=2"], "MixtralForCausalLM"),
+    (_qwen2, torch.float32, ["widen_mlp:factor=2", "upcycle_moe:experts=3,top_k=2,layers=[0,2]"],
+     "Qwen2MoeForCausalLM"),  # dense layer 1 listed in mlp_only_layers; a zero-width shared expert
+])
+def test_an_upcycled_model_streams_into_its_mixture_class_bit_for_bit(tmp_path, capsys, family, dtype, plan, mixture):
+    """Streamed, the mixture's stacked experts are made expert by expert from the growth map (each the dense
+    MLP's copy, gate and up concatenated): the same files as growing in memory, which also checks the mixture
+    class against the grown graph by running both."""
+    from transformers import AutoModelForCausalLM
+
+    model = family(dtype, tied=False)
+    source = tmp_path / "source"
+    model.save_pretrained(source, max_shard_size="20KB")
+    arguments = [argument for spec in plan for argument in ("--pass", spec)]
+    assert main(["grow", str(source), "--stream", "--out", str(tmp_path / "streamed"), *arguments]) == 0
+    assert f"wrote {tmp_path / 'streamed'}: {mixture}, " in capsys.readouterr().out
+    assert main(["grow", str(source), "--out", str(tmp_path / "in-memory"), *arguments]) == 0
+    streamed = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed").eval()
+    in_memory = AutoModelForCausalLM.from_pretrained(tmp_path / "in-memory").eval()
+    assert type(streamed).__name__ == mixture and streamed.dtype == dtype
+    config = lambda m: {k: v for k, v in m.config.to_dict().items() if k != "_name_or_path"}  # noqa: E731
+    assert config(streamed) == config(in_memory)
+    a, b = streamed.state_dict(), in_memory.state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    ids = torch.randint(0, 64, (3, 9))
+    with torch.no_grad():
+        error = (streamed(ids).logits.float() - model(ids).logits.float()).abs().max()
+    assert error < (2e-2 if dtype == torch.bfloat16 else 1e-4)
+
+
 def test_what_streaming_cannot_do_is_refused_and_nothing_is_written(tmp_path):
     _llama(torch.float32, False).save_pretrained(tmp_path / "source")
-    with pytest.raises(rewrite.NotRepresentableError, match="not streamed yet"):
-        grow_checkpoint(tmp_path / "source", [passes.upcycle_moe(4, 2)], tmp_path / "out")
+    with pytest.raises(rewrite.NotRepresentableError, match="has experts in every layer"):
+        grow_checkpoint(tmp_path / "source", [passes.upcycle_moe(4, 2, layers=[0])], tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["source"]
     (tmp_path / "taken").mkdir()
     with pytest.raises(rewrite.GrowfxError, match="exists"):

@@ -105,3 +105,15 @@ def test_an_unknown_policy_is_refused_before_anything_is_read(tmp_path):
 def test_a_folder_that_is_not_a_checkpoint_is_named(tmp_path):
     with pytest.raises(GrowfxError, match=f"{tmp_path} is not a distributed checkpoint"):
         grow_distributed_checkpoint(tmp_path, None, [], tmp_path / "out")
+
+
+def test_an_upcycle_is_refused_before_anything_is_written(tmp_path):
+    """Into a mixture class the experts are stacked, and the optimizer state with them: not built for a DCP
+    checkpoint, so it is refused by name instead of failing on the first stacked tensor."""
+    model, config, optimizer = trained(False, 1, 0.0)
+    model_state, optim_state = get_state_dict(model, optimizer)
+    quietly(dcp.save, {"model": model_state, "optim": optim_state}, checkpoint_id=tmp_path / "source", no_dist=True)
+    with pytest.raises(rewrite.NotRepresentableError, match="MixtralForCausalLM, whose experts are stacked: growing "
+                                                            "a distributed checkpoint into it is not built"):
+        grow_distributed_checkpoint(tmp_path / "source", config, [passes.upcycle_moe(4, 2)], tmp_path / "grown")
+    assert not (tmp_path / "grown").exists()

@@ -5,7 +5,8 @@
    give the growth map, every grown tensor as a recipe over the checkpoint's tensors, and the grown config
    (``rewrite.io.native.native_config``).
 2. **Stream.** Each tensor of the native class's state dict is made from the checkpoint tensors its recipe
-   reads (``GrowthMap.make`` over a :class:`CheckpointReader`, which reads one tensor when asked) and written
+   reads (``GrowthMap.make`` over a :class:`CheckpointReader`, which reads one tensor when asked; an upcycled
+   model's stacked experts expert by expert, ``native_moe.Piece``) and written
    into shards at once (``write_safetensors``: header first, then data), in the source's dtype. The next
    tensors are made on a few threads while one is written, as long as what they hold together stays within
    what making the largest one holds alone (``rewrite.io.made_ahead``, ``growth_ops.working_bytes``).
@@ -34,6 +35,7 @@ import torch
 from rewrite.errors import GrowfxError, NotRepresentableError
 from rewrite.io.hf import example_inputs
 from rewrite.io.native import build_native, is_tied_head, native_config, parameters_on_meta
+from rewrite.io.native_moe import MOE_CLASSES, Piece, moe_pieces
 from rewrite.io.safetensors_stream import INDEX, CheckpointReader, nbytes, shard, write_safetensors
 from rewrite.io.sources import atomic_path
 from rewrite.ir.trace import trace
@@ -76,7 +78,7 @@ def grow_checkpoint(source: str | Path, passes: list, destination: str | Path, *
     start = time.perf_counter()
     plan = plan_native(graph, model, passes, args, kwargs)
     grown, native_class, native_config_, native = plan.grown, plan.native_class, plan.config, plan.native
-    entries = _entries(native, grown, reader)
+    entries = _entries(native, plan.pieces, grown, reader)
     seconds["plan"] = time.perf_counter() - start
     start = time.perf_counter()
     written = 0
@@ -85,14 +87,15 @@ def grow_checkpoint(source: str | Path, passes: list, destination: str | Path, *
         shards = shard(entries, max_shard_bytes)
         names = ["model.safetensors"] if len(shards) == 1 else [
             f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-        dtypes = {name: dtype for name, _, dtype in entries}
+        layout = {name: (shape, dtype) for name, shape, dtype in entries}
 
         def make(name: str) -> torch.Tensor:
-            tensor = grown.map.make(name, reader).to(dtypes[name])
+            shape, dtype = layout[name]
+            tensor = plan.pieces[name].make(lambda part: grown.map.make(part, reader), shape, dtype).to(dtype)
             return_freed_memory()  # its scratch, freed into this thread's heap, back to the system
             return tensor
 
-        holds = {name: _holds(grown.map, name, reader, dtype) for name, _, dtype in entries}
+        holds = {name: _holds(grown.map, plan.pieces[name], reader, shape, dtype) for name, shape, dtype in entries}
         for file, part in zip(names, shards):
             write_safetensors(folder / file, part, make, metadata={"format": "pt"}, workers=workers(),
                               holds=holds.__getitem__, budget=max(holds.values(), default=0))
@@ -120,6 +123,16 @@ class NativePlan:
     native_class: type
     config: object
     native: torch.nn.Module
+    pieces: dict[str, Piece]  # how each tensor the native class saves is made from the grown graph's
+
+    def refuse_mixture(self, what: str) -> None:
+        """``NotRepresentableError`` when the plan writes a mixture class (stacked experts), which ``what``
+        does not build."""
+        if any(piece.kind != "rename" for piece in self.pieces.values()):
+            raise NotRepresentableError(
+                f"an upcycled model becomes {self.native_class.__name__}, whose experts are stacked: {what} into "
+                f"it is not built (its optimizer state would be stacked too). Grow the Hugging Face folder instead "
+                f"(growfx grow, with or without --stream)")
 
 
 def meta_model(config, where: str = "the config", device: str | None = "meta") -> torch.nn.Module:
@@ -144,27 +157,41 @@ def meta_inputs(model: torch.nn.Module) -> tuple[tuple, dict]:
 
 def plan_native(graph, model: torch.nn.Module, passes: list, args: tuple, kwargs: dict) -> NativePlan:
     """``passes`` planned on the traced ``graph`` of ``model`` (on ``meta``: shapes only, ``verify=False``), and
-    the native class the grown model is written as (its parameters on ``meta``, its buffers computed); an
-    upcycle into a mixture class is refused, and so is a grown config whose computed buffers are not the grown
-    model's (:func:`check_computed_buffers`)."""
+    the native class the grown model is written as (its parameters on ``meta``, its buffers computed): the
+    model's own class, or for an upcycled model its family's mixture class, whose stacked experts are made of
+    several of the grown graph's tensors (``native_moe.Piece``). A grown config whose computed buffers are not
+    the grown model's is refused (:func:`check_computed_buffers`)."""
     grown = apply(graph, passes, args, kwargs, verify=False)
     native_class, config, mixture = native_config(grown.graph, model)
-    if mixture is not None:
-        raise NotRepresentableError(
-            "an upcycled model becomes a mixture class with stacked experts, which is not streamed yet: grow it "
-            "in memory (without --stream)")
     config.architectures = [native_class.__name__]  # what the written config.json names
     with parameters_on_meta():
-        native = build_native(native_class, config, set(grown.map.names()))
+        native = build_native(native_class, config, None if mixture else set(grown.map.names()))
         original = type(model)(model.config)
-    for name, target in native.state_dict().items():
-        recipe = grown.map.recipes.get(grown.map.canonical(name))
-        if recipe is None or tuple(recipe.shape) != tuple(target.shape):
-            made = "no tensor" if recipe is None else f"{tuple(recipe.shape)}"
+    state = native.state_dict()
+    pieces = moe_pieces(grown.map.names(), mixture, MOE_CLASSES[model.config.model_type], state) if mixture else {}
+    for name, target in state.items():
+        piece = pieces.setdefault(name, Piece("rename", (name,)))
+        shape = _shape(piece, grown.map, target)
+        if shape != tuple(target.shape):
+            made = "no tensor" if shape is None else f"{shape}"
             raise NotRepresentableError(f"{native_class.__name__} with the grown config has {name} "
                                         f"{tuple(target.shape)}, but the grown plan has {made} there")
     check_computed_buffers(grown, original, native)
-    return NativePlan(grown, native_class, config, native)
+    return NativePlan(grown, native_class, config, native, pieces)
+
+
+def _shape(piece: Piece, growth_map, target: torch.Tensor) -> tuple | None:
+    """The shape ``piece`` makes from the growth map's recipes (None where a tensor it reads has none)."""
+    recipes = [growth_map.recipes.get(growth_map.canonical(name)) for name in piece.sources()]
+    if None in recipes:
+        return None
+    if piece.kind == "rename":
+        return tuple(recipes[0].shape)
+    if piece.kind == "zeros":
+        return tuple(target.shape)
+    per_expert = len(recipes) // len(piece.experts)
+    first = recipes[:per_expert]
+    return (len(piece.experts), sum(r.shape[0] for r in first), *first[0].shape[1:])
 
 
 def check_computed_buffers(grown: Grown, original: torch.nn.Module, native: torch.nn.Module) -> None:
@@ -195,33 +222,40 @@ def _to_meta(value):
     return torch.utils._pytree.tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, value)
 
 
-def _entries(native: torch.nn.Module, grown: Grown, reader: CheckpointReader) -> list:
+def _entries(native: torch.nn.Module, pieces: dict, grown: Grown, reader: CheckpointReader) -> list:
     """(name, shape, dtype) of every tensor the native class saves (tied heads left out, as ``save_pretrained``
-    does), each in the dtype of the checkpoint tensor it is made from; a new tensor in the checkpoint's main
-    floating-point dtype."""
+    does), each in the dtype of the checkpoint tensor it is made from; a new tensor (or a part the mixture
+    zeroes) in the checkpoint's main floating-point dtype."""
     recipes = grown.map
     main = main_dtype(reader.dtype(n) for n in reader.keys())
     entries = []
-    for name in native.state_dict():
+    for name, target in native.state_dict().items():
         if is_tied_head(native, name):
             continue
-        recipe = recipes.recipes[recipes.canonical(name)]  # every one has a recipe of its shape (plan_native)
-        if recipe.source is not None and recipe.source not in reader:
-            raise GrowfxError(f"{reader.folder} has no tensor {recipe.source}, which {name} is made from")
-        if recipe.source is not None:
-            dtype = reader.dtype(recipe.source)
+        read = [recipes.recipes[recipes.canonical(part)] for part in pieces[name].sources()]  # plan_native checked
+        for recipe in read:
+            if recipe.source is not None and recipe.source not in reader:
+                raise GrowfxError(f"{reader.folder} has no tensor {recipe.source}, which {name} is made from")
+        sourced = next((recipe for recipe in read if recipe.source is not None), None)
+        if sourced is not None:
+            dtype = reader.dtype(sourced.source)
         else:
-            dtype = main if recipe.dtype.is_floating_point else recipe.dtype
-        entries.append((name, tuple(recipe.shape), dtype))
+            dtype = main if not read or read[0].dtype.is_floating_point else read[0].dtype
+        entries.append((name, tuple(target.shape), dtype))
     return entries
 
 
-def _holds(growth_map, name: str, reader: CheckpointReader, dtype: torch.dtype) -> int:
-    """About the memory making ``name`` holds (``growth_ops.working_bytes``): what several tensors made at once
-    may hold together is what the largest one holds alone."""
-    recipe = growth_map.recipes[growth_map.canonical(name)]
-    shape = reader.shape(recipe.source) if recipe.source is not None else recipe.start.shape
-    return working_bytes(recipe.ops, shape, dtype)
+def _holds(growth_map, piece: Piece, reader: CheckpointReader, shape: tuple, dtype: torch.dtype) -> int:
+    """About the memory making a tensor holds (``growth_ops.working_bytes``): what several tensors made at once
+    may hold together is what the largest one holds alone. A stack holds itself and one part in the making."""
+    parts = []
+    for name in piece.sources():
+        recipe = growth_map.recipes[growth_map.canonical(name)]
+        source = reader.shape(recipe.source) if recipe.source is not None else recipe.start.shape
+        parts.append(working_bytes(recipe.ops, source, dtype))
+    if piece.kind == "rename":
+        return parts[0]
+    return nbytes(shape, dtype) + max(parts, default=0)
 
 
 def main_dtype(dtypes) -> torch.dtype:

@@ -127,27 +127,69 @@ def _same_head(dense_class, dense_type: str, moe_type: str, modeling_auto, trans
     raise NotRepresentableError(f"{moe_type} has no class with the head of {dense_class.__name__}")
 
 
-def moe_tensors(tensors: dict[str, torch.Tensor], moe: Upcycled, family: MoEClass,
-                native: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The grown graph's tensors under the names of the native mixture (whose state dict is ``native``):
-    experts stacked, router renamed, the parts the family adds (``MoEClass.zeroed``) zero."""
-    out = {name: t for name, t in tensors.items() if not any(name.startswith(f"{mlp}.") for mlp in moe.mlps)}
+@dataclass(frozen=True)
+class Piece:
+    """How one tensor of the native mixture is made from the grown graph's tensors: ``rename``: the tensor
+    ``names[0]`` as it is (the router); ``stack``: one slice per expert, expert ``e`` the rows of ``experts[e]``
+    concatenated (``gate_up_proj[e] = cat(gate_proj, up_proj)``); ``zeros``: a part the mixture adds that the
+    upcycled function does not use."""
+
+    kind: str
+    names: tuple[str, ...] = ()
+    experts: tuple[tuple[str, ...], ...] = ()
+
+    def sources(self) -> list[str]:
+        """The grown graph's tensors this piece reads."""
+        return [*self.names, *(name for parts in self.experts for name in parts)]
+
+    def make(self, get, shape, dtype: torch.dtype) -> torch.Tensor:
+        """The tensor, with ``get(name)`` giving a grown graph's tensor: a stack is filled expert by expert
+        into a tensor of ``shape`` and ``dtype``, so that one expert's parts are held beside it at a time."""
+        if self.kind == "rename":
+            return get(self.names[0])
+        out = torch.zeros(shape, dtype=dtype) if self.kind == "zeros" else torch.empty(shape, dtype=dtype)
+        for e, parts in enumerate(self.experts):
+            out[e].copy_(torch.cat([get(name) for name in parts]))
+        return out
+
+
+def moe_pieces(names, moe: Upcycled, family: MoEClass, native_names) -> dict[str, Piece]:
+    """The native mixture's tensors (``native_names``: its state dict's names) that are made of the grown
+    graph's mixture tensors (``names``), each with its :class:`Piece`; the names outside the mixtures stay as
+    they are. Raises ``NotRepresentableError`` when an expert is not gate/up/down projections without bias."""
+    names = set(names)
+    pieces = {}
     for mlp in moe.mlps:
-        for name, target in native.items():
+        for name in native_names:
             if any(name.startswith(f"{mlp}.{part}") for part in family.zeroed):
-                out[name] = torch.zeros_like(target)
+                pieces[name] = Piece("zeros")
         experts = range(moe.experts)
-        extra = sorted(name for name in tensors if name.startswith(f"{mlp}.experts.")
+        extra = sorted(name for name in names if name.startswith(f"{mlp}.experts.")
                        and _EXPERT.match(name)["rest"] not in ("gate_proj.weight", "up_proj.weight", "down_proj.weight"))
         missing = [f"{mlp}.experts.{e}.{part}_proj.weight" for e in experts for part in ("gate", "up", "down")
-                   if f"{mlp}.experts.{e}.{part}_proj.weight" not in tensors]
+                   if f"{mlp}.experts.{e}.{part}_proj.weight" not in names]
         if extra or missing:
             raise NotRepresentableError(
                 f"the experts of {mlp} are not gate/up/down projections without bias "
                 f"({', '.join((extra or missing)[:2])}): the mixture class cannot hold them")
-        expert = lambda part: [tensors[f"{mlp}.experts.{e}.{part}_proj.weight"] for e in experts]  # noqa: E731
-        out[f"{mlp}.gate.weight"] = tensors[f"{mlp}.router.weight"]
-        out[f"{mlp}.experts.gate_up_proj"] = torch.stack(
-            [torch.cat([gate, up]) for gate, up in zip(expert("gate"), expert("up"))])
-        out[f"{mlp}.experts.down_proj"] = torch.stack(expert("down"))
+        expert = lambda e, *parts: tuple(f"{mlp}.experts.{e}.{part}_proj.weight" for part in parts)  # noqa: E731
+        pieces[f"{mlp}.gate.weight"] = Piece("rename", (f"{mlp}.router.weight",))
+        pieces[f"{mlp}.experts.gate_up_proj"] = Piece("stack",
+                                                      experts=tuple(expert(e, "gate", "up") for e in experts))
+        pieces[f"{mlp}.experts.down_proj"] = Piece("stack", experts=tuple(expert(e, "down") for e in experts))
+    return pieces
+
+
+def in_mixture(name: str, moe: Upcycled) -> bool:
+    """True for a grown graph's tensor inside one of the mixtures (written as a :class:`Piece` of one)."""
+    return any(name.startswith(f"{mlp}.") for mlp in moe.mlps)
+
+
+def moe_tensors(tensors: dict[str, torch.Tensor], moe: Upcycled, family: MoEClass,
+                native: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The grown graph's tensors under the names of the native mixture (whose state dict is ``native``):
+    experts stacked, router renamed, the parts the family adds (``MoEClass.zeroed``) zero."""
+    out = {name: t for name, t in tensors.items() if not in_mixture(name, moe)}
+    for name, piece in moe_pieces(tensors, moe, family, native).items():
+        out[name] = piece.make(tensors.__getitem__, native[name].shape, native[name].dtype)
     return out

@@ -71,6 +71,7 @@ def grow_distributed_checkpoint(source: str | Path, config, passes: list, destin
     model = meta_model(config)
     args, kwargs = meta_inputs(model)
     plan = plan_native(trace(model, args, kwargs), model, passes, args, kwargs)
+    plan.refuse_mixture("growing a distributed checkpoint")
     seconds["plan"] = time.perf_counter() - start
     writer = _GrownKeys(checkpoint, plan, layout, policy, copies)
     start = time.perf_counter()

@@ -52,6 +52,7 @@ def grow_online(model: torch.nn.Module, optimizer: torch.optim.Optimizer, passes
         original = _unsharded_class(model)(config).eval()
     args, kwargs = meta_inputs(original)
     plan = plan_native(trace(original, args, kwargs), original, passes, args, kwargs)
+    plan.refuse_mixture("growing a running FSDP2 job")
     grown = sharded(empty_model(plan.config), mesh, shard, device)
     old = dict(model.named_parameters(remove_duplicate=False))
     old.update(model.named_buffers())
