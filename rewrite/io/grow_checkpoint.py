@@ -171,7 +171,7 @@ def plan_native(graph, model: torch.nn.Module, passes: list, args: tuple, kwargs
     pieces = moe_pieces(grown.map.names(), mixture, MOE_CLASSES[model.config.model_type], state) if mixture else {}
     for name, target in state.items():
         piece = pieces.setdefault(name, Piece("rename", (name,)))
-        shape = _shape(piece, grown.map, target)
+        shape = piece.shape(lambda part: _recipe_shape(grown.map, part), target.shape)
         if shape != tuple(target.shape):
             made = "no tensor" if shape is None else f"{shape}"
             raise NotRepresentableError(f"{native_class.__name__} with the grown config has {name} "
@@ -180,18 +180,10 @@ def plan_native(graph, model: torch.nn.Module, passes: list, args: tuple, kwargs
     return NativePlan(grown, native_class, config, native, pieces)
 
 
-def _shape(piece: Piece, growth_map, target: torch.Tensor) -> tuple | None:
-    """The shape ``piece`` makes from the growth map's recipes (None where a tensor it reads has none)."""
-    recipes = [growth_map.recipes.get(growth_map.canonical(name)) for name in piece.sources()]
-    if None in recipes:
-        return None
-    if piece.kind == "rename":
-        return tuple(recipes[0].shape)
-    if piece.kind == "zeros":
-        return tuple(target.shape)
-    per_expert = len(recipes) // len(piece.experts)
-    first = recipes[:per_expert]
-    return (len(piece.experts), sum(r.shape[0] for r in first), *first[0].shape[1:])
+def _recipe_shape(growth_map, name: str) -> tuple | None:
+    """The shape the growth map makes ``name`` (None when it makes no such tensor)."""
+    recipe = growth_map.recipes.get(growth_map.canonical(name))
+    return None if recipe is None else tuple(recipe.shape)
 
 
 def check_computed_buffers(grown: Grown, original: torch.nn.Module, native: torch.nn.Module) -> None:

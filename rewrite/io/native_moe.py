@@ -142,6 +142,19 @@ class Piece:
         """The grown graph's tensors this piece reads."""
         return [*self.names, *(name for parts in self.experts for name in parts)]
 
+    def shape(self, shape_of, zeros_shape: tuple) -> tuple | None:
+        """The shape :meth:`make` gives, with ``shape_of(name)`` a grown graph's tensor's shape (None where it
+        has none, and then this is None); ``zeros_shape`` is the class's own, for zeros."""
+        if self.kind == "zeros":
+            return tuple(zeros_shape)
+        shapes = {name: shape_of(name) for name in self.sources()}
+        if None in shapes.values():
+            return None
+        if self.kind == "rename":
+            return tuple(shapes[self.names[0]])
+        first = [shapes[name] for name in self.experts[0]]
+        return (len(self.experts), sum(shape[0] for shape in first), *first[0][1:])
+
     def make(self, get, shape, dtype: torch.dtype) -> torch.Tensor:
         """The tensor, with ``get(name)`` giving a grown graph's tensor: a stack is filled expert by expert
         into a tensor of ``shape`` and ``dtype``, so that one expert's parts are held beside it at a time."""
