@@ -57,10 +57,7 @@ def compile_on_first_use(module: torch.fx.GraphModule) -> None:
     own = type(module)
     own.forward = _first_use(_signature_to_be(module))
     own._code = _CodeOnRead()
-    codegen = module.graph._codegen
-    if isinstance(codegen, _PyTreeCodeGen):
-        module._in_spec = codegen.pytree_info.in_spec
-        module._out_spec = codegen.pytree_info.out_spec
+    _set_specs(module)
 
 
 def compile_now(module: torch.fx.GraphModule) -> None:
@@ -84,10 +81,16 @@ def copy_code(module: torch.fx.GraphModule, copy_: torch.fx.GraphModule) -> None
     for name in ("_code", "_lineno_map", "_prologue_start"):
         if name in vars(module):
             copy_.__dict__[name] = vars(module)[name]
-    codegen = copy_.graph._codegen
-    if isinstance(codegen, _PyTreeCodeGen):  # what the code reads, as recompile sets it
-        copy_._in_spec = codegen.pytree_info.in_spec
-        copy_._out_spec = codegen.pytree_info.out_spec
+    _set_specs(copy_)
+
+
+def _set_specs(module: torch.fx.GraphModule) -> None:
+    """``_in_spec``/``_out_spec`` as ``recompile`` sets them for an exported graph: its code and export's input
+    pre-hook read them."""
+    codegen = module.graph._codegen
+    if isinstance(codegen, _PyTreeCodeGen):
+        module._in_spec = codegen.pytree_info.in_spec
+        module._out_spec = codegen.pytree_info.out_spec
 
 
 def is_pending(module: torch.nn.Module) -> bool:
