@@ -41,7 +41,7 @@ from rewrite.io.sources import atomic_path
 from rewrite.ir.trace import trace
 from rewrite.transform.apply import Grown, apply
 from rewrite.transform.growth_ops import working_bytes
-from rewrite.transform.materialise import return_freed_memory, workers
+from rewrite.transform.materialise import return_freed_memory, to_meta, workers
 
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", INDEX, "pytorch_model.bin.index.json",
                 "config.json")
@@ -152,7 +152,7 @@ def meta_model(config, where: str = "the config", device: str | None = "meta") -
 def meta_inputs(model: torch.nn.Module) -> tuple[tuple, dict]:
     """The example inputs of a Hugging Face model, on ``meta``."""
     args, kwargs = example_inputs(model)
-    return _to_meta(args), _to_meta(kwargs)
+    return to_meta(args), to_meta(kwargs)
 
 
 def plan_native(graph, model: torch.nn.Module, passes: list, args: tuple, kwargs: dict) -> NativePlan:
@@ -208,10 +208,6 @@ def check_computed_buffers(grown: Grown, original: torch.nn.Module, native: torc
                     f"({tuple(value.shape)}, first value {got}), but the grown model holds {tuple(held.shape)}, "
                     f"first value {want}: the written model would not compute the grown function. Grow it in "
                     f"memory, where the native class is checked by running it")
-
-
-def _to_meta(value):
-    return torch.utils._pytree.tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, value)
 
 
 def _entries(native: torch.nn.Module, pieces: dict, grown: Grown, reader: CheckpointReader) -> list:

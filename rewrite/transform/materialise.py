@@ -63,8 +63,8 @@ def on_meta(graph: Graph) -> Graph:
             memo[id(tensor)] = (torch.nn.Parameter(shape, tensor.requires_grad)
                                 if isinstance(tensor, torch.nn.Parameter) else shape)
     planned = graph.with_module(graph.module_copy(memo), disposable=True)
-    planned.example_args = _to_meta(graph.example_args)
-    planned.example_kwargs = _to_meta(graph.example_kwargs)
+    planned.example_args = to_meta(graph.example_args)
+    planned.example_kwargs = to_meta(graph.example_kwargs)
     return planned
 
 
@@ -135,9 +135,10 @@ def _load_libc():
 _LIBC = _load_libc()
 
 
-def _to_meta(value):
+def to_meta(value):
+    """``value`` (tensors in any nesting) with every tensor on ``meta``."""
     return pytree.tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, value)
 
 
 __all__ = ["NeedsWeights", "all_on_meta", "check_shapes_only", "materialise", "on_meta", "return_freed_memory",
-           "workers"]
+           "to_meta", "workers"]
