@@ -1,13 +1,15 @@
-"""What the benchmarks share: a measurement in a fresh process (its own peak resident memory), and results
-written as JSON and a markdown table."""
+"""What the benchmarks share: a measurement in a fresh process (its own peak resident memory), a whole command
+timed with its process's peak, and results written as JSON and a markdown table."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import multiprocessing
+import os
 import shutil
 import statistics
+import subprocess
 import time
 from pathlib import Path
 
@@ -101,6 +103,20 @@ def against_floor(results: list[dict]) -> dict:
         "phases_s": {k: statistics.median(r["phases"][k] for r in grows) for k in grows[0]["phases"]},
         "every_run": results,
     }
+
+
+def measured(command: list[str]) -> dict:
+    """Run ``command`` to completion: wall seconds and the peak resident memory of its process."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               env=dict(os.environ, OMP_NUM_THREADS="2"))
+    stderr = process.stderr.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - start
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{stderr.decode()[-3000:]}")
+    return {"seconds": seconds, "peak": usage.ru_maxrss * 1024}
 
 
 def save(out: Path, summary: dict, table: str) -> None:

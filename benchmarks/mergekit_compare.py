@@ -21,15 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-from measure import save
+from measure import measured, save
 
 RESULTS = Path(__file__).resolve().parent / "results" / "mergekit"
 REPO = Path(__file__).resolve().parent.parent
@@ -65,20 +62,6 @@ def mergekit_config(folder: Path) -> str:
 
     slices = [piece(0, 15), piece(14, 15, True), piece(15, 30), piece(29, 30, True)]
     return json.dumps({"slices": slices, "merge_method": "passthrough", "dtype": "float32"})  # YAML reads JSON
-
-
-def measured(command: list[str]) -> dict:
-    """Run ``command`` to completion: wall seconds and the peak resident memory of its process."""
-    start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               env=dict(os.environ, OMP_NUM_THREADS="2"))
-    stderr = process.stderr.read()
-    _, status, usage = os.wait4(process.pid, 0)
-    seconds = time.perf_counter() - start
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{stderr.decode()[-3000:]}")
-    return {"seconds": seconds, "peak": usage.ru_maxrss * 1024}
 
 
 def same_tensors(a: Path, b: Path) -> tuple[bool, str]:
