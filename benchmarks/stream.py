@@ -10,7 +10,8 @@
    * ``floor``: the same files without the growth's arithmetic: for every tensor the grown checkpoint holds,
      read the checkpoint tensor its recipe reads (if any) and write that many uninitialised bytes, through
      the same reader and writer (reads made ahead on the same threads, within the same budget, while a tensor
-     is written). Same bytes in, same bytes out.
+     is written); a tensor the growth copies unchanged is copied the same way (its bytes, in the kernel). Same
+     bytes in, same bytes out.
    Each process first records its resident memory after imports and planning (``fixed``), so the bound the
    issue sets, fixed + 3x the largest tensor, is computed per run.
 3. Writes ``benchmarks/results/stream/results.json`` and ``results.md`` (medians).
@@ -115,7 +116,8 @@ def run(kind: str, source: str, out: str, queue) -> None:
     # floor: the grown folder's tensors (names, shapes, dtypes from its headers) and the source tensor each reads
     grown_folder = Path(out).with_name("grown-reference")
     reader, reference = CheckpointReader(source), CheckpointReader(grown_folder)
-    recipes = json.loads((grown_folder / "recipes.json").read_text())
+    saved = json.loads((grown_folder / "recipes.json").read_text())
+    recipes, verbatim = saved["recipes"], set(saved["verbatim"])
     entries = [(n, reference.shape(n), reference.dtype(n)) for n in reference.keys()]
     largest = max(nbytes(shape, dtype) for _, shape, dtype in entries)
     fixed = resident()[0]
@@ -124,6 +126,8 @@ def run(kind: str, source: str, out: str, queue) -> None:
     total = 0
     for i, part in enumerate(shard(entries, 2 * 2**30)):
         def make(name):
+            if name in verbatim:  # copied unchanged: the same in-kernel copy the growth makes
+                return reader.bytes(recipes[name])
             if recipes.get(name) in reader:
                 reader[recipes[name]]  # the bytes the growth reads
             shape, dtype = next((s, d) for n, s, d in part if n == name)
@@ -145,13 +149,19 @@ def _shapes(folder):
 
 def reference(source: Path, work: Path) -> None:
     """The grown folder once, with each tensor's source name, for the floor runs."""
-    from rewrite.io.grow_checkpoint import grow_checkpoint
+    from rewrite.io.grow_checkpoint import grow_checkpoint, verbatim_source
+    from rewrite.io.native_moe import Piece
+    from rewrite.io.safetensors_stream import CheckpointReader
 
     folder = work / "grown-reference"
     shutil.rmtree(folder, ignore_errors=True)
     written = grow_checkpoint(source, _plan(), folder, max_shard_bytes=2 * 2**30)
     recipes = {name: r.source for name, r in written.grown.map.recipes.items()}
-    (folder / "recipes.json").write_text(json.dumps(recipes))
+    source_reader, reader = CheckpointReader(source), CheckpointReader(folder)
+    verbatim = [name for name in reader.keys() if recipes.get(name) in source_reader
+                and verbatim_source(written.grown.map, Piece("rename", (name,)), source_reader, reader.shape(name),
+                                    reader.dtype(name))]
+    (folder / "recipes.json").write_text(json.dumps({"recipes": recipes, "verbatim": verbatim}))
 
 
 def main() -> None:

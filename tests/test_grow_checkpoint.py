@@ -167,3 +167,72 @@ def test_written_files_read_back_with_safetensors(tmp_path_factory, specs):
     assert set(loaded) == set(tensors) and all(torch.equal(loaded[n], t) for n, t in tensors.items())
     with pytest.raises(rewrite.GrowfxError, match="announced as"):
         write_safetensors(path, [("x", (2,), torch.float32)], lambda name: torch.zeros(3))
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(DTYPES), st.lists(st.integers(0, 5), max_size=3), st.booleans()),
+                min_size=1, max_size=6), st.booleans())
+def test_tensors_copied_from_a_source_file_are_its_bytes_in_the_kernel_or_through_a_buffer(tmp_path_factory, specs,
+                                                                                           in_kernel):
+    """``make`` may hand back a source tensor's ``FileBytes`` instead of a tensor: the written file holds that
+    tensor's bytes, mixed with made ones in any order, whether the kernel copies the range or the writer falls
+    back to a small buffer (``copy_file_range`` refused, as across file systems)."""
+    import contextlib
+    import errno
+    from unittest import mock
+
+    from safetensors.torch import load_file, save_file
+
+    import rewrite.io.safetensors_stream as stream
+
+    folder = tmp_path_factory.mktemp("copy")
+    tensors = {f"t{i}": (torch.randn(shape) * 5).to(dtype) for i, (dtype, shape, _) in enumerate(specs)}
+    save_file({f"src.{n}": t for n, t in tensors.items()}, str(folder / "source.safetensors"), {"format": "pt"})
+    reader = CheckpointReader(folder)
+    copied = {f"t{i}" for i, (_, _, copy) in enumerate(specs) if copy}
+    make = lambda name: reader.bytes(f"src.{name}") if name in copied else tensors[name]  # noqa: E731
+
+    def refused(*args, **kwargs):
+        raise OSError(errno.EXDEV, "cross-device")
+
+    kernel = contextlib.nullcontext() if in_kernel else mock.patch("os.copy_file_range", refused)
+    with kernel, mock.patch.object(stream, "CHUNK", 7):  # through the buffer, 7 bytes at a time
+        write_safetensors(folder / "out.safetensors", [(n, tuple(t.shape), t.dtype) for n, t in tensors.items()], make)
+    loaded = load_file(str(folder / "out.safetensors"))
+    assert set(loaded) == set(tensors) and all(torch.equal(loaded[n], t) for n, t in tensors.items())
+
+
+def test_a_copied_range_of_the_wrong_length_or_past_the_source_end_is_an_error(tmp_path):
+    from safetensors.torch import save_file
+
+    from rewrite.io.safetensors_stream import FileBytes
+
+    save_file({"w": torch.ones(4)}, str(tmp_path / "source.safetensors"))
+    reader = CheckpointReader(tmp_path)
+    with pytest.raises(rewrite.GrowfxError, match=r"announced as \[5\] torch.float32 .* \(20 bytes\) but is to be "
+                                                  r"copied from 16 bytes of .*source.safetensors"):
+        write_safetensors(tmp_path / "a.safetensors", [("w", (5,), torch.float32)], lambda name: reader.bytes("w"))
+    past_end = FileBytes(tmp_path / "source.safetensors", reader.bytes("w").offset + 8, 16)
+    with pytest.raises(rewrite.GrowfxError, match="source.safetensors ended before the 16 bytes"):
+        write_safetensors(tmp_path / "b.safetensors", [("w", (4,), torch.float32)], lambda name: past_end)
+
+
+def test_tensors_a_growth_leaves_as_they_are_are_copied_from_the_source_file_not_read(tmp_path, monkeypatch):
+    """Streaming reads only the checkpoint tensors some op changes; the others (the attention a widened MLP
+    leaves alone, a block copied as it is) are copied byte for byte from the source shards, which hold the
+    same values as the tensors the in-memory growth writes (``test_streamed_folder_equals_...``)."""
+    model = _llama(torch.bfloat16, False)
+    model.save_pretrained(tmp_path / "source", max_shard_size="20KB")
+    read = []
+    original = CheckpointReader.__getitem__
+    monkeypatch.setattr(CheckpointReader, "__getitem__", lambda self, name: read.append(name) or original(self, name))
+    written = grow_checkpoint(tmp_path / "source", [passes.widen_mlp(factor=2), passes.add_layers(1, at=[0], init="copy")],
+                              tmp_path / "out", max_shard_bytes=40_000)
+    recipes = written.grown.map.recipes
+    changed = {r.source for r in recipes.values() if r.source is not None and r.ops}
+    assert set(read) == changed and any("mlp" in name for name in changed)
+    out = CheckpointReader(tmp_path / "out")
+    source = CheckpointReader(tmp_path / "source")
+    unchanged = [n for n, r in recipes.items() if r.source is not None and not r.ops and n in out]
+    assert len(unchanged) > 10 and any(".1.self_attn." in n for n in unchanged)  # layer 1 is the copy of 0
+    assert all(torch.equal(out[n], source[recipes[n].source]) for n in unchanged)

@@ -189,3 +189,20 @@ def test_calling_with_a_different_fixed_input_is_refused():
     torch.testing.assert_close(graph(x), model(x, 3.0))
     with pytest.raises(rewrite.InputError, match="scale=3.0 fixed; got scale=5.0"):
         graph(x, scale=5.0)
+
+
+def test_a_plan_on_meta_records_no_source_lines_and_a_traced_model_does():
+    """Nodes of a graph traced on real weights say which line of the model made them; a graph traced on
+    ``meta`` (a plan: nothing of it runs) skips recording them, and the setting is restored after."""
+    import torch.fx.config
+
+    built, graph = traced("hf-llama")
+    lines = [n.meta.get("stack_trace") for n in graph.compute_nodes()]
+    assert sum(bool(line) for line in lines) > len(lines) // 2
+    assert any("modeling_llama.py" in line for line in lines if line)
+    with torch.device("meta"):
+        empty = type(built.model)(built.model.config)
+    planned = rewrite.trace(empty, (torch.zeros_like(built.args[0], device="meta"),))
+    assert len(planned.compute_nodes()) > 100  # static shapes: fewer nodes than the dynamic graph
+    assert not any(n.meta.get("stack_trace") for n in planned.compute_nodes())
+    assert torch.fx.config.do_not_emit_stack_traces is False

@@ -11,7 +11,9 @@
    tensors are made on a few threads while one is written, as long as what they hold together stays within
    what making the largest one holds alone (``rewrite.io.made_ahead``, ``growth_ops.working_bytes``).
    Resident memory is the interpreter, the traced shapes, and about three tensors' worth: a source, its
-   float32 working copy where one is needed, and the result.
+   float32 working copy where one is needed, and the result. A tensor whose recipe is a checkpoint tensor as
+   it is (same shape and dtype: the layers a growth keeps or copies unchanged) is not read at all: its bytes
+   are copied from the source file into the shard (``safetensors_stream.FileBytes``, in the kernel).
 3. **Atomic.** Shards, index, config and the other files (tokenizer, generation config) are written into a
    temporary sibling folder, renamed into place at the end.
 
@@ -36,7 +38,7 @@ from rewrite.errors import GrowfxError, NotRepresentableError
 from rewrite.io.hf import example_inputs
 from rewrite.io.native import build_native, is_tied_head, native_config, parameters_on_meta
 from rewrite.io.native_moe import MOE_CLASSES, Piece, moe_pieces
-from rewrite.io.safetensors_stream import INDEX, CheckpointReader, nbytes, shard, write_safetensors
+from rewrite.io.safetensors_stream import INDEX, CheckpointReader, FileBytes, nbytes, shard, write_safetensors
 from rewrite.io.sources import atomic_path
 from rewrite.ir.trace import trace
 from rewrite.transform.apply import Grown, apply
@@ -89,13 +91,20 @@ def grow_checkpoint(source: str | Path, passes: list, destination: str | Path, *
             f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
         layout = {name: (shape, dtype) for name, shape, dtype in entries}
 
-        def make(name: str) -> torch.Tensor:
+        verbatim = {name: verbatim_source(grown.map, plan.pieces[name], reader, shape, dtype)
+                    for name, shape, dtype in entries}
+        verbatim = {name: origin for name, origin in verbatim.items() if origin is not None}
+
+        def make(name: str) -> torch.Tensor | FileBytes:
+            if name in verbatim:
+                return reader.bytes(verbatim[name])
             shape, dtype = layout[name]
             tensor = plan.pieces[name].make(lambda part: grown.map.make(part, reader), shape, dtype).to(dtype)
             return_freed_memory()  # its scratch, freed into this thread's heap, back to the system
             return tensor
 
-        holds = {name: _holds(grown.map, plan.pieces[name], reader, shape, dtype) for name, shape, dtype in entries}
+        holds = {name: 0 if name in verbatim else _holds(grown.map, plan.pieces[name], reader, shape, dtype)
+                 for name, shape, dtype in entries}
         for file, part in zip(names, shards):
             write_safetensors(folder / file, part, make, metadata={"format": "pt"}, workers=workers(),
                               holds=holds.__getitem__, budget=max(holds.values(), default=0))
@@ -231,6 +240,20 @@ def _entries(native: torch.nn.Module, pieces: dict, grown: Grown, reader: Checkp
             dtype = main if not read or read[0].dtype.is_floating_point else read[0].dtype
         entries.append((name, tuple(target.shape), dtype))
     return entries
+
+
+def verbatim_source(growth_map, piece: Piece, reader: CheckpointReader, shape: tuple,
+                    dtype: torch.dtype) -> str | None:
+    """The checkpoint tensor whose bytes are those of the tensor ``piece`` makes (``shape``, ``dtype``): a
+    renamed grown tensor whose recipe is a source tensor with no op, stored in that shape and dtype; else
+    None."""
+    if piece.kind != "rename":
+        return None
+    recipe = growth_map.recipes[growth_map.canonical(piece.names[0])]
+    source = recipe.source
+    if recipe.ops or source is None or source not in reader:
+        return None
+    return source if reader.shape(source) == tuple(shape) and reader.dtype(source) == dtype else None
 
 
 def _holds(growth_map, piece: Piece, reader: CheckpointReader, shape: tuple, dtype: torch.dtype) -> int:

@@ -49,6 +49,19 @@ def eval_mode(model: torch.nn.Module):
             m.training = flag
 
 
+@contextlib.contextmanager
+def stack_traces(record: bool):
+    """Whether torch.fx's tracers record each node's Python stack (``node.meta["stack_trace"]``, the source line
+    ``print_readable`` shows) for the duration: capturing and formatting it is 8% of a Hugging Face export.
+    A plan on ``meta`` records none: nothing of it runs, so no error points back into the model's code."""
+    before = torch.fx.config.do_not_emit_stack_traces
+    torch.fx.config.do_not_emit_stack_traces = before or not record
+    try:
+        yield
+    finally:
+        torch.fx.config.do_not_emit_stack_traces = before
+
+
 def accepted_kwargs(model: torch.nn.Module, kwargs: dict) -> dict:
     """Keyword inputs a front-end adds for the graph to be traceable; the caller's own win."""
     added = {}

@@ -14,7 +14,7 @@ import torch
 
 from rewrite.errors import GrowfxError, TraceError
 from rewrite.ir.frontends import (TRACERS, accepted_kwargs, candidate_frontends, eval_mode, first_line,
-                                  fixed_inputs, trace_export)
+                                  fixed_inputs, stack_traces, trace_export)
 from rewrite.ir.graph import Graph
 from rewrite.ir.lazy_compile import compile_now
 from rewrite.ir.compare import compare_outputs
@@ -35,6 +35,7 @@ def trace(
     runs to compare with. ``static=True`` has torch.export fix every input shape too (about half the time of
     a dynamic-shape export on Hugging Face models): the graph then runs on inputs of the example shapes only,
     which is all a growth written as a checkpoint needs; an ``.pt2`` archive or ONNX model keeps them dynamic.
+    A graph traced on ``meta`` records no source line on its nodes (``frontends.stack_traces``).
     """
     if not isinstance(model, torch.nn.Module):
         raise GrowfxError(f"trace expects a torch.nn.Module, got {type(model).__name__}")
@@ -54,7 +55,7 @@ def trace(
     on_meta = any(t.is_meta for t in (*model.parameters(), *model.buffers()))
     if on_meta:  # shapes without weights: torch.export traces fake tensors; nothing runs to compare with
         order = ("export",)
-    with eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad(), stack_traces(record=not on_meta):
         try:
             expected = None if on_meta else model(*args, **call_kwargs)
         except Exception as e:  # noqa: BLE001 - a model that cannot run on its inputs cannot be traced
