@@ -190,6 +190,22 @@ def test_property_takes_on_several_axes_at_once_give_what_taking_one_axis_after_
     assert torch.equal(run_ops(x, takes), one_by_one)
 
 
+@settings(max_examples=60, deadline=None)
+@given(takes_on_axes(), st.integers(0, 1000), st.sampled_from([1, 2, 16]))
+def test_property_a_take_is_index_select_with_zeros_where_the_index_is_minus_one(drawn, seed, max_runs):
+    """``_take`` by slices (kept units, copied blocks, a run of new zeros) or, past ``max_runs`` runs, by one
+    gather of the rest: always ``index_select`` of the source with zeros at the new positions."""
+    from rewrite.transform.growth_ops import _take
+
+    shape, takes = drawn
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    for take in takes:
+        expected = x.index_select(take.axis, take.index.clamp(min=0))
+        new = (take.index < 0).nonzero().flatten()
+        expected.index_fill_(take.axis, new, 0.0)
+        assert torch.equal(_take(x, take.axis, take.index, max_runs=max_runs), expected)
+
+
 
 @pytest.mark.parametrize("name", ["gpt", "llama", "hf-gpt2", "hf-llama", "hf-bert", "hf-mixtral", "cnn"])
 @pytest.mark.parametrize("plan", ["add_layers(copy)", "add_layers(at=0)", "split_layers", "upcycle_moe",

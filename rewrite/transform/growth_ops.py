@@ -467,13 +467,14 @@ def _take(x: torch.Tensor, axis: int, index: torch.Tensor, max_runs: int = 16) -
     shape[axis] = len(index)
     out = torch.empty(shape, dtype=x.dtype, device=x.device)
     starts = _run_starts(index)
-    if len(starts) > max_runs:
+    scattered = len(starts) > max_runs
+    if scattered:
         starts = starts[:2]  # the leading run by slices, the rest gathered at once
     bounds = starts + [len(index)]
     for position, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
         target = out.narrow(axis, start, end - start)
         part = index[start:end]
-        if position == 1 and end - start > 1 and len(bounds) == 3 and not _consecutive(part):
+        if position == 1 and scattered:
             gathered = x.index_select(axis, part.clamp(min=0))
             missing = torch.nonzero(part < 0).flatten()
             if len(missing):
