@@ -6,9 +6,9 @@
 Each measurement runs in a fresh process (its own peak resident memory, ``VmHWM``), alternating, ``--runs``
 times:
 * ``export``: the model built on ``meta`` from the config, then ``torch.export.export`` of it (static shapes);
-* ``export, deferred``: the same export with its graphs' code made on first use
-  (``rewrite.ir.lazy_compile.recompiles_deferred``), as ``rewrite.trace`` runs it: the plan's own cost is
-  its time over this one;
+* ``export, deferred``: the same export as ``rewrite.trace`` runs it on ``meta``: its graphs' code made on
+  first use (``rewrite.ir.lazy_compile.recompiles_deferred``) and no stack trace recorded on its nodes
+  (``rewrite.ir.frontends.stack_traces``): the plan's own cost is its time over this one;
 * ``plan``: the same model, ``rewrite.trace`` (which exports it) and ``rewrite.apply`` of
   ``widen_mlp(factor=2)`` + ``add_layers(8)`` with ``verify=False``: the growth map and the grown config,
   no weight allocated.
@@ -48,9 +48,10 @@ def run(kind: str, layers: int, queue) -> None:
         torch.export.export(model, (ids,), {"use_cache": False}, strict=False)
         result = {}
     elif kind == "export, deferred":
+        from rewrite.ir.frontends import stack_traces
         from rewrite.ir.lazy_compile import recompiles_deferred
 
-        with recompiles_deferred():
+        with recompiles_deferred(), stack_traces(record=False):
             torch.export.export(model, (ids,), {"use_cache": False}, strict=False)
         result = {}
     else:
