@@ -35,6 +35,7 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
 NAMES = {dtype: name for name, dtype in DTYPES.items()}
 INDEX = "model.safetensors.index.json"
 CHUNK = 8 << 20  # bytes per copy of a range (one call for a whole 1 GB range took 2.4x as long as 8 MB ones)
+COPY_REFUSED = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP}  # no in-kernel copy between these
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,9 +61,10 @@ class CheckpointReader:
             files = sorted(self.folder.glob("*.safetensors"))
             if not files:
                 raise GrowfxError(f"{self.folder} has no .safetensors weights (pickled weights are never loaded)")
-            self.files = {name: path for path in files for name in _header(path)}
-        self._headers = {path: _header(path) for path in set(self.files.values())}
-        self._data_start = {path: 8 + _header_length(path) for path in self._headers}
+            self.files = {name: path for path in files for name in _header(path)[0]}
+        self._headers, self._data_start = {}, {}  # per file: the header, where its data starts
+        for path in set(self.files.values()):
+            self._headers[path], self._data_start[path] = _header(path)
         missing = [n for n, path in self.files.items() if n not in self._headers[path]]
         if missing:
             raise GrowfxError(f"{index} lists {missing[0]} in a file whose header does not have it")
@@ -101,17 +103,13 @@ class CheckpointReader:
             return f.get_tensor(name)  # measured lighter than backend="pread", which holds a second copy
 
 
-def _header(path: Path) -> dict:
+def _header(path: Path) -> tuple[dict, int]:
+    """A safetensors file's header (its tensors' entries) and the offset its data starts at."""
     with open(path, "rb") as f:
         length = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(length))
     header.pop("__metadata__", None)
-    return header
-
-
-def _header_length(path: Path) -> int:
-    with open(path, "rb") as f:
-        return int.from_bytes(f.read(8), "little")
+    return header, 8 + length
 
 
 def write_safetensors(path: str | Path, entries: list[tuple[str, tuple[int, ...], torch.dtype]],
@@ -158,8 +156,6 @@ def _write_all(f, view: memoryview) -> None:
     while view:
         view = view[f.write(view):]
 
-
-COPY_REFUSED = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP}  # no in-kernel copy between these
 
 
 def _copy_range(source: FileBytes, f) -> None:
