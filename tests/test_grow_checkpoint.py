@@ -42,7 +42,8 @@ def test_streamed_folder_equals_the_in_memory_growth_bit_for_bit(tmp_path, capsy
     assert (source / INDEX).is_file()
     arguments = [argument for spec in plan for argument in ("--pass", spec)]
     assert main(["grow", str(source), "--stream", "--out", str(tmp_path / "streamed"), *arguments]) == 0
-    assert "wrote " + str(tmp_path / "streamed") + ": LlamaForCausalLM, " in capsys.readouterr().out
+    assert "wrote " + str(tmp_path / "streamed") + ": LlamaForCausalLM, " in (out := capsys.readouterr().out)
+    assert " copied unchanged from the source files)" in out
     assert main(["grow", str(source), "--out", str(tmp_path / "in-memory"), *arguments]) == 0
     streamed = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed").eval()
     in_memory = AutoModelForCausalLM.from_pretrained(tmp_path / "in-memory").eval()
@@ -235,4 +236,5 @@ def test_tensors_a_growth_leaves_as_they_are_are_copied_from_the_source_file_not
     source = CheckpointReader(tmp_path / "source")
     unchanged = [n for n, r in recipes.items() if r.source is not None and not r.ops and n in out]
     assert len(unchanged) > 10 and any(".1.self_attn." in n for n in unchanged)  # layer 1 is the copy of 0
+    assert written.copied == len(unchanged)
     assert all(torch.equal(out[n], source[recipes[n].source]) for n in unchanged)

@@ -250,7 +250,8 @@ def _grow_streaming(options, plan) -> int:
     written = grow_checkpoint(folder, plan, options.out, replace=options.force)
     print(written.grown.report)
     config = written.config
-    print(f"wrote {options.out}: {written.class_name}, {written.tensors} tensors in {written.shards} shard(s), "
+    print(f"wrote {options.out}: {written.class_name}, {written.tensors} tensors in {written.shards} shard(s) "
+          f"({written.copied} copied unchanged from the source files), "
           f"{written.bytes / 1e6:.1f} MB, {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
           f"{config.dtype} (trace {written.seconds['trace']:.1f} s, plan {written.seconds['plan']:.1f} s, "
           f"write {written.seconds['write']:.1f} s)")

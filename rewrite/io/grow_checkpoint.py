@@ -61,6 +61,7 @@ class GrownCheckpoint:
     tensors: int
     bytes: int
     seconds: dict[str, float]
+    copied: int = 0  # tensors copied from the source files as they are (never read into memory)
 
 
 def grow_checkpoint(source: str | Path, passes: list, destination: str | Path, *, replace: bool = False,
@@ -121,7 +122,7 @@ def grow_checkpoint(source: str | Path, passes: list, destination: str | Path, *
                 shutil.copy2(path, folder / path.name)
     seconds["write"] = time.perf_counter() - start
     return GrownCheckpoint(destination, grown, native_config_, native_class.__name__, len(shards), len(entries),
-                           written, seconds)
+                           written, seconds, len(verbatim))
 
 
 @dataclasses.dataclass
