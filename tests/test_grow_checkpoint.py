@@ -197,7 +197,7 @@ def test_tensors_copied_from_a_source_file_are_its_bytes_in_the_kernel_or_throug
         raise OSError(errno.EXDEV, "cross-device")
 
     kernel = contextlib.nullcontext() if in_kernel else mock.patch("os.copy_file_range", refused)
-    with kernel, mock.patch.object(stream, "CHUNK", 7):  # through the buffer, 7 bytes at a time
+    with kernel, mock.patch.object(stream, "CHUNK", 7):  # 7 bytes per copy: ranges cut mid-tensor
         write_safetensors(folder / "out.safetensors", [(n, tuple(t.shape), t.dtype) for n, t in tensors.items()], make)
     loaded = load_file(str(folder / "out.safetensors"))
     assert set(loaded) == set(tensors) and all(torch.equal(loaded[n], t) for n, t in tensors.items())
@@ -227,8 +227,8 @@ def test_tensors_a_growth_leaves_as_they_are_are_copied_from_the_source_file_not
     read = []
     original = CheckpointReader.__getitem__
     monkeypatch.setattr(CheckpointReader, "__getitem__", lambda self, name: read.append(name) or original(self, name))
-    written = grow_checkpoint(tmp_path / "source", [passes.widen_mlp(factor=2), passes.add_layers(1, at=[0], init="copy")],
-                              tmp_path / "out", max_shard_bytes=40_000)
+    plan = [passes.widen_mlp(factor=2), passes.add_layers(1, at=[0], init="copy")]
+    written = grow_checkpoint(tmp_path / "source", plan, tmp_path / "out", max_shard_bytes=40_000)
     recipes = written.grown.map.recipes
     changed = {r.source for r in recipes.values() if r.source is not None and r.ops}
     assert set(read) == changed and any("mlp" in name for name in changed)
