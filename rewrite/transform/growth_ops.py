@@ -512,10 +512,6 @@ def _take_together(x: torch.Tensor, takes: list[Take], max_blocks: int = 64) -> 
     return out
 
 
-def _consecutive(part: torch.Tensor) -> bool:
-    return bool(part[0] >= 0) and bool(torch.equal(part, torch.arange(int(part[0]), int(part[0]) + len(part))))
-
-
 PIECE = 1 << 20  # float32 values of scratch at a time when noise goes into a bfloat16/float16 tensor
 
 
