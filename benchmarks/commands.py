@@ -11,13 +11,11 @@ Writes ``benchmarks/results/commands-<folder>/results.json`` and ``results.md`` 
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
-import statistics
 import sys
 from pathlib import Path
 
-from measure import measured, save
+from measure import measured_rounds, save
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -38,16 +36,9 @@ def main() -> None:
               *(argument for spec in plan for argument in ("--pass", spec))]
     commands = {"growfx grow --stream": [*growfx, "--stream", "--out", str(work / "stream")],
                 "growfx grow (in memory)": [*growfx, "--out", str(work / "memory")]}
-    results = {name: [] for name in commands}
-    for _ in range(options.runs):
-        for name, command in commands.items():
-            results[name].append(measured(command))
-            print(name, json.dumps(results[name][-1]), flush=True)
+    _, summary = measured_rounds(commands, options.runs)
     shutil.rmtree(work, ignore_errors=True)
     source_gb = sum(p.stat().st_size for p in options.folder.glob("*.safetensors")) / 1e9
-    summary = {name: {"seconds": statistics.median(r["seconds"] for r in rows),
-                      "peak_gb": statistics.median(r["peak"] for r in rows) / 1e9, "every_run": rows}
-               for name, rows in results.items()}
     summary.update({"folder": str(options.folder), "source_gb": source_gb, "plan": plan, "runs": options.runs})
     table = (f"| command ({source_gb:.2f} GB folder, {' + '.join(plan)}) | wall time (s) | peak RSS |\n"
              f"|---|---|---|\n")

@@ -123,6 +123,20 @@ def measured(command: list[str]) -> dict:
     return {"seconds": seconds, "peak": usage.ru_maxrss * 1024}
 
 
+def measured_rounds(commands: dict[str, list[str]], runs: int) -> tuple[dict, dict]:
+    """``runs`` rounds of every command in turn (:func:`measured`), each result printed as it comes: every run
+    by command, and by command its median seconds and peak (GB) with every run."""
+    results = {name: [] for name in commands}
+    for _ in range(runs):
+        for name, command in commands.items():
+            results[name].append(measured(command))
+            print(name, json.dumps(results[name][-1]), flush=True)
+    summary = {name: {"seconds": statistics.median(r["seconds"] for r in rows),
+                      "peak_gb": statistics.median(r["peak"] for r in rows) / 1e9, "every_run": rows}
+               for name, rows in results.items()}
+    return results, summary
+
+
 def save(out: Path, summary: dict, table: str) -> None:
     """``results.json`` (the summary) and ``results.md`` (the table) in ``out``; the table is printed."""
     out.mkdir(parents=True, exist_ok=True)

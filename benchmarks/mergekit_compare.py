@@ -23,11 +23,10 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 import sys
 from pathlib import Path
 
-from measure import measured, save
+from measure import measured_rounds, save
 
 RESULTS = Path(__file__).resolve().parent / "results" / "mergekit"
 REPO = Path(__file__).resolve().parent.parent
@@ -103,16 +102,9 @@ def main() -> None:
         "growfx --stream": [*growfx, "--stream", "--out", str(options.work / "growfx-stream")],
         "growfx": [*growfx, "--out", str(options.work / "growfx")],
     }
-    results = {name: [] for name in commands}
-    for _ in range(options.runs):
-        for name, command in commands.items():
-            results[name].append(measured(command))
-            print(name, json.dumps(results[name][-1]), flush=True)
+    results, summary = measured_rounds(commands, options.runs)
     checks = {name: same_tensors(options.work / "mergekit", options.work / out)
               for name, out in (("growfx --stream", "growfx-stream"), ("growfx", "growfx"))}
-    summary = {name: {"seconds": statistics.median(r["seconds"] for r in rows),
-                      "peak_gb": statistics.median(r["peak"] for r in rows) / 1e9, "every_run": rows}
-               for name, rows in results.items()}
     summary["same_as_mergekit"] = {name: {"equal": ok, "detail": detail} for name, (ok, detail) in checks.items()}
     summary["runs"] = options.runs
     table = ("| command | wall time (s) | runs (s) | faster than mergekit in | peak RSS | output vs mergekit |\n"
