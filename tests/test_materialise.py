@@ -206,6 +206,32 @@ def test_property_a_take_is_index_select_with_zeros_where_the_index_is_minus_one
         assert torch.equal(_take(x, take.axis, take.index, max_runs=max_runs), expected)
 
 
+@settings(max_examples=60, deadline=None)
+@given(takes_on_axes(), st.integers(0, 1000), st.sampled_from([1, 2, 16]),
+       st.sampled_from([torch.float32, torch.bfloat16, torch.float64]))
+def test_property_a_take_then_a_split_is_made_in_one_pass_with_the_products_of_taking_then_dividing(
+        drawn, seed, max_runs, dtype):
+    """``run_ops`` makes a Take followed by a Split on its axis in one pass (``_take(..., factors=)``): the
+    values of taking, then multiplying by the reciprocals of the replica counts (in float32 for bfloat16),
+    then rounding, bit for bit."""
+    from rewrite.transform import growth_ops
+    from rewrite.transform.growth_ops import _take
+
+    shape, takes = drawn
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    for take in takes:
+        divisors = torch.randint(1, 6, (len(take.index),), generator=torch.Generator().manual_seed(seed + 1))
+        arithmetic = torch.float32 if dtype == torch.bfloat16 else dtype
+        rank = x.dim()
+        along = [-1 if axis == take.axis else 1 for axis in range(rank)]
+        expected = (_take(x, take.axis, take.index).to(arithmetic)
+                    .mul_(divisors.to(arithmetic).reciprocal().view(along)).to(dtype))
+        fused = _take(x, take.axis, take.index, max_runs=max_runs,
+                      factors=divisors.to(arithmetic).reciprocal()).to(dtype)
+        assert torch.equal(fused, expected)
+        assert torch.equal(growth_ops.run_ops(x, [take, rewrite.Split(take.axis, divisors)]), expected)
+
+
 
 @pytest.mark.parametrize("name", ["gpt", "llama", "hf-gpt2", "hf-llama", "hf-bert", "hf-mixtral", "cnn"])
 @pytest.mark.parametrize("plan", ["add_layers(copy)", "add_layers(at=0)", "split_layers", "upcycle_moe",
