@@ -31,6 +31,7 @@ from rewrite.errors import InputError
 from rewrite.ir.compare import same_value
 from rewrite.ir.lazy_compile import copy_code
 from rewrite.ir.run import run_graph, run_on_meta
+from rewrite.ir.shape_memo import ShapeMemo
 from rewrite.ir.summary import summarize
 from rewrite.ops import is_bookkeeping, op_name
 
@@ -190,6 +191,7 @@ class Graph:
         changed: set[torch.fx.Node] = set()
         values: dict[torch.fx.Node, Any] = {}
         runner = [None]  # one interpreter for every node run
+        memo = ShapeMemo(self.module, dirty)  # a node with the signature of one recorded before: its shapes
 
         def run(node: torch.fx.Node):
             inputs = {i: value_of(i) for i in node.all_input_nodes}
@@ -211,7 +213,10 @@ class Graph:
                     continue
                 if node not in dirty and not any(i in changed for i in node.all_input_nodes):
                     continue
-                metadata = _metadata(run(node))
+                metadata = memo.lookup(node, {i: value_of(i) for i in node.all_input_nodes})
+                values[node] = _from_metadata(metadata)
+                if values[node] is None:
+                    metadata = _metadata(run(node))
                 if node.meta.get("tensor_meta") != metadata:
                     node.meta["tensor_meta"] = metadata
                     changed.add(node)
