@@ -119,7 +119,8 @@ class Editor:
             new.meta = dict(node.meta)
             if new.op == "call_module":
                 new.target = moved(str(new.target), moves)
-            _rename_meta(new, moves)
+            if moves:
+                _rename_meta(new, lambda name: moved(name, moves))
             mapping[node] = new
         return mapping
 
@@ -217,10 +218,16 @@ class Editor:
         # tensors copied earlier in this edit live under the moved modules now (their sources are the
         # traced model's, which do not move)
         self.copied = {moved(new, moves): old for new, old in self.copied.items()}
+
+        def move(name: str) -> str:  # moved(name, moves), by one lookup: every move is of a block of the stack
+            block, dot, rest = name.removeprefix(f"{stack}.").partition(".")
+            new = moves.get(f"{stack}.{block}") if name.startswith(f"{stack}.") else None
+            return name if new is None else new + dot + rest
+
         for node in self.fx.nodes:
             if node.op in ("call_module", "get_attr"):
-                node.target = moved(str(node.target), moves)
-            _rename_meta(node, moves)
+                node.target = move(str(node.target))
+            _rename_meta(node, move)
 
     # -- tensors -----------------------------------------------------------------------------------
     def tensor(self, name: str) -> torch.Tensor:
@@ -275,11 +282,11 @@ class Editor:
         value = value.to("meta") if self._meta else value
         if isinstance(old, torch.nn.Parameter):
             value = torch.nn.Parameter(value.detach(), old.requires_grad)
-        for module in self.module.modules():
-            for key, tensor in list(module._parameters.items()) + list(module._buffers.items()):
-                if tensor is old:
-                    store = module._parameters if key in module._parameters else module._buffers
-                    store[key] = value
+        holders = [(store, key) for module in self.module.modules()  # every name tied to it
+                   for store in (module._parameters, module._buffers) for key, tensor in store.items()
+                   if tensor is old]
+        for store, key in holders:
+            store[key] = value
         self._record(value, recipe)
 
     def _record(self, tensor: torch.Tensor, recipe: Recipe) -> None:
@@ -338,15 +345,15 @@ class Editor:
         return grown
 
 
-def _rename_meta(node: torch.fx.Node, moves: dict[str, str]) -> None:
-    """The module paths in a node's owner metadata, after the modules in ``moves`` were moved."""
+def _rename_meta(node: torch.fx.Node, move: Callable[[str], str]) -> None:
+    """The module paths in a node's owner metadata, each replaced by ``move(path)`` (where a move took it)."""
     stack = node.meta.get("nn_module_stack")
-    if not stack or not moves:
+    if not stack:
         return
     renamed: dict[str, Any] = {}
     for key, value in stack.items():
         path = value[0] if isinstance(value, tuple) else value
         if isinstance(path, str):
-            value = (moved(path, moves), *value[1:]) if isinstance(value, tuple) else moved(path, moves)
+            value = (move(path), *value[1:]) if isinstance(value, tuple) else move(path)
         renamed[key] = value
     node.meta["nn_module_stack"] = renamed
