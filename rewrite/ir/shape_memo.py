@@ -36,7 +36,7 @@ class ShapeMemo:
 
     def __init__(self, module: torch.fx.GraphModule, fresh: set[torch.fx.Node]):
         """``fresh``: the nodes whose recorded shapes do not hold (new or rewired by the edit)."""
-        self.module = module
+        self.modules = dict(module.named_modules())
         self.snapshot = {node: node.meta.get("tensor_meta") for node in module.graph.nodes}
         self._module_keys: dict[str, Any] = {}
         self._pending: dict[Any, deque[torch.fx.Node]] = {}  # kind -> recorded nodes not yet keyed
@@ -66,7 +66,7 @@ class ShapeMemo:
 
     def _kind(self, node: torch.fx.Node) -> Any:
         if node.op == "call_module":
-            return node.op, type(self.module.get_submodule(node.target))
+            return node.op, type(self.modules.get(node.target))
         return node.op, node.target
 
     def _signature(self, node: torch.fx.Node, key_of_input) -> Any:
@@ -78,7 +78,8 @@ class ShapeMemo:
 
     def _module_key(self, path: str) -> Any:
         if path not in self._module_keys:
-            self._module_keys[path] = _state_key(self.module.get_submodule(path))
+            module = self.modules.get(path)
+            self._module_keys[path] = _NONE if module is None else _state_key(module)
         return self._module_keys[path]
 
 

@@ -16,9 +16,7 @@ Reads of axes no weight fixes (batch, tokens) stay symbolic, so the graph still 
 
 from __future__ import annotations
 
-import copy
 import operator
-import warnings
 
 import torch
 import torch.fx
@@ -57,9 +55,7 @@ def static_sizes(graph: Graph) -> Graph:
     if not fixed:
         return graph
     shared = {id(t): t for t in (*graph.module.parameters(), *graph.module.buffers())}
-    with warnings.catch_warnings():  # deepcopy of export's pytree specs warns about a deprecated alias
-        warnings.simplefilter("ignore", FutureWarning)
-        module = copy.deepcopy(graph.module, shared)  # its own nodes and module tree, the same tensors
+    module = graph.module_copy(shared)  # its own nodes and module tree, the same tensors
     fx_graph = module.graph
     for node in list(fx_graph.nodes):
         if node.name in fixed:
