@@ -4,6 +4,7 @@ of the whole graph gives."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -44,9 +45,8 @@ def _meta_runs(monkeypatch) -> list[torch.fx.Node]:
 def test_property_a_new_node_gets_the_shape_a_run_gives_recalled_only_from_an_equal_module(start, new_start, rows):
     """A new ``Flatten(new_start)`` beside a recorded ``Flatten(start)`` on the same input: the same module
     state is recalled (no meta kernel runs for it), another start dimension is computed; the shapes are those
-    of running the whole graph either way. A node reading a new linear layer of another width is computed."""
-    import pytest
-
+    of running the whole graph either way. A node reading a new linear layer of another width is computed.
+    (A MonkeyPatch of its own: hypothesis runs the test many times within one function-scoped fixture.)"""
     monkeypatch = pytest.MonkeyPatch()
     try:
         graph = on_meta(rewrite.trace(_Flattens(start), (torch.randn(rows, 2, 3, 5),)))
