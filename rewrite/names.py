@@ -14,11 +14,20 @@ def under(name: str, prefix: str) -> bool:
 
 
 def moved(name: str, moves: dict[str, str]) -> str:
-    """``name`` after the modules in ``moves`` (old prefix -> new prefix) were moved: the first that holds it."""
-    for old, new in moves.items():
-        if under(name, old):
-            return new + name[len(old):]
-    return name
+    """``name`` after the modules in ``moves`` (old prefix -> new prefix) were moved: the first that holds it.
+    The modules holding ``name`` are its dotted prefixes, each looked up once (renumbering a stack moves every
+    block after the insertion, and every node's paths go through here)."""
+    held, dot = [], -1
+    while True:
+        dot = name.find(".", dot + 1)
+        if (prefix := name if dot < 0 else name[:dot]) in moves:
+            held.append(prefix)
+        if dot < 0:
+            break
+    if not held:
+        return name
+    old = held[0] if len(held) == 1 else min(held, key=list(moves).index)
+    return moves[old] + name[len(old):]
 
 
 def numbered_block(name: str) -> str | None:

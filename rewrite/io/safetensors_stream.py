@@ -157,7 +157,6 @@ def _write_all(f, view: memoryview) -> None:
         view = view[f.write(view):]
 
 
-
 def _copy_range(source: FileBytes, f) -> None:
     """``source``'s bytes appended to the unbuffered file ``f``, ``CHUNK`` bytes at a time: in the kernel where it
     can, else through a buffer. Raises ``GrowfxError`` when the source file ends early."""

@@ -119,8 +119,7 @@ class Editor:
             new.meta = dict(node.meta)
             if new.op == "call_module":
                 new.target = moved(str(new.target), moves)
-            if moves:
-                _rename_meta(new, lambda name: moved(name, moves))
+            _rename_meta(new, moves)
             mapping[node] = new
         return mapping
 
@@ -218,16 +217,10 @@ class Editor:
         # tensors copied earlier in this edit live under the moved modules now (their sources are the
         # traced model's, which do not move)
         self.copied = {moved(new, moves): old for new, old in self.copied.items()}
-
-        def move(name: str) -> str:  # moved(name, moves), by one lookup: every move is of a block of the stack
-            block, dot, rest = name.removeprefix(f"{stack}.").partition(".")
-            new = moves.get(f"{stack}.{block}") if name.startswith(f"{stack}.") else None
-            return name if new is None else new + dot + rest
-
         for node in self.fx.nodes:
             if node.op in ("call_module", "get_attr"):
-                node.target = move(str(node.target))
-            _rename_meta(node, move)
+                node.target = moved(str(node.target), moves)
+            _rename_meta(node, moves)
 
     # -- tensors -----------------------------------------------------------------------------------
     def tensor(self, name: str) -> torch.Tensor:
@@ -345,15 +338,15 @@ class Editor:
         return grown
 
 
-def _rename_meta(node: torch.fx.Node, move: Callable[[str], str]) -> None:
-    """The module paths in a node's owner metadata, each replaced by ``move(path)`` (where a move took it)."""
+def _rename_meta(node: torch.fx.Node, moves: dict[str, str]) -> None:
+    """The module paths in a node's owner metadata, after the modules in ``moves`` were moved."""
     stack = node.meta.get("nn_module_stack")
-    if not stack:
+    if not stack or not moves:
         return
     renamed: dict[str, Any] = {}
     for key, value in stack.items():
         path = value[0] if isinstance(value, tuple) else value
         if isinstance(path, str):
-            value = (move(path), *value[1:]) if isinstance(value, tuple) else move(path)
+            value = (moved(path, moves), *value[1:]) if isinstance(value, tuple) else moved(path, moves)
         renamed[key] = value
     node.meta["nn_module_stack"] = renamed
