@@ -130,7 +130,7 @@ def _value_key(value: Any) -> Any:
         return _tensor_key(value)
     if isinstance(value, (tuple, list)) and value and all(isinstance(v, torch.Tensor) for v in value):
         return type(value), tuple(_tensor_key(v) for v in value)
-    return _key(value, None) if not isinstance(value, torch.fx.Node) else _NONE
+    return _key(value, None)
 
 
 def _metadata_key(metadata: Any) -> Any:
