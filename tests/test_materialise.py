@@ -6,6 +6,8 @@ building its tensors from the previous pass's. Both must give the same module, b
 policy and dtype, and the built-in passes must never need the weights to plan.
 """
 
+import re
+
 import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings
@@ -81,6 +83,34 @@ def test_the_built_in_passes_plan_on_shapes_on_fx_and_export_graphs(name, plan):
         assert (mine.verification is None) == (theirs.verification is None)
         if mine.verification is not None:
             assert mine.verification.max_abs_error == theirs.verification.max_abs_error
+
+
+@pytest.mark.parametrize("name", ["gpt", "llama", "hf-llama"])
+@pytest.mark.parametrize("plan", ["three passes", "widths then a layer", "upcycle_moe"])
+def test_passes_editing_the_graph_the_one_before_made_give_what_editing_copies_gives(name, plan):
+    """``verify=False``: each pass edits the intermediate graph the one before made (and the first edits the
+    planning copy) instead of a copy of it (``Graph.in_place``); ``verify=True`` keeps the intermediates. The same
+    grown tensors, code and growth map either way, and the traced graph is left as it was."""
+    built, graph = traced(name)
+    code, tensors = graph.module.code, dict(graph.module.state_dict(keep_vars=True))
+    modules = [name for name, _ in graph.module.named_modules()]
+    try:
+        edited = rewrite.apply(graph, ZOO_PLANS[plan](), built.args, built.kwargs, verify=False)
+    except rewrite.GrowthError as refusal:  # refused alike either way
+        with pytest.raises(type(refusal), match=re.escape(str(refusal))):
+            rewrite.apply(graph, ZOO_PLANS[plan](), built.args, built.kwargs, verify=True)
+        return
+    copied = rewrite.apply(graph, ZOO_PLANS[plan](), built.args, built.kwargs, verify=True)
+    assert edited.report.how == copied.report.how == PLANNED
+    assert_same_state(edited.module.state_dict(), copied.module.state_dict())
+    assert edited.graph.module.code == copied.graph.module.code
+    assert edited.map.to_dict() == copied.map.to_dict()
+    assert edited.map.original == rewrite.GrowthMap.identity(graph.module).original  # the traced model's tensors
+    fields = ("parameters_before", "parameters_after", "added", "removed", "resized", "renamed", "notes")
+    for mine, theirs in zip(edited.report.passes, copied.report.passes, strict=True):
+        assert [getattr(mine, f) for f in fields] == [getattr(theirs, f) for f in fields]
+    assert graph.module.code == code and [name for name, _ in graph.module.named_modules()] == modules
+    assert all(graph.module.state_dict(keep_vars=True)[n] is t for n, t in tensors.items())
 
 
 def test_net2deeper_plans_on_shapes_and_keeps_its_identity_layer():

@@ -84,3 +84,25 @@ def test_a_copied_block_has_the_shapes_of_the_block_it_copies_without_running_it
     assert [node for node in ran if node.op == "call_module"] == []
     assert {str(node.target) for node in ran} <= {"<built-in function getattr>", "<built-in function getitem>",
                                                  "view", "reshape"}
+
+
+@pytest.mark.parametrize("experts", [2, 4])
+def test_a_shape_computed_once_in_an_edit_is_recalled_for_every_later_node_of_its_signature(monkeypatch, experts):
+    """``upcycle_moe`` on meta makes each block's MLP ``experts`` copies behind a router, in both blocks: only
+    the first expert of the first block runs its layers' meta kernels (the others, and the second block, have
+    their signatures), and the router's comparison with each expert's index runs once per index; the shapes
+    are those of running the whole graph."""
+    _, traced_graph = traced("gpt")
+    planned = on_meta(traced_graph)
+    ran = _meta_runs(monkeypatch)
+    grown = rewrite.apply(planned, [passes.upcycle_moe(experts, 2)], planned.example_args, verify=False).graph
+    assert sum(node.target.startswith("blocks.1.experts.") for node in grown.nodes if node.op == "call_module") == \
+        3 * experts  # each expert: fc, act, proj
+    assert sorted(str(node.target) for node in ran if node.op == "call_module") == \
+        ["blocks.0.experts.0.act", "blocks.0.experts.0.fc", "blocks.0.experts.0.proj"]
+    assert [node.args[1] for node in ran if node.target == torch.ops.aten.eq.Scalar] == list(range(experts))
+    assert not [node for node in ran if node.op != "get_attr" and "blocks_1" in node.name]
+    recalled = {node.name: grown.shape(node) for node in grown.nodes}
+    monkeypatch.undo()
+    grown.propagate_shapes(*planned.example_args)
+    assert recalled == {node.name: grown.shape(node) for node in grown.nodes}

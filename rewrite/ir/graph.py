@@ -85,6 +85,7 @@ class Graph:
         fixed_kwargs: dict | None = None,
         lineage: Lineage | None = None,
         disposable: bool = False,
+        in_place: bool = False,
     ):
         self.module = module
         self.frontend = frontend
@@ -94,7 +95,9 @@ class Graph:
         self.example_kwargs = dict(example_kwargs or {})
         self.lineage = lineage or Lineage()
         # an intermediate of ``rewrite.apply``, replaced by the next pass's result: its tensors may move on
-        self.disposable = disposable
+        self.disposable = disposable or in_place
+        # an intermediate nothing reads again: the next rewrite edits its module itself (``module_to_edit``)
+        self.in_place = in_place
         self._nodes: dict[str, torch.fx.Node] = {}
         self._derived: dict[str, Any] = {}
 
@@ -112,8 +115,19 @@ class Graph:
                 memo.setdefault(id(tensor), tensor)
         return _deep_copied(self.module, memo)
 
+    def module_to_edit(self, memo: dict | None = None) -> torch.fx.GraphModule:
+        """The GraphModule a rewrite edits: :meth:`module_copy`, or for an ``in_place`` graph its module itself,
+        with the tensors ``memo`` maps replaced (once: the graph is then spent, and a second rewrite copies the
+        edited module). Copying a 12-layer model's GraphModule takes about 13 ms, a third of planning a pass."""
+        if not self.in_place or not _names_as_copied(self.module.graph):
+            return self.module_copy(memo)
+        self.in_place = False
+        if memo:
+            _replace_tensors(self.module, memo)
+        return self.module
+
     def with_module(self, module: torch.fx.GraphModule, lineage: Lineage | None = None,
-                    disposable: bool = False) -> "Graph":
+                    disposable: bool = False, in_place: bool = False) -> "Graph":
         """A Graph of ``module`` (a rewritten copy of this one) with this graph's provenance and example inputs,
         and ``lineage`` (default: this graph's)."""
         return Graph(
@@ -125,6 +139,7 @@ class Graph:
             fixed_kwargs=self.fixed_kwargs,
             lineage=self.lineage if lineage is None else lineage,
             disposable=disposable,
+            in_place=in_place,
         )
 
     def __deepcopy__(self, memo: dict) -> "Graph":
@@ -135,10 +150,11 @@ class Graph:
                      example_kwargs=copy.deepcopy(self.example_kwargs, memo),
                      fixed_kwargs=copy.deepcopy(self.fixed_kwargs, memo), lineage=self.lineage)
 
-    def handed_over(self) -> "Graph":
-        """This graph marked ``disposable`` (its tensors may move into the next rewrite's result), sharing what
-        was derived from it: ``rewrite.apply`` hands the intermediates it made to the next pass this way."""
-        graph = self.with_module(self.module, disposable=True)
+    def handed_over(self, in_place: bool = False) -> "Graph":
+        """This graph marked ``disposable`` (its tensors may move into the next rewrite's result), or ``in_place``
+        (the next rewrite edits its module), sharing what was derived from it: ``rewrite.apply`` hands the
+        intermediates it made to the next pass this way."""
+        graph = self.with_module(self.module, disposable=True, in_place=in_place)
         graph._nodes, graph._derived = self._nodes, self._derived
         return graph
 
@@ -217,6 +233,7 @@ class Graph:
                 values[node] = _from_metadata(metadata)
                 if values[node] is None:
                     metadata = _metadata(run(node))
+                    memo.learn(node, metadata)
                 if node.meta.get("tensor_meta") != metadata:
                     node.meta["tensor_meta"] = metadata
                     changed.add(node)
@@ -390,6 +407,34 @@ def _deep_copied(module: torch.fx.GraphModule, memo: dict) -> torch.fx.GraphModu
             return copy.deepcopy(module, memo)
         finally:
             del source._deepcopy_init
+
+
+def _names_as_copied(fx_graph: torch.fx.Graph) -> bool:
+    """Name the nodes an edit adds as in a copy of ``fx_graph``: a copy's namespace holds only the names of the
+    nodes it has (not those of nodes erased before, which a later node may then take), each numbered name
+    counted from the last of its stem in graph order. False (nothing changed) when a copy would rename a node."""
+    namespace = torch.fx.graph._Namespace()
+    nodes = list(fx_graph.nodes)
+    for node in [*(n for n in nodes if n.op != "output"), *(n for n in nodes if n.op == "output")]:
+        name = namespace.create_name(node.name if node.op != "output" else "output", None)
+        if name != node.name:
+            return False
+        namespace.associate_name_with_obj(name, node)
+    fx_graph._graph_namespace = namespace
+    return True
+
+
+def _replace_tensors(module: torch.nn.Module, memo: dict) -> None:
+    """Every parameter, buffer and tensor attribute of ``module`` whose identity ``memo`` maps, replaced by what it
+    maps to (tied names all see the replacement): what a deep copy with ``memo`` holds, without the copy."""
+    for sub in module.modules():
+        for store in (sub._parameters, sub._buffers):
+            for key, tensor in store.items():
+                if tensor is not None and id(tensor) in memo:
+                    store[key] = memo[id(tensor)]
+        for key, value in vars(sub).items():
+            if isinstance(value, torch.Tensor) and id(value) in memo:
+                vars(sub)[key] = memo[id(value)]
 
 
 def _init_with_code_of(module: torch.fx.GraphModule, copy_: torch.fx.GraphModule, root, graph) -> None:

@@ -39,6 +39,7 @@ class ShapeMemo:
         self.modules = dict(module.named_modules())
         self.snapshot = {node: node.meta.get("tensor_meta") for node in module.graph.nodes}
         self._module_keys: dict[str, Any] = {}
+        self._signatures: dict[torch.fx.Node, Any] = {}  # node looked up -> its signature, until learnt
         self._pending: dict[Any, deque[torch.fx.Node]] = {}  # kind -> recorded nodes not yet keyed
         self._known: dict[Any, dict[Any, Any]] = {}  # kind -> signature -> recorded metadata
         for node in module.graph.nodes:
@@ -51,18 +52,25 @@ class ShapeMemo:
         nodes now); None when no recorded node has it."""
         if node.op not in ("call_function", "call_method", "call_module"):
             return None
-        signature = self._signature(node, lambda i: _value_key(inputs[i]))
+        signature = self._signatures[node] = self._signature(node, lambda i: _value_key(inputs[i]))
         if signature is _NONE:
             return None
-        kind = self._kind(node)
-        known = self._known.setdefault(kind, {})
-        pending = self._pending.get(kind, ())
+        known = self._known.setdefault(self._kind(node), {})
+        pending = self._pending.get(self._kind(node), ())
         while signature not in known and pending:
             recorded = pending.popleft()
             key = self._signature(recorded, lambda i: _metadata_key(self.snapshot.get(i)))
             if key is not _NONE:
                 known.setdefault(key, self.snapshot[recorded])
         return known.get(signature)
+
+    def learn(self, node: torch.fx.Node, metadata: Any) -> None:
+        """``node``'s shapes, just computed for the signature :meth:`lookup` found no recorded node of: what a
+        later node of that signature takes (the eight experts of a layer made into a mixture, the layers after
+        the first one an edit adds)."""
+        signature = self._signatures.pop(node, _NONE)
+        if signature is not _NONE and metadata is not None:
+            self._known.setdefault(self._kind(node), {}).setdefault(signature, metadata)
 
     def _kind(self, node: torch.fx.Node) -> Any:
         if node.op == "call_module":

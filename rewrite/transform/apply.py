@@ -26,7 +26,7 @@ from rewrite.ir.lazy_compile import compile_now
 from rewrite.transform.growth_map import KEPT, GrowthMap
 from rewrite.transform.growth_ops import rounded_by
 from rewrite.transform.materialise import NeedsWeights, all_on_meta, check_shapes_only, materialise, on_meta
-from rewrite.transform.static_sizes import static_sizes
+from rewrite.transform.static_sizes import fixed_sizes, static_sizes
 from rewrite.transform.plan import Plan
 from rewrite.transform.rules import RuleSet
 from rewrite.ir.frontends import first_line
@@ -134,7 +134,7 @@ def apply(model: torch.nn.Module | Graph, passes: list, args=(), kwargs: dict | 
         # nodes); where modules came from keeps pointing at the traced model
         original = original.with_module(original.module, Lineage(origins=original.lineage.origins))
     with _collector_paused():
-        original, steps, final, how, seconds = _grow(original, _flatten(passes), strict, plan_first)
+        original, steps, final, how, seconds = _grow(original, _flatten(passes), strict, plan_first, verify)
     records = [step.record for step in steps]
     if verify:
         start = time.perf_counter()
@@ -142,36 +142,47 @@ def apply(model: torch.nn.Module | Graph, passes: list, args=(), kwargs: dict | 
         seconds["verify"] = time.perf_counter() - start
     if final.lineage.growth_map is None:  # nothing grew: the map of the model onto itself
         final = final.with_module(final.module, Lineage(growth_map=GrowthMap.identity(final.module)))
-    if not all_on_meta(final):  # handed to the user, who may give it to dynamo (which cannot trace the
-        compile_now(final.module)  # first-use stand-in); a plan without weights runs nothing and stays pending
-        compile_now(original.module)
+    if not all_on_meta(final):  # a plan without weights runs nothing and stays pending
+        _compile(final, original)
     return Grown(GrownModule(final), final, GrowthReport(records, how, seconds), original)
 
 
-def _grow(original: Graph, flat: list, strict: bool, plan_first: bool):
-    """(the original as planned on, the steps, the grown graph, how its tensors were made, seconds by phase)."""
+def _grow(original: Graph, flat: list, strict: bool, plan_first: bool, verify: bool):
+    """(the original, the steps, the grown graph, how its tensors were made, seconds by phase). The passes run on
+    the graph with the fx shape reads of weight-fixed axes as literals (``static_sizes``); each edits the graph
+    the one before made unless ``verify`` reads it (the intermediates)."""
     seconds = {}
     start = time.perf_counter()
-    original = static_sizes(original)  # the fx graph's shape reads of weight-fixed axes as literals
     if all_on_meta(original) or not plan_first:  # without weights, the plan on shapes is the result
         how = ("planned on shapes (the model has no weights)" if plan_first
                else "built pass by pass (plan_first=False)")
-        steps, final = _pass_by_pass(original, flat, strict)
+        original = static_sizes(original)
+        steps, final = _pass_by_pass(original, flat, strict, verify)
     else:
-        try:
-            steps = _run_passes(on_meta(original), flat, strict, planning=True)
+        try:  # one copy of the graph, on meta, that the first pass edits
+            planned = static_sizes(on_meta(original, in_place=True), fixed_sizes(original))
+            steps = _run_passes(planned, flat, strict, planning=True, keep=verify)
             seconds["plan"] = time.perf_counter() - start
             start = time.perf_counter()
             grown = [step for step in steps if step.plan is not None]
-            final = materialise(grown[-1].graph, original) if grown else original
+            final = materialise(grown[-1].graph, original, meanwhile=lambda: _compile(grown[-1].graph, original)) \
+                if grown else original
             how = "planned on shapes, each tensor built once"
         except NeedsWeights as why:
             seconds.clear()
             start = time.perf_counter()
             how = f"built pass by pass: {why}"
-            steps, final = _pass_by_pass(original, flat, strict)
+            original = static_sizes(original)
+            steps, final = _pass_by_pass(original, flat, strict, verify)
     seconds["build" if "plan" in seconds else "plan and build"] = time.perf_counter() - start
     return original, steps, final, how, seconds
+
+
+def _compile(*graphs: Graph) -> None:
+    """The code of graphs handed to the user generated now: they may give them to dynamo, which cannot trace
+    the first-use stand-in (``rewrite.ir.lazy_compile``). Nothing for a graph whose code is current."""
+    for graph in graphs:
+        compile_now(graph.module)
 
 
 @contextlib.contextmanager
@@ -188,9 +199,9 @@ def _collector_paused():
             gc.enable()
 
 
-def _pass_by_pass(original: Graph, flat: list, strict: bool) -> tuple[list["_Step"], Graph]:
+def _pass_by_pass(original: Graph, flat: list, strict: bool, keep: bool) -> tuple[list["_Step"], Graph]:
     """Every pass run on the tensors the one before made: the steps and the last graph."""
-    steps = _run_passes(original, flat, strict, planning=False)
+    steps = _run_passes(original, flat, strict, planning=False, keep=keep)
     return steps, steps[-1].graph if steps else original
 
 
@@ -204,9 +215,10 @@ class _Step:
     map: GrowthMap | None
 
 
-def _run_passes(start: Graph, flat: list, strict: bool, planning: bool) -> list[_Step]:
+def _run_passes(start: Graph, flat: list, strict: bool, planning: bool, keep: bool) -> list[_Step]:
     """Plan and run every pass in order on ``start`` (its tensors on meta when ``planning``: ``NeedsWeights``
-    when a pass needs the weights' values)."""
+    when a pass needs the weights' values). ``keep``: every step's graph stays as the pass left it (verification
+    reads them); else each pass edits the graph the one before made (``Graph.in_place``)."""
     current = start
     shapes = _parameter_shapes(current)
     steps = []
@@ -221,7 +233,7 @@ def _run_passes(start: Graph, flat: list, strict: bool, planning: bool) -> list[
                                current, None))
             continue
         # an intermediate this loop made is replaced by the pass's result: its tensors may move on
-        handed = current.handed_over() if current is not start else current
+        handed = current.handed_over(in_place=not keep) if current is not start else current
         current = _shapes_only(lambda: growth.run(handed, plan), growth.name, planning)
         step_map = current.lineage.step_map
         if planning:
@@ -317,8 +329,14 @@ def _rounding(step: GrowthMap | None) -> list[str]:
 
 
 def _parameter_shapes(graph: Graph) -> dict[str, torch.Size]:
-    """Every learnable parameter (tied ones once) with its shape."""
-    return {name: info.shape for name, info in graph.parameters().items()}
+    """Every learnable parameter (tied ones once, by its first name) with its shape: the names and shapes of
+    ``graph.parameters()``, without the nodes that read them."""
+    shapes, seen = {}, set()
+    for name, parameter in graph.module.named_parameters(remove_duplicate=False):
+        if id(parameter) not in seen:
+            seen.add(id(parameter))
+            shapes[name] = parameter.shape
+    return shapes
 
 
 def _count(shapes: dict[str, torch.Size]) -> int:

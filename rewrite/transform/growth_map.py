@@ -71,10 +71,12 @@ class GrowthMap:
 
     # -- building ------------------------------------------------------------------------------------------
     @classmethod
-    def between(cls, source: torch.nn.Module, result: torch.nn.Module, made: dict[int, Recipe],
+    def between(cls, original: dict[str, tuple], result: torch.nn.Module, made: dict[int, Recipe],
                 names: dict[int, str]) -> "GrowthMap":
         """The map of one rewrite: every tensor of ``result`` is in ``made`` (by identity), or is the tensor of
-        ``source`` that ``names`` maps its identity to (kept as it was), or is unknown (recorded opaque)."""
+        the source that ``names`` maps its identity to (kept as it was), or is unknown (recorded opaque).
+        ``original``: the source's tensors as :func:`shapes_of` gives them, read before the rewrite (which may
+        have edited the source in place)."""
         state = set(result.state_dict(keep_vars=True))
         parameters = {id(p) for p in result.parameters()}
         recipes, aliases, seen = {}, {}, {}
@@ -93,7 +95,6 @@ class GrowthMap:
                                 note="opaque: a tensor the rewrite registered without the Editor")
             recipes[name] = dataclasses.replace(recipe, shape=tuple(tensor.shape), dtype=tensor.dtype,
                                                 persistent=name in state, parameter=id(tensor) in parameters)
-        original = _originals(source)
         used = {r.source for r in recipes.values() if r.role == KEPT}
         removed = tuple(n for n in original if n not in used)
         return cls(recipes, aliases, removed, original)
@@ -101,7 +102,7 @@ class GrowthMap:
     @classmethod
     def identity(cls, module: torch.nn.Module) -> "GrowthMap":
         """The map of a traced model onto itself."""
-        return cls.between(module, module, {}, tensor_names(module))
+        return cls.between(shapes_of(module), module, {}, tensor_names(module))
 
     # -- composing -----------------------------------------------------------------------------------------
     def canonical(self, name: str) -> str:
@@ -233,7 +234,7 @@ class GrowthMap:
                    {n: (tuple(s), getattr(torch, t)) for n, (s, t) in d["original"].items()})
 
 
-def _originals(module: torch.nn.Module) -> dict[str, tuple]:
+def shapes_of(module: torch.nn.Module) -> dict[str, tuple]:
     """Each tensor of ``module`` once (tied names under their first), with its shape and dtype."""
     seen, out = set(), {}
     for name, tensor in named_tensors(module):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -53,16 +54,17 @@ def all_on_meta(graph: Graph) -> bool:
     return bool(tensors) and all(t.is_meta for t in tensors)
 
 
-def on_meta(graph: Graph) -> Graph:
+def on_meta(graph: Graph, in_place: bool = False) -> Graph:
     """A copy of ``graph`` whose parameters and buffers are on ``meta`` (constants the tracer lifted stay as
-    they are), with its example inputs on ``meta`` too: what the passes plan on."""
+    they are), with its example inputs on ``meta`` too: what the passes plan on; ``in_place``: the first rewrite
+    edits this copy itself (``Graph.in_place``)."""
     memo: dict[int, torch.Tensor] = {}
     for tensor in (*graph.module.parameters(), *graph.module.buffers()):
         if id(tensor) not in memo:
             shape = tensor.detach().to("meta")
             memo[id(tensor)] = (torch.nn.Parameter(shape, tensor.requires_grad)
                                 if isinstance(tensor, torch.nn.Parameter) else shape)
-    planned = graph.with_module(graph.module_copy(memo), disposable=True)
+    planned = graph.with_module(graph.module_copy(memo), disposable=True, in_place=in_place)
     planned.example_args = to_meta(graph.example_args)
     planned.example_kwargs = to_meta(graph.example_kwargs)
     return planned
@@ -77,10 +79,12 @@ def check_shapes_only(step: GrowthMap, rule: str) -> None:
             raise NeedsWeights(f"{rule} computes {name} from the weights' values")
 
 
-def materialise(planned: Graph, original: Graph) -> Graph:
+def materialise(planned: Graph, original: Graph, meanwhile: Callable[[], object] | None = None) -> Graph:
     """The graph ``planned`` (on meta, made from ``original`` by passes whose composed growth map its lineage
     holds) with every tensor made from ``original``'s tensors; it takes ``original``'s example inputs.
-    ``planned``'s module is filled in place: it is the result."""
+    ``planned``'s module is filled in place: it is the result. ``meanwhile()`` runs on this thread while the
+    worker threads make the tensors (they spend their time in torch's kernels, without the interpreter lock):
+    Python work that does not read the tensors, such as generating the grown graph's code."""
     sources = dict(named_tensors(original.module))
     growth = planned.lineage.growth_map
     module = planned.module
@@ -102,7 +106,10 @@ def materialise(planned: Graph, original: Graph) -> Graph:
         return value
 
     with ThreadPoolExecutor(workers()) as pool:
-        values = list(pool.map(make, todo))
+        pending = pool.map(make, todo)
+        if meanwhile is not None:
+            meanwhile()
+        values = list(pending)
     made: dict[int, torch.Tensor] = {}  # id of the meta tensor -> the real one
     for (name, tensor), value in zip(todo, values):
         made[id(tensor)] = (torch.nn.Parameter(value, tensor.requires_grad)

@@ -27,7 +27,7 @@ from rewrite.ir.lazy_compile import compile_on_first_use
 from rewrite.analysis.layout import Layout
 from rewrite.analysis.propagate import layouts
 from rewrite.ops import canonical_kind, patch_literals, patch_split, resize_module_attributes
-from rewrite.transform.growth_map import GrowthMap, Recipe, tensor_names
+from rewrite.transform.growth_map import GrowthMap, Recipe, shapes_of, tensor_names
 from rewrite.transform.growth_ops import run_ops, seed_for
 from rewrite.transform.lineage import grown_lineage
 
@@ -111,7 +111,7 @@ def resize(
     another policy: the key side when the key size grows, a norm gain); each grown tensor is its recipe run
     once on the old tensor, and the grown graph's lineage carries the map. ``finish(module)`` edits the new
     GraphModule before it is compiled (an epsilon). Untouched tensors are cloned, unless ``graph.disposable``
-    (an intermediate of ``apply``) lets them move."""
+    (an intermediate of ``apply``) lets them move; an ``in_place`` graph's module is edited itself."""
     refuse_blocked(layouts)
     overrides = overrides or {}
     steps: dict[str, list] = defaultdict(list)  # tensor -> its ops, axis after axis
@@ -128,7 +128,8 @@ def resize(
         grown = torch.nn.Parameter(grown, old.requires_grad) if isinstance(old, torch.nn.Parameter) else grown
         memo[id(old)] = grown
         made[id(grown)] = Recipe(name, tuple(ops))
-    module = graph.module_copy(memo)
+    names, original = list(tensor_names(graph.module).values()), shapes_of(graph.module)  # before an edit in place
+    module = graph.module_to_edit(memo)
     for sub in module.modules():
         resize_module_attributes(sub)
     if finish is not None:
@@ -137,8 +138,8 @@ def resize(
     node_map = _patch_nodes(graph, module, grown_axes)
     compile_on_first_use(module)
     _grown_metadata(module, grown_axes)
-    kept = {id(attribute(module, name)): name for name in tensor_names(graph.module).values()}
-    step = GrowthMap.between(graph.module, module, made, kept)
+    kept = {id(attribute(module, name)): name for name in names}
+    step = GrowthMap.between(original, module, made, kept)
     lineage = grown_lineage(graph.lineage, step, node_map=_compose(graph.lineage.node_map, node_map))
     return graph.with_module(module, lineage)
 

@@ -32,30 +32,17 @@ from rewrite.ops.literals import shape_read, whole_shape
 ARITHMETIC = {operator.floordiv, operator.mul, operator.add, operator.sub, operator.mod, operator.neg}
 
 
-def static_sizes(graph: Graph) -> Graph:
+def static_sizes(graph: Graph, fixed: dict[str, int] | None = None) -> Graph:
     """``graph`` with every fx shape read of a weight-fixed axis replaced by its size (``graph`` itself when it
-    has none). The result shares the module's tensors; only its node list is new."""
-    # fx's reads only: torch.export already wrote weight-fixed sizes as literals and reads just symbolic ones
-    reads = [(node, *read) for node in graph.module.graph.nodes
-             if (read := shape_read(node, exported=False)) is not None]
-    if not reads:
-        return graph
-    try:
-        analysis = dim_analysis(graph)
-    except GrowfxError:  # the passes will report what the analysis cannot do
-        return graph
-    fixed = {}
-    for node, tensor, axis in reads:
-        shape = graph.shape(tensor) if isinstance(tensor, torch.fx.Node) else None
-        if shape is None or not isinstance(axis, int) or not -len(shape) <= axis < len(shape):
-            continue
-        group = analysis.axis_group.get((f"n:{tensor.name}", axis % len(shape)))
-        if group is not None and group.growable:
-            fixed[node.name] = int(shape[axis])
+    has none). The result shares the module's tensors; only its node list is new (an ``in_place`` graph's is
+    edited, and the result is in place too). ``fixed``: :func:`fixed_sizes` of a graph with the same nodes
+    (the traced graph ``graph`` is a copy of, whose analysis it holds), instead of analysing ``graph``."""
+    fixed = fixed_sizes(graph) if fixed is None else fixed
     if not fixed:
         return graph
+    in_place = graph.in_place
     shared = {id(t): t for t in (*graph.module.parameters(), *graph.module.buffers())}
-    module = graph.module_copy(shared)  # its own nodes and module tree, the same tensors
+    module = graph.module_to_edit(shared)  # its own nodes and module tree (in place: the graph's), the same tensors
     fx_graph = module.graph
     for node in list(fx_graph.nodes):
         if node.name in fixed:
@@ -71,4 +58,26 @@ def static_sizes(graph: Graph) -> Graph:
         if whole_shape(node) is not None and not node.users:
             fx_graph.erase_node(node)
     compile_on_first_use(module)
-    return graph.with_module(module)
+    return graph.with_module(module, disposable=graph.disposable, in_place=in_place)
+
+
+def fixed_sizes(graph: Graph) -> dict[str, int]:
+    """The fx shape reads of ``graph`` whose axis a weight fixes: node name -> the size it reads."""
+    # fx's reads only: torch.export already wrote weight-fixed sizes as literals and reads just symbolic ones
+    reads = [(node, *read) for node in graph.module.graph.nodes
+             if (read := shape_read(node, exported=False)) is not None]
+    if not reads:
+        return {}
+    try:
+        analysis = dim_analysis(graph)
+    except GrowfxError:  # the passes will report what the analysis cannot do
+        return {}
+    fixed = {}
+    for node, tensor, axis in reads:
+        shape = graph.shape(tensor) if isinstance(tensor, torch.fx.Node) else None
+        if shape is None or not isinstance(axis, int) or not -len(shape) <= axis < len(shape):
+            continue
+        group = analysis.axis_group.get((f"n:{tensor.name}", axis % len(shape)))
+        if group is not None and group.growable:
+            fixed[node.name] = int(shape[axis])
+    return fixed
