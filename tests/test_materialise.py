@@ -351,6 +351,28 @@ def test_property_noise_drawn_in_pieces_is_noise_drawn_at_once(drawn, width, see
     torch.testing.assert_close(pieces, at_once, rtol=0, atol=0, equal_nan=True)
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(1, 40), min_size=1, max_size=3), st.integers(0, 1000),
+       st.sampled_from([torch.float32, torch.float64, torch.bfloat16]), st.sampled_from([16, 48, 1 << 20]))
+def test_property_a_redraw_is_one_seeded_draw_of_the_whole_shape_at_the_tensor_s_scale(shape, seed, dtype, piece):
+    """A redraw (drawn straight into the result, piece by piece, when no conversion is between) is
+    ``randn(shape)`` from its seed, times the tensor's standard deviation, in float32 for a bfloat16 tensor
+    and rounded once."""
+    import rewrite.transform.growth_ops as growth_ops
+
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+    arithmetic = torch.float32 if dtype == torch.bfloat16 else dtype
+    std = float(x.float().std())
+    expected = torch.randn(shape, generator=torch.Generator().manual_seed(seed + 1)).to(arithmetic).mul_(std)
+    before = growth_ops.PIECE
+    try:
+        growth_ops.PIECE = piece
+        made = growth_ops.run_ops(x, [growth_ops.Redraw(seed + 1)])
+    finally:
+        growth_ops.PIECE = before
+    torch.testing.assert_close(made, expected.to(dtype), rtol=0, atol=0, equal_nan=True)
+
+
 @st.composite
 def a_pass(draw, shape):
     """One pass's ops on a tensor of ``shape``: maybe noise first, Takes, then noise, a scaling or a redraw."""

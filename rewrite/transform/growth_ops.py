@@ -254,7 +254,7 @@ class Fill:
             return torch.zeros(self.shape, dtype=self.dtype)
         if self.kind == "normal":
             generator = torch.Generator().manual_seed(self.seed)
-            return (torch.randn(self.shape, generator=generator) * self.std).to(self.dtype)
+            return torch.randn(self.shape, generator=generator).mul_(self.std).to(self.dtype)
         return self.value.clone()
 
     def to_dict(self) -> dict:
@@ -338,8 +338,12 @@ def run_ops(tensor: torch.Tensor, ops: tuple[Op, ...] | list[Op]) -> torch.Tenso
                 arithmetic = torch.float32 if low else x.dtype
                 x = None  # freed before the draw
                 x, fresh = torch.empty(shape, dtype=tensor.dtype if low and rounded_next else arithmetic), True
+                drawn_in_place = x.dtype == arithmetic == torch.get_default_dtype()  # no conversion between
                 for piece, generator in _pieces(x, op.seed):
-                    piece.copy_(torch.randn(piece.shape, generator=generator).to(arithmetic).mul_(std))
+                    if drawn_in_place:  # the same draws and products, written once
+                        torch.randn(piece.shape, generator=generator, out=piece).mul_(std)
+                    else:
+                        piece.copy_(torch.randn(piece.shape, generator=generator).to(arithmetic).mul_(std))
                 continue
             if isinstance(op, Noise) and low and x.dtype != torch.float32 and rounded_next:
                 # the last op on a bfloat16/float16 tensor: only the noised entries need float32, piece by piece

@@ -100,8 +100,9 @@ def materialise(planned: Graph, original: Graph, meanwhile: Callable[[], object]
     def make(item):
         name = item[0]
         value = growth.make(name, sources)
-        if not growth.recipes[growth.canonical(name)].ops:  # every op makes a new tensor; an unchanged one is
-            value = value.detach().clone()  # copied, never a view of a source
+        recipe = growth.recipes[growth.canonical(name)]
+        if recipe.source is not None and not recipe.ops:  # every op and every fill makes a new tensor; an
+            value = value.detach().clone()  # unchanged one is copied, never a view of a source
         return_freed_memory()  # the scratch of this tensor, before the next one takes new pages
         return value
 
