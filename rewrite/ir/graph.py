@@ -30,6 +30,7 @@ from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 from rewrite.errors import InputError
 from rewrite.ir.compare import same_value
 from rewrite.ir.lazy_compile import copy_code
+from rewrite.ir.module_copy import copied
 from rewrite.ir.run import run_graph, run_on_meta
 from rewrite.ir.shape_memo import ShapeMemo
 from rewrite.ir.summary import summarize
@@ -403,6 +404,8 @@ def _deep_copied(module: torch.fx.GraphModule, memo: dict) -> torch.fx.GraphModu
                 or type(module)._deepcopy_init is not torch.fx.GraphModule._deepcopy_init:
             return copy.deepcopy(module, memo)
         source._deepcopy_init = lambda self: functools.partial(_init_with_code_of, module)
+        for child in module.children():  # the module tree copied directly: GraphModule's deepcopy finds it
+            copied(child, memo)
         try:
             return copy.deepcopy(module, memo)
         finally:

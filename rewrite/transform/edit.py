@@ -16,7 +16,6 @@ change).
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import warnings
 from typing import Any, Callable
@@ -28,6 +27,7 @@ from rewrite.analysis.blocks import branch_layers
 from rewrite.errors import GrowthError
 from rewrite.ir.graph import Graph, attribute
 from rewrite.ir.lazy_compile import compile_on_first_use
+from rewrite.ir.module_copy import copied
 from rewrite.names import moved, under
 from rewrite.transform.growth_map import COPY, NEW, GrowthMap, Recipe, shapes_of, tensor_names
 from rewrite.transform.growth_ops import Fill, Op, Scale, run_ops
@@ -156,7 +156,7 @@ class Editor:
             return
         source = self.module.get_submodule(old)
         memo = {id(t): clones[id(t)] for t in (*source.parameters(), *source.buffers()) if id(t) in clones}
-        module = copy.deepcopy(source, memo)
+        module = copied(source, memo)
         for (local, tensor), (_, original) in zip(
             (*module.named_parameters(), *module.named_buffers()), (*source.named_parameters(), *source.named_buffers())
         ):
