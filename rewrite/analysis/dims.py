@@ -247,6 +247,7 @@ def collect(graph: "Graph") -> tuple[Facts, dict[str, tuple]]:
     facts = Facts()
     shapes: dict[str, tuple] = {}
     canonical = _canonical_names(graph)
+    modules = dict(graph.module.named_modules(remove_duplicate=False))
     refs: dict[str, str] = {}
     prefix = {}
     for name, tensor in _named_tensors(graph.module):
@@ -270,7 +271,7 @@ def collect(graph: "Graph") -> tuple[Facts, dict[str, tuple]]:
     for node in graph.module.graph.nodes:
         if node.op not in ("call_module", "call_function", "call_method") or graph.is_bookkeeping(node):
             continue
-        call = _call(graph, node, refs, shapes, canonical)
+        call = _call(graph, node, refs, shapes, canonical, modules)
         rule = RULES.get(call.kind)
         if rule is None:
             facts.blind(node.name, graph.op_kind(node), all_axes(call), "no axis rule")
@@ -291,13 +292,11 @@ def _named_tensors(module: torch.nn.Module):
 
 
 def _canonical_names(graph: "Graph") -> dict[str, str]:
-    """Every name of a tied tensor mapped to its first name."""
-    names = {}
-    for info in graph.tensors().values():
-        names[info.name] = info.name
-        for alias in info.aliases:
-            names[alias] = info.name
-    return names
+    """Every name of a parameter or buffer mapped to the first name of its tensor (tied names share one)."""
+    first: dict[int, str] = {}
+    module = graph.module
+    return {name: first.setdefault(id(tensor), name) for name, tensor in
+            (*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False))}
 
 
 def _ref(value, refs: dict[str, str]):
@@ -315,16 +314,17 @@ MODULE_OPERANDS = {
 }
 
 
-def _call(graph: "Graph", node: torch.fx.Node, refs: dict, shapes: dict, canonical: dict) -> Call:
-    kind = canonical_kind(graph, node)
-    raw = graph.op_kind(node).rpartition(".")[2]
+def _call(graph: "Graph", node: torch.fx.Node, refs: dict, shapes: dict, canonical: dict, modules: dict) -> Call:
+    module = None
+    if node.op == "call_module":  # every module by path, looked up once per analysis
+        module = modules[node.target] if node.target in modules else graph.module.get_submodule(node.target)
+    kind = canonical_kind(graph, node, module)
+    raw = (type(module).__name__ if module is not None else graph.op_kind(node)).rpartition(".")[2]
     out = f"n:{node.name}"
     operands = [_ref(a, refs) for a in node.args] + [
         _ref(v, refs) for k, v in node.kwargs.items() if k in ("attn_mask", "weight", "bias")
     ]
-    module = None
     if node.op == "call_module":
-        module = graph.module.get_submodule(node.target)
 
         def param(attr: str):
             return f"p:{canonical.get(f'{node.target}.{attr}', f'{node.target}.{attr}')}" if getattr(

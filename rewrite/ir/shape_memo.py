@@ -11,7 +11,10 @@ node's: a copied block's nodes have the signatures of the block they copy, so
 A signature holds only values that compare by value (numbers, strings, dtypes, shapes, tuples of them,
 functions and classes by identity); anything else (a tensor's value, a config object, a module with hooks)
 makes a node without one, which is then computed as before. The recorded pairs are read as the graph recorded
-them before the edit (``snapshot``): a node whose inputs changed is never paired with its old shape.
+them before the edit (``snapshot``): a node whose inputs changed is never paired with its old shape. A new
+node whose signature no recorded node has is computed once, and its shapes are then those of every later node
+of that signature (``learn``): the second to eighth experts of a layer made into a mixture, and every later
+layer made into one, run no meta kernel.
 """
 
 from __future__ import annotations

@@ -104,10 +104,11 @@ def short_name(node: torch.fx.Node) -> str:
     return op_name(node).rpartition(".")[2]
 
 
-def canonical_kind(graph, node: torch.fx.Node) -> str:
-    """The canonical kind of a node: ``linear``, ``view``, ``add``, ..., or its raw name if unknown."""
+def canonical_kind(graph, node: torch.fx.Node, module: torch.nn.Module | None = None) -> str:
+    """The canonical kind of a node: ``linear``, ``view``, ``add``, ..., or its raw name if unknown. ``module``:
+    a ``call_module`` node's module, when the caller has it."""
     if node.op == "call_module":
-        name = op_name(node, graph.module)
+        name = type(module).__name__ if module is not None else op_name(node, graph.module)
         return MODULE_KINDS.get(name, name)
     if node.op == "call_function" and node.target is getattr and node.args[1:] == ("T",):
         name = "numpy_T"  # fx records ``x.T`` as getattr(x, "T"); torch.export as aten.numpy_T
