@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import enum
 import types
+import weakref
 from collections import OrderedDict
 
 import torch
@@ -59,7 +60,7 @@ def _entry(value, memo: dict):
     return copy.deepcopy(value, memo)
 
 
-_PLAIN: dict[type, bool] = {}
+_PLAIN: "weakref.WeakKeyDictionary[type, bool]" = weakref.WeakKeyDictionary()  # a GraphModule's class is its own
 
 
 def _plain(cls: type) -> bool:

@@ -474,7 +474,8 @@ def _take(x: torch.Tensor, axis: int, index: torch.Tensor, max_runs: int = 16,
     """``x.index_select(axis, index)`` with zeros where ``index`` is -1, allocated once and filled by slices
     where the index runs consecutively (kept units are one run, uniform clones whole blocks); a scattered
     remainder (a random replication map) is gathered after the leading run, straight into its place. With
-    ``factors`` (one per new position, of the dtype to compute in), the result times ``factors`` along ``axis``.
+    ``factors`` (one per new position, of the dtype to compute in), the result times ``factors`` along ``axis``:
+    a run is multiplied as it is copied, a gathered remainder once it is in place.
     """
     shape = list(x.shape)
     shape[axis] = len(index)
@@ -487,14 +488,18 @@ def _take(x: torch.Tensor, axis: int, index: torch.Tensor, max_runs: int = 16,
     for position, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
         target = out.narrow(axis, start, end - start)
         part = index[start:end]
+        # with factors, the same products as multiplying after the Take, each run multiplied as it is copied
+        scale = None if factors is None else _along(factors[start:end], axis, x.dim())
+        if int(part[0]) >= 0 and not (position == 1 and scattered):
+            source = x.narrow(axis, int(part[0]), end - start)
+            target.copy_(source) if scale is None else torch.mul(source, scale, out=target)
+            continue
         if position == 1 and scattered:
             _gather_into(target, x, axis, part)
-        elif int(part[0]) < 0:
-            target.zero_()
         else:
-            target.copy_(x.narrow(axis, int(part[0]), end - start))
-    if factors is not None:  # the same products as multiplying after the Take
-        out.mul_(_along(factors, axis, x.dim()))
+            target.zero_()
+        if scale is not None:
+            target.mul_(scale)
     return out
 
 
