@@ -415,7 +415,10 @@ def _deep_copied(module: torch.fx.GraphModule, memo: dict) -> torch.fx.GraphModu
 def _names_as_copied(fx_graph: torch.fx.Graph) -> bool:
     """Name the nodes an edit adds as in a copy of ``fx_graph``: a copy's namespace holds only the names of the
     nodes it has (not those of nodes erased before, which a later node may then take), each numbered name
-    counted from the last of its stem in graph order. False (nothing changed) when a copy would rename a node."""
+    counted from the last of its stem in graph order. False (nothing changed) when a copy would rename a node,
+    or when this torch's fx keeps its names another way (the namespace is fx's own, not its API)."""
+    if not hasattr(fx_graph, "_graph_namespace") or not hasattr(torch.fx.graph, "_Namespace"):
+        return False
     namespace = torch.fx.graph._Namespace()
     nodes = list(fx_graph.nodes)
     for node in [*(n for n in nodes if n.op != "output"), *(n for n in nodes if n.op == "output")]:
