@@ -123,8 +123,9 @@ class Graph:
         if not self.in_place or not _names_as_copied(self.module.graph):
             return self.module_copy(memo)
         self.in_place = False
-        if memo:
-            _replace_tensors(self.module, memo)
+        replaced = {key: tensor for key, tensor in (memo or {}).items() if id(tensor) != key}  # not kept as is
+        if replaced:
+            _replace_tensors(self.module, replaced)
         return self.module
 
     def with_module(self, module: torch.fx.GraphModule, lineage: Lineage | None = None,

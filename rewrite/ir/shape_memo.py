@@ -58,8 +58,9 @@ class ShapeMemo:
         signature = self._signatures[node] = self._signature(node, lambda i: _value_key(inputs[i]))
         if signature is _NONE:
             return None
-        known = self._known.setdefault(self._kind(node), {})
-        pending = self._pending.get(self._kind(node), ())
+        kind = self._kind(node)
+        known = self._known.setdefault(kind, {})
+        pending = self._pending.get(kind, ())
         while signature not in known and pending:
             recorded = pending.popleft()
             key = self._signature(recorded, lambda i: _metadata_key(self.snapshot.get(i)))

@@ -356,13 +356,14 @@ def _delete_unused_submodules(module: torch.fx.GraphModule) -> None:
                 called.add(node.target)
 
     def in_use(name: str) -> bool:
-        return name in used or any(name.startswith(f"{prefix}.") for prefix in _prefixes(name) if prefix in called)
+        return name in used or any(prefix in called for prefix in _prefixes(name))
 
     for name in [name for name, _ in module.named_modules() if name and not in_use(name)]:
         module.delete_submodule(name)
 
 
 def _prefixes(name: str):
+    """The modules ``name`` is under: ``a`` and ``a.b`` for ``a.b.c``."""
     parts = name.split(".")
     return (".".join(parts[:i]) for i in range(1, len(parts)))
 
