@@ -115,20 +115,17 @@ def floor(original, grown: dict) -> list:
 def draws(growth_map) -> list[int]:
     """How many normal draws each seeded op of the plan makes (noise on new units, redrawn copies, seeded
     fills): the one part of a growth the floor does not do, timed alone for reference."""
-    from rewrite.transform.growth_ops import Noise, Redraw, Take
+    from rewrite.transform.growth_ops import draw_counts
 
     counts = []
     for recipe in growth_map.recipes.values():
-        shape = list(recipe.start.shape if recipe.source is None else growth_map.original[recipe.source][0])
-        if recipe.source is None and recipe.start.kind == "normal":
-            counts.append(math.prod(shape))
-        for op in recipe.ops:
-            if isinstance(op, Take):
-                shape[op.axis] = len(op.index)
-            elif isinstance(op, Redraw):
+        if recipe.source is None:
+            shape = recipe.start.shape
+            if recipe.start.kind == "normal":
                 counts.append(math.prod(shape))
-            elif isinstance(op, Noise):
-                counts.append(math.prod(shape) // shape[op.axis] * len(op.positions))
+        else:
+            shape = growth_map.original[recipe.source][0]
+        counts += draw_counts(recipe.ops, shape)
     return counts
 
 

@@ -6,6 +6,7 @@ building its tensors from the previous pass's. Both must give the same module, b
 policy and dtype, and the built-in passes must never need the weights to plan.
 """
 
+import math
 import re
 
 import pytest
@@ -416,3 +417,43 @@ def test_property_two_passes_composed_give_the_bits_of_running_them_one_after_an
     in_float32 = run_ops(x.float(), composed(torch.float32, tuple(a), tuple(b))).to(dtype)
     torch.testing.assert_close(run_ops(x, composed(torch.float32, tuple(a), tuple(b))), in_float32,
                                rtol=0, atol=0, equal_nan=True)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_property_draw_counts_are_the_normal_values_the_ops_draw(data):
+    """``draw_counts`` (what a build's order and the benchmarks count) is how many normal values ``run_ops``
+    draws, op by op, for two passes of noise, Takes, scalings and redraws."""
+    from rewrite.transform import growth_ops
+
+    start = data.draw(st.lists(st.integers(1, 5), min_size=1, max_size=3))
+    a, middle = data.draw(a_pass(start))
+    b, end = data.draw(a_pass(middle))
+    axis = data.draw(st.integers(0, len(end) - 1))
+    positions = data.draw(st.lists(st.integers(0, end[axis] - 1), min_size=1, unique=True))
+    some = rewrite.Noise(axis, torch.tensor(sorted(positions)), seed=5, relative=0.1)  # noise on some units
+    ops = (*growth_ops.composed(torch.float32, tuple(a), tuple(b)), some)
+    drawn, randn = [], torch.randn
+
+    def counting(shape, *args, **kwargs):
+        drawn.append(math.prod(shape))
+        return randn(shape, *args, **kwargs)
+
+    x = torch.randn(start, generator=torch.Generator().manual_seed(1))
+    torch.randn = counting
+    try:
+        growth_ops.run_ops(x, ops)
+    finally:
+        torch.randn = randn
+    assert sum(drawn) == sum(growth_ops.draw_counts(ops, tuple(start)))
+    seeded = [op for op in ops if isinstance(op, (rewrite.Noise, growth_ops.Redraw))]
+    assert len(growth_ops.draw_counts(ops, tuple(start))) == len(seeded)
+
+
+def test_a_build_starts_its_longest_tensors_and_keeps_the_others_in_order(monkeypatch):
+    from rewrite.transform import materialise
+
+    monkeypatch.setattr(materialise, "workers", lambda: 2)
+    costs = [5, 1, 1, 90, 1, 200, 3, 1]  # a worker's share is 151: longer than 151 / 8 are f and d
+    assert materialise._longest_first(list("abcdefgh"), costs) == list("fdabcegh")
+    assert materialise._longest_first(list("abc"), [1, 1, 1]) == list("abc")

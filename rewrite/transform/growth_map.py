@@ -15,11 +15,13 @@ through JSON (noise as seeds, indices as runs).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import torch
 
-from rewrite.transform.growth_ops import Fill, Op, Take, composed, op_from_dict, run_dual, run_ops
+from rewrite.transform.growth_ops import (DRAW_COST, Fill, Op, Take, composed, op_from_dict, run_dual, run_ops,
+                                          work)
 
 # -- recipes and maps ----------------------------------------------------------------------------------------
 KEPT, COPY, NEW = "kept", "copy", "new"
@@ -136,6 +138,15 @@ class GrowthMap:
             if not persistent_only or self.recipes[name].persistent:
                 out.append(alias)
         return out
+
+    def work(self, name: str) -> int:
+        """About what making the grown tensor ``name`` costs, in values written (``growth_ops.work``; a fill's
+        normal draw included): what a build orders its tensors by, longest first."""
+        recipe = self.recipes[self.canonical(name)]
+        if recipe.source is None:
+            start = recipe.start
+            return work(recipe.ops, start.shape) + (DRAW_COST * math.prod(start.shape) if start.kind == "normal" else 0)
+        return work(recipe.ops, self.original.get(recipe.source, (recipe.shape,))[0])
 
     def make(self, name: str, tensors: dict[str, torch.Tensor], kind: str = "weight") -> torch.Tensor:
         """The grown tensor ``name`` from the original's ``tensors`` (a state dict, or gradients, or one optimizer

@@ -96,6 +96,7 @@ def materialise(planned: Graph, original: Graph, meanwhile: Callable[[], object]
             raise NeedsWeights(f"the planned graph has a tensor {name} its growth map does not make")
         if recipe.source is not None and recipe.source not in sources:
             raise NeedsWeights(f"the growth map reads {recipe.source}, which the traced model does not have")
+    todo = _longest_first(todo, [growth.work(name) for name, _ in todo])
 
     def make(item):
         name = item[0]
@@ -121,6 +122,18 @@ def materialise(planned: Graph, original: Graph, meanwhile: Callable[[], object]
                 if tensor is not None and id(tensor) in made:
                     store[key] = made[id(tensor)]
     return original.with_module(module, planned.lineage)
+
+
+def _longest_first(todo: list, costs: list[int], share: int = 8) -> list:
+    """``todo`` with its longest tensors first (those that cost more than ``1 / share`` of a worker's share of
+    the whole), the rest in their order. A long tensor left for last (an output head's noise) would keep one
+    worker busy alone at the end; among the others, module order mixes draws (bound by the processor) with
+    copies (bound by memory) and large tensors with small ones (bound by the interpreter), which two workers
+    overlap better than the same kind at once."""
+    limit = sum(costs) / (share * workers())
+    long = sorted((i for i, cost in enumerate(costs) if cost > limit), key=lambda i: -costs[i])
+    rest = [i for i, cost in enumerate(costs) if cost <= limit]
+    return [todo[i] for i in (*long, *rest)]
 
 
 def return_freed_memory() -> None:
