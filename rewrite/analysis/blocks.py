@@ -69,14 +69,24 @@ class Owners:
     def __init__(self, graph):
         self.nodes = list(graph.module.graph.nodes)
         self.names = [graph.owner(node) for node in self.nodes]
-        self.spans: dict[str, tuple[int, int]] = {}
+        owned: dict[str, tuple[int, int]] = {}  # each owner's first and last node, then each module's
         for i, (node, name) in enumerate(zip(self.nodes, self.names)):
-            if node.op == "get_attr" or not name:
-                continue
-            parts = name.split(".")
-            for end in range(1, len(parts) + 1):
-                module = ".".join(parts[:end])
-                self.spans[module] = (self.spans.get(module, (i, i))[0], i)
+            if node.op != "get_attr" and name:
+                owned[name] = (owned.get(name, (i, i))[0], i)
+        self.spans: dict[str, tuple[int, int]] = {}
+        for name, (first, last) in owned.items():
+            for module in _prefixes_of(name):
+                span = self.spans.get(module)
+                self.spans[module] = (first, last) if span is None else (min(span[0], first), max(span[1], last))
+
+
+def _prefixes_of(name: str):
+    """``a.b.c`` -> ``a``, ``a.b``, ``a.b.c``."""
+    dot = name.find(".")
+    while dot >= 0:
+        yield name[:dot]
+        dot = name.find(".", dot + 1)
+    yield name
 
 
 def owned_by(graph, prefix: str, owners: Owners | None = None) -> list[torch.fx.Node]:

@@ -301,7 +301,7 @@ class Graph:
             return str(node.target).rpartition(".")[0]
         stack = node.meta.get("nn_module_stack")
         if stack:
-            path = list(stack.values())[-1][0]
+            path = next(reversed(stack.values()))[0]
             return "" if path.startswith("_empty_nn_module_stack") else path
         return ""
 

@@ -52,6 +52,9 @@ class Editor:
         # what the edit touched, so that on meta only those nodes' shapes are computed again (``finish``)
         self._touched: set[torch.fx.Node] = set()
         self._reshaped = False  # a tensor was replaced by one of another shape: every reader may change
+        # identity -> where the module tree holds it (every tied name): found once, kept up to date by replacing,
+        # found again after the Editor adds holders (copies, new parameters) or removes them (erase)
+        self._holders: dict[int, list[tuple[dict, str]]] | None = None
 
     # -- nodes -------------------------------------------------------------------------------------
     def node(self, name: str) -> torch.fx.Node:
@@ -121,11 +124,13 @@ class Editor:
             new.meta = dict(node.meta)
             if new.op == "call_module":
                 new.target = moved(str(new.target), moves)
-            _rename_meta(new, moves)
+            if moves:
+                _rename_meta(new, lambda path: moved(path, moves))
             mapping[node] = new
         return mapping
 
     def _copy_tensor(self, old: str, new: str, clones: dict) -> None:
+        self._holders = None
         tensor = self.tensor(old)
         if id(tensor) not in clones:
             clone = tensor.detach().clone()
@@ -150,6 +155,7 @@ class Editor:
         self.copied[new] = old
 
     def _copy_submodule(self, old: str, new: str, clones: dict) -> None:
+        self._holders = None
         parent, _, leaf = new.rpartition(".")
         holder = self._module_at(parent)
         if hasattr(holder, leaf):
@@ -200,6 +206,7 @@ class Editor:
                     parent, _, leaf = str(node.target).rpartition(".")
                     delattr(self.module.get_submodule(parent) if parent else self.module, leaf)
         _delete_unused_submodules(self.module)
+        self._holders = None
 
     def renumber(self, stack: str, start: int, shift: int) -> None:
         """Move the modules ``stack.j`` (j >= start) to ``stack.(j+shift)``, in the module tree, in the
@@ -219,10 +226,19 @@ class Editor:
         # tensors copied earlier in this edit live under the moved modules now (their sources are the
         # traced model's, which do not move)
         self.copied = {moved(new, moves): old for new, old in self.copied.items()}
+        prefix = f"{stack}."  # the moved modules are this stack's children
+
+        def renamed(path: str) -> str:  # a moved module is the path's first part after the stack's
+            if not path.startswith(prefix):
+                return path
+            end = path.find(".", len(prefix))
+            block = path if end < 0 else path[:end]
+            return path if block not in moves else moves[block] + path[len(block):]
+
         for node in self.fx.nodes:
             if node.op in ("call_module", "get_attr"):
-                node.target = moved(str(node.target), moves)
-            _rename_meta(node, moves)
+                node.target = renamed(str(node.target))
+            _rename_meta(node, renamed)
 
     # -- tensors -----------------------------------------------------------------------------------
     def tensor(self, name: str) -> torch.Tensor:
@@ -262,6 +278,7 @@ class Editor:
         return self._add(name, value, Recipe(None, role=NEW, start=fill))
 
     def _add(self, name: str, value: torch.Tensor, recipe: Recipe) -> str:
+        self._holders = None
         parent, _, leaf = name.rpartition(".")
         holder = self._module_at(parent)
         if hasattr(holder, leaf):
@@ -277,12 +294,23 @@ class Editor:
         value = value.to("meta") if self._meta else value
         if isinstance(old, torch.nn.Parameter):
             value = torch.nn.Parameter(value.detach(), old.requires_grad)
-        holders = [(store, key) for module in self.module.modules()  # every name tied to it
-                   for store in (module._parameters, module._buffers) for key, tensor in store.items()
-                   if tensor is old]
-        for store, key in holders:
+        holders = [(store, key) for store, key in self._holders_of(old) if store.get(key) is old]
+        for store, key in holders:  # every name tied to it
             store[key] = value
+        self._holders.pop(id(old), None)
+        self._holders[id(value)] = holders
         self._record(value, recipe)
+
+    def _holders_of(self, tensor: torch.Tensor) -> list[tuple[dict, str]]:
+        """(store, key) of every parameter or buffer slot of the module tree that holds ``tensor``."""
+        if self._holders is None:
+            self._holders = {}
+            for module in self.module.modules():
+                for store in (module._parameters, module._buffers):
+                    for key, held in store.items():
+                        if held is not None:
+                            self._holders.setdefault(id(held), []).append((store, key))
+        return self._holders.get(id(tensor), [])
 
     def _record(self, tensor: torch.Tensor, recipe: Recipe) -> None:
         self._made[id(tensor)] = (tensor, recipe)  # the tensor is kept alive, so its identity stays its own
@@ -368,15 +396,18 @@ def _prefixes(name: str):
     return (".".join(parts[:i]) for i in range(1, len(parts)))
 
 
-def _rename_meta(node: torch.fx.Node, moves: dict[str, str]) -> None:
-    """The module paths in a node's owner metadata, after the modules in ``moves`` were moved."""
+def _rename_meta(node: torch.fx.Node, rename: Callable[[str], str]) -> None:
+    """The module paths in a node's owner metadata, each after ``rename``. The metadata is replaced, never
+    edited: a copied node shares it with its original."""
     stack = node.meta.get("nn_module_stack")
-    if not stack or not moves:
+    if not stack:
         return
-    renamed: dict[str, Any] = {}
+    renamed: dict[str, Any] | None = None
     for key, value in stack.items():
         path = value[0] if isinstance(value, tuple) else value
-        if isinstance(path, str):
-            value = (moved(path, moves), *value[1:]) if isinstance(value, tuple) else moved(path, moves)
-        renamed[key] = value
-    node.meta["nn_module_stack"] = renamed
+        if not isinstance(path, str) or (new := rename(path)) == path:
+            continue
+        renamed = renamed if renamed is not None else dict(stack)
+        renamed[key] = (new, *value[1:]) if isinstance(value, tuple) else new
+    if renamed is not None:
+        node.meta["nn_module_stack"] = renamed
