@@ -457,3 +457,87 @@ def test_a_build_starts_its_longest_tensors_and_keeps_the_others_in_order(monkey
     costs = [5, 1, 1, 90, 1, 200, 3, 1]  # a worker's share is 151: longer than 151 / 8 are f and d
     assert materialise._longest_first(list("abcdefgh"), costs) == list("fdabcegh")
     assert materialise._longest_first(list("abc"), [1, 1, 1]) == list("abc")
+
+
+@st.composite
+def op_chains(draw):
+    """A shape and a chain of ops on it: Takes (kept units first, or not), noise on some units, splits,
+    scalings, now and then a redraw or a pass's end; rows of up to 40 values, so vector loops have tails."""
+    from rewrite.transform.growth_ops import PassEnd, Redraw
+
+    start = [draw(st.integers(1, 5)) for _ in range(draw(st.integers(0, 2)))] + [draw(st.integers(1, 40))]
+    shape, ops, seed = list(start), [], draw(st.integers(0, 10**6))
+    for k in range(draw(st.integers(1, 6))):
+        axis = draw(st.integers(0, len(shape) - 1))
+        kind = draw(st.sampled_from(["take", "take", "take", "noise", "split", "scale", "redraw", "end"]))
+        n = shape[axis]
+        if kind == "take":
+            extra = draw(st.integers(0, 4))
+            new = draw(st.lists(st.integers(-1, n - 1), min_size=extra, max_size=extra))
+            kept = list(range(n)) if draw(st.integers(0, 4)) else draw(st.permutations(range(n)))
+            ops.append(rewrite.Take(axis, torch.tensor(kept + new, dtype=torch.long), torch.arange(n), "copy"))
+            shape[axis] = n + extra
+        elif kind == "noise":
+            positions = sorted(draw(st.sets(st.integers(0, n - 1), min_size=1)))
+            ops.append(rewrite.Noise(axis, torch.tensor(positions), seed + k, 0.3))
+        elif kind == "split":
+            divisors = draw(st.lists(st.integers(1, 4), min_size=n, max_size=n))
+            ops.append(rewrite.Split(axis, torch.tensor(divisors)))
+        elif kind == "scale":
+            ops.append(rewrite.Scale(draw(st.sampled_from([0.0, 0.5, 3.0])), draw(st.sampled_from([0.0, 1.0])),
+                                     axis, torch.arange(n) if draw(st.booleans()) else None))
+        elif kind == "redraw":
+            ops.append(Redraw(seed + k))
+        else:
+            ops.append(PassEnd(None))
+    return start, ops
+
+
+@st.composite
+def take_then_take(draw):
+    """The chain the leading slice is for: a Take, in-place ops (noise, a split, a scaling, or a zeroing that
+    rules it out), a second Take that keeps every position first, then noise scaled by the tensor between."""
+    start = [draw(st.integers(1, 9)), draw(st.integers(1, 40))]
+    shape, seed = list(start), draw(st.integers(0, 10**6))
+
+    def take(axis):
+        n, extra = shape[axis], draw(st.integers(1, 4))
+        new = draw(st.lists(st.integers(-1, n - 1), min_size=extra, max_size=extra))
+        shape[axis] = n + extra
+        return rewrite.Take(axis, torch.tensor(list(range(n)) + new, dtype=torch.long), torch.arange(n), "copy")
+
+    def in_place(axis):
+        n = shape[axis]
+        return draw(st.sampled_from([
+            rewrite.Noise(axis, torch.arange(n - 1, n), seed, 0.3),
+            rewrite.Split(axis, torch.tensor(draw(st.lists(st.integers(1, 4), min_size=n, max_size=n)))),
+            rewrite.Scale(0.5, 1.0, axis, torch.arange(n)),
+            rewrite.Scale(0.0, 0.0, None, None)]))
+
+    first = draw(st.integers(0, 1))
+    ops = [take(first)]
+    ops += [in_place(first) for _ in range(draw(st.integers(0, 2)))]
+    second = draw(st.integers(0, 1))
+    ops.append(take(second))
+    ops.append(rewrite.Noise(second, torch.arange(shape[second]), seed + 1, 0.2))
+    return start, ops
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.one_of(op_chains(), take_then_take()), st.sampled_from([torch.float32, torch.float64, torch.bfloat16]))
+def test_property_a_take_written_into_the_next_takes_leading_slice_gives_the_bits_of_its_own_tensor(chain, dtype):
+    """``run_ops`` writes a Take's result straight into the leading slice of a later Take's (kept units first,
+    only in-place ops between): the bits of making each Take's tensor on its own, for any chain of ops."""
+    from rewrite.transform import growth_ops
+
+    start, ops = chain
+    x = torch.randn(start, generator=torch.Generator().manual_seed(2)).to(dtype)
+    made = growth_ops.run_ops(x, ops)
+    into = growth_ops._into_next_take
+    growth_ops._into_next_take = lambda *args: (None, None)
+    try:
+        alone = growth_ops.run_ops(x, ops)
+    finally:
+        growth_ops._into_next_take = into
+    assert made.dtype == alone.dtype and made.shape == alone.shape
+    torch.testing.assert_close(made, alone, rtol=0, atol=0, equal_nan=True)

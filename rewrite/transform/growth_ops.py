@@ -296,6 +296,7 @@ def run_ops(tensor: torch.Tensor, ops: tuple[Op, ...] | list[Op]) -> torch.Tenso
     reference = x
     fresh = False
     low = _low_precision(x.dtype)
+    pending = None  # (a later Take, the tensor it makes): the tensor until then is written into its leading slice
     ops = list(ops)
     with torch.no_grad():
         i = 0
@@ -315,12 +316,19 @@ def run_ops(tensor: torch.Tensor, ops: tuple[Op, ...] | list[Op]) -> torch.Tenso
                     takes.append(ops[i])
                     i += 1
                 together = _take_together(x, takes) if len(takes) > 1 else None
-                if len(takes) == 1 and i < len(ops) and isinstance(ops[i], Split) and ops[i].axis == op.axis:
+                if pending is not None and op is pending[0]:  # x is the leading slice of this Take's result
+                    reference, x = x, _take(x, op.axis, op.index, out=pending[1], done=x.shape[op.axis])
+                    pending = None
+                elif len(takes) == 1 and i < len(ops) and isinstance(ops[i], Split) and ops[i].axis == op.axis:
                     # the Split's division made as the Take writes each entry: one pass over the grown tensor,
                     # not two (the same products, in float32 for a bfloat16/float16 tensor as below)
                     factors = ops[i].divisors.to(torch.float32 if low else x.dtype).reciprocal()
-                    reference, x = x, _take(x, op.axis, op.index, factors=factors)
                     i += 1
+                    pending, into = _into_next_take(x, [op], ops, i) if not low else (None, None)
+                    reference, x = x, _take(x, op.axis, op.index, factors=factors, out=into)
+                elif len(takes) == 1 and not low:
+                    pending, into = _into_next_take(x, takes, ops, i)
+                    reference, x = x, _take(x, op.axis, op.index, out=into)
                 elif together is None:
                     for take in takes:
                         reference, x = x, _take(x, take.axis, take.index)
@@ -425,6 +433,35 @@ def working_bytes(ops: tuple[Op, ...] | list[Op], shape: tuple[int, ...], dtype:
     return (start + math.prod(shape)) * size + extra
 
 
+def _into_next_take(x: torch.Tensor, takes: list[Take], ops: list[Op], start: int):
+    """Where the Takes ``takes`` (on ``x``, ops up to ``ops[start]``) can write their result: ``(None, None)``
+    to a tensor of their own; else ``((later, result), slice)`` when the ops after them only edit it in place
+    (noise, splits, scalings) up to a ``later`` Take, alone, that keeps every position first, in order (its
+    index starts ``0, 1, .., n - 1``), so what they make is ``later``'s leading slice: written there, ``later``
+    fills only its new positions, and the tensor in between is never written on its own. A float32 or float64
+    tensor only (a bfloat16 one computes in a float32 copy), and not into a Take made together with the op
+    after it (another Take, or a Split on its axis, multiplied as it is copied)."""
+    shape = list(x.shape)
+    for take in takes:
+        shape[take.axis] = len(take.index)
+    for at in range(start, len(ops)):
+        op = ops[at]
+        if isinstance(op, Take):
+            after = ops[at + 1] if at + 1 < len(ops) else None
+            kept = shape[op.axis]
+            if (isinstance(after, Take) or isinstance(after, Split) and after.axis == op.axis or len(op.index) <= kept
+                    or not torch.equal(op.index[:kept], torch.arange(kept, dtype=op.index.dtype))):
+                return None, None
+            result = list(shape)
+            result[op.axis] = len(op.index)
+            made = torch.empty(result, dtype=x.dtype, device=x.device)
+            return (op, made), made.narrow(op.axis, 0, kept)
+        if not isinstance(op, (Noise, Split, Scale)) or (
+                isinstance(op, Scale) and op.factor == 0 and op.offset == 0 and op.positions is None):
+            return None, None  # a redraw or a zeroing makes a new tensor; a pass's end rounds or copies
+    return None, None
+
+
 def _noise_ahead(ops, start: int) -> bool:
     """Whether noise comes at or after ``ops[start]`` in the same pass (before a :class:`PassEnd`)."""
     for op in ops[start:]:
@@ -502,22 +539,27 @@ def _region(x: torch.Tensor, axis: int | None, positions: torch.Tensor | None):
 
 
 def _take(x: torch.Tensor, axis: int, index: torch.Tensor, max_runs: int = 16,
-          factors: torch.Tensor | None = None) -> torch.Tensor:
+          factors: torch.Tensor | None = None, out: torch.Tensor | None = None, done: int = 0) -> torch.Tensor:
     """``x.index_select(axis, index)`` with zeros where ``index`` is -1, allocated once and filled by slices
     where the index runs consecutively (kept units are one run, uniform clones whole blocks); a scattered
     remainder (a random replication map) is gathered after the leading run, straight into its place. With
     ``factors`` (one per new position, of the dtype to compute in), the result times ``factors`` along ``axis``:
-    a run is multiplied as it is copied, a gathered remainder once it is in place.
+    a run is multiplied as it is copied, a gathered remainder once it is in place. ``out``: the result's
+    tensor, given; ``done``: its first positions along ``axis`` already hold their values (``x`` may be that
+    slice of ``out`` itself: ``index`` starts ``0, 1, .., done - 1``, the leading run).
     """
     shape = list(x.shape)
     shape[axis] = len(index)
-    out = torch.empty(shape, dtype=x.dtype if factors is None else factors.dtype, device=x.device)
+    if out is None:
+        out = torch.empty(shape, dtype=x.dtype if factors is None else factors.dtype, device=x.device)
     starts = _run_starts(index)
     scattered = len(starts) > max_runs
     if scattered:
         starts = starts[:2]  # the leading run by slices, the rest gathered at once
     bounds = starts + [len(index)]
     for position, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        if end <= done:
+            continue
         target = out.narrow(axis, start, end - start)
         part = index[start:end]
         # with factors, the same products as multiplying after the Take, each run multiplied as it is copied
@@ -607,7 +649,10 @@ def _pieces(target: torch.Tensor, seed: int):
 
 def _std(like: torch.Tensor) -> float:
     """The scale noise is drawn at: the std of (a sample of) ``like``; 1 where that is not a positive number."""
-    sample = like.detach().reshape(-1)[:65536].float()
+    like = like.detach()
+    if like.dim() > 1 and not like.is_contiguous():  # a slice of a larger tensor: flatten only its first rows
+        like = like.narrow(0, 0, min(like.shape[0], -(-65536 // max(like[0].numel(), 1))))
+    sample = like.reshape(-1)[:65536].float()
     scale = float(sample.std()) if sample.numel() > 1 else float(sample.abs().mean()) if sample.numel() else 1.0
     return scale if math.isfinite(scale) and scale > 0 else 1.0
 
