@@ -110,7 +110,9 @@ def against_floor(results: list[dict]) -> dict:
 
 
 def measured(command: list[str]) -> dict:
-    """Run ``command`` to completion: wall seconds and the peak resident memory of its process."""
+    """Run ``command`` to completion: wall seconds and the peak resident memory of its process. The peak
+    (``ru_maxrss``) counts the memory of this process at the fork too: call it from a process that holds
+    little."""
     start = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                env=dict(os.environ, OMP_NUM_THREADS="2"))

@@ -26,7 +26,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from measure import measured_rounds, save
+from measure import in_fresh_process, measured_rounds, save
 
 RESULTS = Path(__file__).resolve().parent / "results" / "mergekit"
 REPO = Path(__file__).resolve().parent.parent
@@ -51,6 +51,10 @@ def source_folder(work: Path) -> Path:
         plain.load_state_dict(source.model.state_dict())
         save_huggingface(plain, folder, source.tokenizer, replace=True, dtype=torch.float32)
     return folder
+
+
+def _write_source_folder(work: Path, queue) -> None:
+    queue.put(str(source_folder(work)))
 
 
 def mergekit_config(folder: Path) -> str:
@@ -94,7 +98,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     options = parser.parse_args()
     options.work.mkdir(parents=True, exist_ok=True)
-    folder = source_folder(options.work)
+    # written by a child: a command's peak (ru_maxrss) starts from the memory of the process it was forked
+    # from, so this one must not have held the model
+    folder = Path(in_fresh_process(_write_source_folder, options.work))
     (options.work / "llama-pro.yml").write_text(mergekit_config(folder))
     growfx = [str(Path(sys.executable).with_name("growfx")), "grow", str(folder), "--pass", PLAN, "--force"]
     commands = {
