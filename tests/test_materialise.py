@@ -496,7 +496,8 @@ def op_chains(draw):
 @st.composite
 def take_then_take(draw):
     """The chain the leading slice is for: a Take, in-place ops (noise, a split, a scaling, or a zeroing that
-    rules it out), a second Take that keeps every position first, then noise scaled by the tensor between."""
+    rules it out), a second Take that keeps every position first, maybe ops that change all of its result,
+    then noise scaled by the tensor between the Takes (as it was before those ops)."""
     start = [draw(st.integers(1, 9)), draw(st.integers(1, 40))]
     shape, seed = list(start), draw(st.integers(0, 10**6))
 
@@ -510,6 +511,7 @@ def take_then_take(draw):
         n = shape[axis]
         return draw(st.sampled_from([
             rewrite.Noise(axis, torch.arange(n - 1, n), seed, 0.3),
+            rewrite.Noise(axis, torch.arange(n), seed + 2, 0.3),
             rewrite.Split(axis, torch.tensor(draw(st.lists(st.integers(1, 4), min_size=n, max_size=n)))),
             rewrite.Scale(0.5, 1.0, axis, torch.arange(n)),
             rewrite.Scale(0.0, 0.0, None, None)]))
@@ -519,6 +521,8 @@ def take_then_take(draw):
     ops += [in_place(first) for _ in range(draw(st.integers(0, 2)))]
     second = draw(st.integers(0, 1))
     ops.append(take(second))
+    after = draw(st.integers(0, 1))  # ops on the result that change its leading slice before the noise reads it
+    ops += [in_place(after), rewrite.Scale(2.0, 0.0, None, None)][:draw(st.integers(0, 2))]
     ops.append(rewrite.Noise(second, torch.arange(shape[second]), seed + 1, 0.2))
     return start, ops
 

@@ -317,7 +317,9 @@ def run_ops(tensor: torch.Tensor, ops: tuple[Op, ...] | list[Op]) -> torch.Tenso
                     i += 1
                 together = _take_together(x, takes) if len(takes) > 1 else None
                 if pending is not None and op is pending[0]:  # x is the leading slice of this Take's result
-                    reference, x = x, _take(x, op.axis, op.index, out=pending[1], done=x.shape[op.axis])
+                    # later noise is scaled by x as it is now, which ops on the result may change: its sample
+                    reference, x = _sample(x).clone(), _take(x, op.axis, op.index, out=pending[1],
+                                                             done=x.shape[op.axis])
                     pending = None
                 elif len(takes) == 1 and i < len(ops) and isinstance(ops[i], Split) and ops[i].axis == op.axis:
                     # the Split's division made as the Take writes each entry: one pass over the grown tensor,
@@ -647,12 +649,17 @@ def _pieces(target: torch.Tensor, seed: int):
         yield target.narrow(0, start, end - start), generator
 
 
-def _std(like: torch.Tensor) -> float:
-    """The scale noise is drawn at: the std of (a sample of) ``like``; 1 where that is not a positive number."""
+def _sample(like: torch.Tensor, size: int = 65536) -> torch.Tensor:
+    """The first ``size`` values of ``like`` in order, flattened: what noise's scale is computed from."""
     like = like.detach()
     if like.dim() > 1 and not like.is_contiguous():  # a slice of a larger tensor: flatten only its first rows
-        like = like.narrow(0, 0, min(like.shape[0], -(-65536 // max(like[0].numel(), 1))))
-    sample = like.reshape(-1)[:65536].float()
+        like = like.narrow(0, 0, min(like.shape[0], -(-size // max(like[0].numel(), 1))))
+    return like.reshape(-1)[:size]
+
+
+def _std(like: torch.Tensor) -> float:
+    """The scale noise is drawn at: the std of (a sample of) ``like``; 1 where that is not a positive number."""
+    sample = _sample(like).float()
     scale = float(sample.std()) if sample.numel() > 1 else float(sample.abs().mean()) if sample.numel() else 1.0
     return scale if math.isfinite(scale) and scale > 0 else 1.0
 
