@@ -36,7 +36,6 @@ Writes ``benchmarks/results/grow_matrix/results.json`` and ``results.md``.
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import time
 from pathlib import Path
@@ -115,18 +114,7 @@ def floor(original, grown: dict) -> list:
 def draws(growth_map) -> list[int]:
     """How many normal draws each seeded op of the plan makes (noise on new units, redrawn copies, seeded
     fills): the one part of a growth the floor does not do, timed alone for reference."""
-    from rewrite.transform.growth_ops import draw_counts
-
-    counts = []
-    for recipe in growth_map.recipes.values():
-        if recipe.source is None:
-            shape = recipe.start.shape
-            if recipe.start.kind == "normal":
-                counts.append(math.prod(shape))
-        else:
-            shape = growth_map.original[recipe.source][0]
-        counts += draw_counts(recipe.ops, shape)
-    return counts
+    return [count for name in growth_map.recipes for count in growth_map.draw_counts(name)]
 
 
 def draw_time(counts: list[int]) -> float:

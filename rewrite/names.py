@@ -13,17 +13,19 @@ def under(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + ".")
 
 
+def prefixes(name: str):
+    """The modules on the path of ``name``, outermost first, ``name`` last: ``a``, ``a.b``, ``a.b.c``."""
+    dot = name.find(".")
+    while dot >= 0:
+        yield name[:dot]
+        dot = name.find(".", dot + 1)
+    yield name
+
+
 def moved(name: str, moves: dict[str, str]) -> str:
     """``name`` after the modules in ``moves`` (old prefix -> new prefix) were moved: the first that holds it.
-    The modules holding ``name`` are its dotted prefixes, each looked up once (renumbering a stack moves every
-    block after the insertion, and every node's paths go through here)."""
-    held, dot = [], -1
-    while True:
-        dot = name.find(".", dot + 1)
-        if (prefix := name if dot < 0 else name[:dot]) in moves:
-            held.append(prefix)
-        if dot < 0:
-            break
+    The modules holding ``name`` are its dotted prefixes, each looked up once."""
+    held = [prefix for prefix in prefixes(name) if prefix in moves]
     if not held:
         return name
     old = held[0] if len(held) == 1 else min(held, key=list(moves).index)

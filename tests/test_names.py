@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rewrite.names import moved, under
+from rewrite.names import moved, prefixes, under
 
 _NAMES = st.lists(st.sampled_from(["model", "layers", "0", "1", "10", "mlp", ""]), min_size=1, max_size=4).map(".".join)
 
@@ -25,3 +25,11 @@ def test_renumbering_moves_each_block_and_what_is_inside_it_but_not_a_longer_num
     assert moved("model.layers.2", moves) == "model.layers.4"
     assert moved("model.layers.10.mlp", moves) == "model.layers.10.mlp"
     assert moved("model.layers", moves) == "model.layers"
+
+
+@settings(max_examples=300, deadline=None)
+@given(_NAMES)
+def test_property_the_prefixes_of_a_name_are_the_modules_it_is_under_outermost_first(name):
+    parts = name.split(".")
+    assert list(prefixes(name)) == [".".join(parts[:end]) for end in range(1, len(parts) + 1)]
+    assert all(under(name, prefix) for prefix in prefixes(name))

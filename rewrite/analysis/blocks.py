@@ -26,7 +26,7 @@ import torch.fx
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from rewrite.errors import GrowthError
-from rewrite.names import under
+from rewrite.names import prefixes, under
 from rewrite.ops import HOMOGENEOUS, HOMOGENEOUS_REDUCTIONS, TRANSPARENT, WEIGHTED, canonical_kind, offset_parameter, operand
 
 _NUMBERED = re.compile(r"^(.*)\.(\d+)$")
@@ -75,18 +75,9 @@ class Owners:
                 owned[name] = (owned.get(name, (i, i))[0], i)
         self.spans: dict[str, tuple[int, int]] = {}
         for name, (first, last) in owned.items():
-            for module in _prefixes_of(name):
+            for module in prefixes(name):
                 span = self.spans.get(module)
                 self.spans[module] = (first, last) if span is None else (min(span[0], first), max(span[1], last))
-
-
-def _prefixes_of(name: str):
-    """``a.b.c`` -> ``a``, ``a.b``, ``a.b.c``."""
-    dot = name.find(".")
-    while dot >= 0:
-        yield name[:dot]
-        dot = name.find(".", dot + 1)
-    yield name
 
 
 def owned_by(graph, prefix: str, owners: Owners | None = None) -> list[torch.fx.Node]:
@@ -122,9 +113,8 @@ def numbered_modules(graph) -> dict[str, list[int]]:
     """Candidate layer stacks: for each ``stack`` with numbered modules ``stack.i`` owning nodes, the indices."""
     members: dict[str, set[int]] = defaultdict(set)
     for node in graph.module.graph.nodes:
-        parts = graph.owner(node).split(".")
-        for end in range(1, len(parts) + 1):
-            match = _NUMBERED.match(".".join(parts[:end]))
+        for module in prefixes(graph.owner(node)):
+            match = _NUMBERED.match(module)
             if match:
                 members[match.group(1)].add(int(match.group(2)))
                 break

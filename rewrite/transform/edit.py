@@ -28,7 +28,7 @@ from rewrite.errors import GrowthError
 from rewrite.ir.graph import Graph, attribute
 from rewrite.ir.lazy_compile import compile_on_first_use
 from rewrite.ir.module_copy import copied
-from rewrite.names import moved, under
+from rewrite.names import moved, prefixes, under
 from rewrite.transform.growth_map import COPY, NEW, GrowthMap, Recipe, shapes_of, tensor_names
 from rewrite.transform.growth_ops import Fill, Op, Scale, run_ops
 from rewrite.transform.lineage import grown_lineage
@@ -378,22 +378,15 @@ def _delete_unused_submodules(module: torch.fx.GraphModule) -> None:
     used, called = set(), set()
     for node in module.graph.nodes:
         if node.op in ("call_module", "get_attr") and isinstance(node.target, str):
-            parts = node.target.split(".")
-            used.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+            used.update(prefixes(node.target))
             if node.op == "call_module" and node.target in every:
                 called.add(node.target)
 
-    def in_use(name: str) -> bool:
-        return name in used or any(prefix in called for prefix in _prefixes(name))
+    def in_use(name: str) -> bool:  # a called module is used too: the name itself needs no check of its own
+        return name in used or any(prefix in called for prefix in prefixes(name))
 
     for name in [name for name, _ in module.named_modules() if name and not in_use(name)]:
         module.delete_submodule(name)
-
-
-def _prefixes(name: str):
-    """The modules ``name`` is under: ``a`` and ``a.b`` for ``a.b.c``."""
-    parts = name.split(".")
-    return (".".join(parts[:i]) for i in range(1, len(parts)))
 
 
 def _rename_meta(node: torch.fx.Node, rename: Callable[[str], str]) -> None:

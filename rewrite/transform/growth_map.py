@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from rewrite.transform.growth_ops import (DRAW_COST, Fill, Op, Take, composed, op_from_dict, run_dual, run_ops,
-                                          work)
+from rewrite.transform.growth_ops import (DRAW_COST, Fill, Op, Take, composed, draw_counts, op_from_dict, run_dual,
+                                          run_ops, work)
 
 # -- recipes and maps ----------------------------------------------------------------------------------------
 KEPT, COPY, NEW = "kept", "copy", "new"
@@ -139,14 +139,26 @@ class GrowthMap:
                 out.append(alias)
         return out
 
+    def draw_counts(self, name: str) -> list[int]:
+        """How many normal values each seeded step making the grown tensor ``name`` draws (a fill, noise, a
+        redraw)."""
+        recipe = self.recipes[self.canonical(name)]
+        shape, filled = self._start(recipe)
+        return ([filled] if filled else []) + draw_counts(recipe.ops, shape)
+
     def work(self, name: str) -> int:
         """About what making the grown tensor ``name`` costs, in values written (``growth_ops.work``; a fill's
         normal draw included): what a build orders its tensors by, longest first."""
         recipe = self.recipes[self.canonical(name)]
+        shape, filled = self._start(recipe)
+        return work(recipe.ops, shape) + DRAW_COST * filled
+
+    def _start(self, recipe: Recipe) -> tuple[tuple[int, ...], int]:
+        """The shape a recipe's ops start from, and how many normal values its fill draws."""
         if recipe.source is None:
             start = recipe.start
-            return work(recipe.ops, start.shape) + (DRAW_COST * math.prod(start.shape) if start.kind == "normal" else 0)
-        return work(recipe.ops, self.original.get(recipe.source, (recipe.shape,))[0])
+            return start.shape, math.prod(start.shape) if start.kind == "normal" else 0
+        return self.original.get(recipe.source, (recipe.shape,))[0], 0
 
     def make(self, name: str, tensors: dict[str, torch.Tensor], kind: str = "weight") -> torch.Tensor:
         """The grown tensor ``name`` from the original's ``tensors`` (a state dict, or gradients, or one optimizer
