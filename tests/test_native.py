@@ -1,5 +1,7 @@
 """rewrite.to_native: a grown Hugging Face model back in its own class, and its save/load round trip."""
 
+import copy
+
 import pytest
 import torch
 from conftest import traced
@@ -295,3 +297,42 @@ def test_the_native_model_holds_the_grown_tensors_and_writing_it_in_another_dtyp
     assert reloaded.dtype == torch.bfloat16
     for key, tensor in reloaded.state_dict().items():
         assert torch.equal(tensor, grown.module.state_dict()[key].to(torch.bfloat16)), key
+
+
+@pytest.mark.parametrize("name", ["hf-llama", "hf-gpt2", "hf-bert", "hf-mixtral"])
+def test_parameters_on_meta_builds_the_class_s_buffers_and_ties_without_initialising_parameters(name, monkeypatch):
+    """The same parameter names, shapes, ties and computed buffers as a plain build; Hugging Face's init functions
+    never run on the meta parameters, and no parameter keeps the mark that skips them."""
+    import transformers.initialization as hf_init
+
+    from rewrite.io.native import parameters_on_meta
+
+    built, _ = traced(name)
+    cls, config = type(built.model), copy.deepcopy(built.model.config)
+    if name == "hf-llama":
+        config.tie_word_embeddings = True
+    plain = cls(config)
+    initialised = []
+    for function in ("normal_", "zeros_", "ones_", "uniform_", "constant_"):
+        real = hf_init.TORCH_INIT_FUNCTIONS[function]
+        monkeypatch.setitem(hf_init.TORCH_INIT_FUNCTIONS, function,
+                            lambda tensor, *a, _real=real, **k: (initialised.append(tensor), _real(tensor, *a, **k))[1])
+    with parameters_on_meta():
+        empty = cls(config)
+
+    def ties(module):
+        names = {}
+        for n, p in module.named_parameters(remove_duplicate=False):
+            names.setdefault(id(p), []).append(n)
+        return sorted(v for v in names.values() if len(v) > 1)
+
+    assert [(n, p.shape) for n, p in empty.named_parameters()] == [(n, p.shape) for n, p in plain.named_parameters()]
+    assert all(p.is_meta for p in empty.parameters())
+    assert ties(empty) == ties(plain)
+    assert bool(ties(plain)) == (name in ("hf-llama", "hf-gpt2"))
+    buffers = dict(plain.named_buffers())
+    assert buffers.keys() == dict(empty.named_buffers()).keys()
+    for n, b in empty.named_buffers():
+        torch.testing.assert_close(b, buffers[n], rtol=0, atol=0, msg=n)
+    assert not any(t.is_meta for t in initialised)
+    assert not any(hasattr(p, "_is_hf_initialized") for p in empty.parameters())
