@@ -11,13 +11,16 @@ mk/bin/pip install torch==2.13.0 && mk/bin/pip install mergekit``) and pass its 
    layers, 2 GB shards: 1.7 GB at 16 layers), expanded the same way after its middle and last layers.
 2. Alternates, ``--runs`` times, three whole commands, each a fresh process, timed by wall clock, with the
    peak resident memory of that process (``os.wait4``'s ``ru_maxrss``):
-   * ``mergekit``: ``mergekit-yaml`` passthrough with slices ``[0,15] [14,15] [15,30] [29,30]``, the copied
-     slices with ``scale: 0`` on ``o_proj`` and ``down_proj`` (LLaMA Pro's zero-initialised copies);
-   * ``growfx --stream``: ``growfx grow FOLDER --stream --pass add_layers:n=1,at=[14,29],init=copy``;
+   * ``mergekit``: ``mergekit-yaml`` passthrough with slices ``[0,15] [14,15] [15,30] [29,30]`` (for N
+     layers: ``[0,N/2] [N/2-1,N/2] [N/2,N] [N-1,N]``), the copied slices with ``scale: 0`` on ``o_proj`` and
+     ``down_proj`` (LLaMA Pro's zero-initialised copies), in the folder's dtype;
+   * ``growfx --stream``: ``growfx grow FOLDER --stream --pass add_layers:n=1,at=[14,29],init=copy``
+     (``at=[N/2-1,N-1]``);
    * ``growfx``: the same without ``--stream`` (loads the model, grows it in memory, writes it).
 3. Checks the three outputs hold the same tensors (names and values), and writes
-   ``benchmarks/results/mergekit/results.json`` and ``results.md`` (medians, the spread of the runs, and in
-   how many rounds each growfx command beat mergekit's run of the same round).
+   ``benchmarks/results/mergekit/results.json`` and ``results.md`` (``mergekit-llamaN/`` with ``--layers``):
+   medians, the spread of the runs, and in how many rounds each growfx command beat mergekit's run of the
+   same round.
 """
 
 from __future__ import annotations
@@ -32,12 +35,12 @@ from measure import in_fresh_process, measured_rounds, save
 
 RESULTS = Path(__file__).resolve().parent / "results" / "mergekit"
 REPO = Path(__file__).resolve().parent.parent
+ZERO = [{"filter": "o_proj", "value": 0.0}, {"filter": "down_proj", "value": 0.0}, {"value": 1.0}]
 
 
 def plan(layers: int) -> str:
     """LLaMA Pro's expansion: a copy after the middle layer and after the last (after 14 and 29 of 30)."""
     return f"add_layers:n=1,at=[{layers // 2 - 1},{layers - 1}],init=copy"
-ZERO = [{"filter": "o_proj", "value": 0.0}, {"filter": "down_proj", "value": 0.0}, {"value": 1.0}]
 
 
 def source_folder(work: Path) -> Path:
