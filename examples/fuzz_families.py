@@ -1,6 +1,6 @@
 """Fuzzing beyond the zoo: random tiny Hugging Face models, random plans, every result checked independently.
 
-    python examples/fuzz_families.py --cases 1000 [--workers 2] [--start 0]
+    python examples/fuzz_families.py --cases 1000 [--workers 2] [--start 0] [--stream]
 
 Case ``i`` is drawn from ``random.Random(i)`` alone, so any case can be rerun by its number (``--start i
 --cases 1``). Families: Llama, Qwen2, Qwen3, Mistral, Gemma, GPT-2, GPT-NeoX, StableLM, Phi, OPT, with 1-4 KV
@@ -10,7 +10,9 @@ one of:
 
 * ``exact``: verified exact by ``rewrite.apply``, and checked again here on fresh inputs of another batch size
   and sequence length (max abs error <= 1e-4), then written back with ``to_native`` (or refused with a reason
-  the class imposes) and the native model checked the same way;
+  the class imposes) and the native model checked the same way; with ``--stream``, the model is also saved as
+  a Hugging Face folder and grown from it without loading (``grow_checkpoint``, planned on ``meta``): the
+  written folder must hold the native model's tensors bit for bit, or be refused with a reason;
 * ``approx``: an approximate plan whose reported error equals this script's own measurement;
 * ``refused`` / ``no match``: a ``GrowfxError`` with its reason, or a pass that matched nothing;
 * ``crash``: any other exception, or a grown graph that does not run; ``wrong``: an exact result that is not,
@@ -26,6 +28,7 @@ import argparse
 import collections
 import concurrent.futures
 import dataclasses
+import functools
 import multiprocessing
 import random
 import sys
@@ -134,8 +137,9 @@ def logits(module, ids) -> torch.Tensor:
         return module(ids).logits
 
 
-def run(number: int) -> tuple[str, str]:
-    """(outcome, detail) of case ``number``."""
+def run(number: int, stream: bool = False) -> tuple[str, str]:
+    """(outcome, detail) of case ``number``; ``stream``: an exact case's native model is also grown from a
+    saved folder without loading it, and compared."""
     import rewrite
 
     warnings.filterwarnings("ignore")
@@ -169,7 +173,7 @@ def run(number: int) -> tuple[str, str]:
             error = float((logits(native, fresh) - reference).abs().max())
             if not error <= 1e-4:
                 return "wrong", f"native model, max abs error {error:.3g} on fresh inputs"
-            return "exact", "native"
+            return streamed(model, plan_of(case), native) if stream else ("exact", "native")
         measured = float((logits(grown.module, ids) - logits(model, ids)).abs().max())
         reported = [r.verification for r in grown.report.passes if r.verification is not None][-1].max_abs_error
         if abs(measured - reported) > 1e-6 * max(1.0, measured):
@@ -177,6 +181,44 @@ def run(number: int) -> tuple[str, str]:
         return "approx", f"{measured:.3g}"
     except Exception as e:  # noqa: BLE001
         return "crash", f"after growth: {type(e).__name__}: {first_line(e)}"
+
+
+def streamed(model, plan: list, native) -> tuple[str, str]:
+    """``model`` saved as a folder and grown by ``plan`` from it without loading it: ("exact", ...) when the
+    written tensors are ``native``'s bit for bit (a tied head is not written) or streaming refuses with a
+    reason, ("wrong", ...) when a tensor differs or is missing."""
+    import tempfile
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    import rewrite
+    from rewrite.io.grow_checkpoint import grow_checkpoint
+    from rewrite.io.native import is_tied_head
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # save_pretrained's, once per case
+    with tempfile.TemporaryDirectory() as work:
+        model.save_pretrained(Path(work) / "source")
+        try:
+            grow_checkpoint(Path(work) / "source", plan, Path(work) / "out")
+        except rewrite.GrowfxError as e:
+            return "exact", f"native; streaming refused: {first_line(e)}"
+        written = {}
+        for path in sorted((Path(work) / "out").glob("*.safetensors")):
+            with safe_open(str(path), "pt") as f:
+                written.update({key: f.get_tensor(key) for key in f.keys()})
+    state = native.state_dict()
+    if not set(written) <= set(state):
+        return "wrong", f"streamed tensors the native model lacks: {sorted(set(written) - set(state))[:3]}"
+    missing = [n for n in state if n not in written and not is_tied_head(native, n)]
+    if missing:
+        return "wrong", f"streamed folder lacks {missing[:3]}"
+    differing = [n for n, t in written.items() if t.shape != state[n].shape or not torch.equal(t, state[n])]
+    if differing:
+        return "wrong", f"streamed {differing[0]} differs from the native model's"
+    return "exact", "native and streamed"
 
 
 def first_line(error: BaseException, width: int = 160) -> str:
@@ -189,6 +231,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cases", type=int, default=1000)
     parser.add_argument("--start", type=int, default=0)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--stream", action="store_true", help="also grow each exact case from a saved folder")
     options = parser.parse_args(argv)
     numbers = range(options.start, options.start + options.cases)
     began = time.perf_counter()
@@ -196,12 +239,16 @@ def main(argv=None) -> int:
         context = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(options.workers, mp_context=context,
                                                     initializer=torch.set_num_threads, initargs=(1,)) as pool:
-            outcomes = list(pool.map(run, numbers, chunksize=4))
+            outcomes = list(pool.map(functools.partial(run, stream=options.stream), numbers, chunksize=4))
     else:
-        outcomes = [run(n) for n in numbers]
+        outcomes = [run(n, options.stream) for n in numbers]
     counts = collections.Counter(kind for kind, _ in outcomes)
     print(f"{len(outcomes)} cases in {time.perf_counter() - began:.0f} s: "
           + ", ".join(f"{kind} {count}" for kind, count in counts.most_common()))
+    if options.stream:
+        details = [detail for kind, detail in outcomes if kind == "exact"]
+        print(f"streamed from a saved folder: {sum(d == 'native and streamed' for d in details)} written bit for bit, "
+              f"{sum('streaming refused' in d for d in details)} refused by streaming")
     for number, (kind, detail) in zip(numbers, outcomes):
         if kind in ("crash", "wrong"):
             print(f"{kind}: {draw(number)}\n    {detail}")

@@ -116,6 +116,47 @@ def test_an_upcycled_model_streams_into_its_mixture_class_bit_for_bit(tmp_path, 
     assert error < (2e-2 if dtype == torch.bfloat16 else 1e-4)
 
 
+def test_a_folder_storing_tensors_under_other_names_than_the_model_s_streams_bit_for_bit(tmp_path, capsys):
+    """GPT-NeoX stores its output head as ``embed_out`` and transformers loads it as ``lm_head``: streaming reads
+    the stored names as the model's, as loading does (``grow_checkpoint.loading_names``), and gives the tensors
+    of growing in memory."""
+    from transformers import AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, vocab_size=64, tie_word_embeddings=False)).eval()
+    source = tmp_path / "source"
+    model.save_pretrained(source)
+    assert "embed_out.weight" in CheckpointReader(source) and "lm_head.weight" not in CheckpointReader(source)
+    arguments = ["--pass", "widen_mlp:factor=2", "--pass", "add_layers:n=1,init=copy"]
+    assert main(["grow", str(source), "--stream", "--out", str(tmp_path / "streamed"), *arguments]) == 0
+    assert main(["grow", str(source), "--out", str(tmp_path / "in-memory"), *arguments]) == 0
+    capsys.readouterr()
+    streamed = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed").eval()
+    in_memory = AutoModelForCausalLM.from_pretrained(tmp_path / "in-memory").eval()
+    a, b = streamed.state_dict(), in_memory.state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert streamed.config.num_hidden_layers == 3 and streamed.config.intermediate_size == 128
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(streamed(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_a_folder_whose_tensors_transformers_converts_on_loading_is_refused_naming_the_tensor(tmp_path):
+    """Mixtral's checkpoints store each expert's matrices apart; transformers stacks them as it loads. Streaming
+    copies tensors as stored, so it says which tensor it cannot read as the model's, and writes nothing."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    MixtralForCausalLM(MixtralConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     num_key_value_heads=1, num_local_experts=2, vocab_size=64)).save_pretrained(
+        tmp_path / "source")
+    with pytest.raises(rewrite.NotRepresentableError,
+                       match=r"stores model\.layers\.0\..*experts\.0\..*, which transformers converts as it "
+                             r"loads MixtralForCausalLM .*without --stream"):
+        grow_checkpoint(tmp_path / "source", [passes.add_layers(1)], tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["source"]
+
+
 def test_what_streaming_cannot_do_is_refused_and_nothing_is_written(tmp_path):
     _llama(torch.float32, False).save_pretrained(tmp_path / "source")
     with pytest.raises(rewrite.NotRepresentableError, match="has experts in every layer"):

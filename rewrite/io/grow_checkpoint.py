@@ -30,6 +30,7 @@ import dataclasses
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -72,9 +73,9 @@ def grow_checkpoint(source: str | Path, passes: list, destination: str | Path, *
     source, destination = Path(source), Path(destination)
     seconds = {}
     start = time.perf_counter()
-    reader = CheckpointReader(source)
     config = transformers.AutoConfig.from_pretrained(source, local_files_only=True)
     model = meta_model(config, f"{source}/config.json")
+    reader = CheckpointReader(source, names=loading_names(model, source))
     args, kwargs = meta_inputs(model)
     graph = trace(model, args, kwargs)
     seconds["trace"] = time.perf_counter() - start
@@ -157,6 +158,32 @@ def meta_model(config, where: str = "the config", device: str | None = "meta") -
                           f"config.architectures to the class, e.g. ['LlamaForCausalLM']")
     with torch.device(device) if device else contextlib.nullcontext():
         return cls(config).eval()
+
+
+def loading_names(model: torch.nn.Module, folder) -> Callable[[str], str]:
+    """The name each tensor a checkpoint of ``model``'s class stores goes by in the model: transformers renames
+    some keys as it loads them (a family's renamed modules, GPT-NeoX's ``embed_out`` as ``lm_head``; legacy
+    names), and the growth map reads the model's names. A key transformers would convert as it loads it
+    (combine or split, such as per-expert matrices stacked into one) is refused as the folder is read
+    (``NotRepresentableError``): streaming copies tensors as they are stored."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:  # a transformers that loads every key as it is stored
+        return lambda key: key
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+
+    def name(key: str) -> str:
+        renamed, converted = rename_source_key(key, renamings, converters)
+        if converted is not None:
+            raise NotRepresentableError(
+                f"{folder} stores {key}, which transformers converts as it loads {type(model).__name__} (into "
+                f"{renamed}): streaming copies tensors as they are stored. Grow it in memory (without --stream)")
+        return renamed
+
+    return name
 
 
 def meta_inputs(model: torch.nn.Module) -> tuple[tuple, dict]:

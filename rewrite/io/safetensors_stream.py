@@ -51,7 +51,9 @@ class CheckpointReader:
     """The tensors of a Hugging Face folder's safetensors files, by name, read one at a time
     (``safe_open``: the file is mapped while one tensor is copied out of it, then closed; never loaded whole)."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, names: Callable[[str], str] | None = None):
+        """``names``: the name each stored tensor goes by (a stored key to the model's), when the files store
+        some under others (``grow_checkpoint.loading_names``); None: as stored."""
         self.folder = Path(folder)
         index = self.folder / INDEX
         if index.is_file():
@@ -68,6 +70,18 @@ class CheckpointReader:
         missing = [n for n, path in self.files.items() if n not in self._headers[path]]
         if missing:
             raise GrowfxError(f"{index} lists {missing[0]} in a file whose header does not have it")
+        self._stored = {}  # name -> the key it is stored under, where they differ
+        if names is not None:
+            files = {}
+            for key, path in self.files.items():
+                name = names(key)
+                if name in files:
+                    raise GrowfxError(f"{self.folder} stores {self._stored.get(name, name)} and {key}, which are "
+                                      f"both loaded as {name}")
+                files[name] = path
+                if name != key:
+                    self._stored[name] = key
+            self.files = files
 
     def __contains__(self, name: str) -> bool:
         return name in self.files
@@ -78,20 +92,23 @@ class CheckpointReader:
     def keys(self):
         return self.files.keys()
 
+    def _entry(self, name: str) -> dict:
+        return self._headers[self.files[name]][self._stored.get(name, name)]
+
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._headers[self.files[name]][name]["shape"])
+        return tuple(self._entry(name)["shape"])
 
     def dtype(self, name: str) -> torch.dtype:
-        return DTYPES[self._headers[self.files[name]][name]["dtype"]]
+        return DTYPES[self._entry(name)["dtype"]]
 
     def nbytes(self, name: str) -> int:
-        begin, end = self._headers[self.files[name]][name]["data_offsets"]
+        begin, end = self._entry(name)["data_offsets"]
         return end - begin
 
     def bytes(self, name: str) -> FileBytes:
         """Where the tensor ``name``'s data lies in its file (C order, little-endian: a safetensors tensor)."""
         path = self.files[name]
-        begin, end = self._headers[path][name]["data_offsets"]
+        begin, end = self._entry(name)["data_offsets"]
         return FileBytes(path, self._data_start[path] + begin, end - begin)
 
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -100,7 +117,8 @@ class CheckpointReader:
         if name not in self.files:
             raise KeyError(f"{self.folder} has no tensor {name}")
         with safe_open(str(self.files[name]), framework="pt") as f:  # mapped, copied out, unmapped on close:
-            return f.get_tensor(name)  # measured lighter than backend="pread", which holds a second copy
+            return f.get_tensor(self._stored.get(name, name))  # measured lighter than backend="pread", which
+            # holds a second copy
 
 
 def _header(path: Path) -> tuple[dict, int]:
