@@ -32,6 +32,21 @@ def test_the_cases_that_crashed_once(number):
     assert kind in ("exact", "approx", "refused"), f"{fuzz.draw(number)}: {kind}: {detail}"
 
 
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(number=st.integers(0, 10**6))
+def test_random_exact_cases_grown_from_a_saved_folder_without_loading_it_are_the_native_model(number):
+    """``--stream``: an exact case's model saved as a folder and grown from it on ``meta`` (``grow_checkpoint``)
+    writes the in-memory native model's tensors bit for bit, or is refused with a reason."""
+    kind, detail = fuzz.run(number, stream=True)
+    assert kind not in ("crash", "wrong", "invalid config"), f"{fuzz.draw(number)}: {kind}: {detail}"
+
+
+def test_a_gpt_neox_folder_streams_though_it_stores_its_head_as_embed_out():
+    """Case 700001 (untied GPT-NeoX, widen_mlp): the first the streamed check found, refused before for a
+    missing lm_head.weight."""
+    assert fuzz.run(700001, stream=True) == ("exact", "native and streamed")
+
+
 def test_cases_are_reproducible_by_number():
     assert str(fuzz.draw(123)) == str(fuzz.draw(123))
     assert {fuzz.draw(n).family for n in range(200)} == set(fuzz.FAMILIES)
