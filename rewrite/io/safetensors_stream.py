@@ -116,9 +116,9 @@ class CheckpointReader:
 
         if name not in self.files:
             raise KeyError(f"{self.folder} has no tensor {name}")
-        with safe_open(str(self.files[name]), framework="pt") as f:  # mapped, copied out, unmapped on close:
-            return f.get_tensor(self._stored.get(name, name))  # measured lighter than backend="pread", which
-            # holds a second copy
+        # mapped, copied out, unmapped on close: measured lighter than backend="pread", which holds a second copy
+        with safe_open(str(self.files[name]), framework="pt") as f:
+            return f.get_tensor(self._stored.get(name, name))
 
 
 def _header(path: Path) -> tuple[dict, int]:
