@@ -91,13 +91,12 @@ def mergekit_config(folder: Path, layers: int, dtype: str) -> str:
 def same_tensors(a: Path, b: Path) -> tuple[bool, str]:
     """Whether two Hugging Face folders hold the same tensors (tied heads aside); the first difference."""
     import torch
-    from safetensors import safe_open
+
+    from rewrite.io.safetensors_stream import CheckpointReader
 
     def tensors(folder):
-        out = {}
-        for path in sorted(folder.glob("*.safetensors")):
-            with safe_open(str(path), "pt") as f:
-                out.update({k: f.get_tensor(k) for k in f.keys()})
+        reader = CheckpointReader(folder)
+        out = {k: reader[k] for k in reader}
         out.pop("lm_head.weight", None)
         return out
 

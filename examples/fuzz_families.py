@@ -191,13 +191,12 @@ def streamed(model, plan: list, native) -> tuple[str, str]:
     import tempfile
     from pathlib import Path
 
-    from safetensors import safe_open
+    from transformers.utils import logging as hf_logging
 
     import rewrite
     from rewrite.io.grow_checkpoint import grow_checkpoint
     from rewrite.io.native import is_tied_head
-
-    from transformers.utils import logging as hf_logging
+    from rewrite.io.safetensors_stream import CheckpointReader
 
     hf_logging.disable_progress_bar()  # save_pretrained's, once per case
     with tempfile.TemporaryDirectory() as work:
@@ -209,10 +208,8 @@ def streamed(model, plan: list, native) -> tuple[str, str]:
             if "does not run" in message:  # planned on shapes, the graph a pass made is inconsistent
                 return "crash", f"streaming: {type(e).__name__}: {message}"
             return "exact", f"native; streaming refused: {message}"
-        written = {}
-        for path in sorted((Path(work) / "out").glob("*.safetensors")):
-            with safe_open(str(path), "pt") as f:
-                written.update({key: f.get_tensor(key) for key in f.keys()})
+        out = CheckpointReader(Path(work) / "out")
+        written = {key: out[key] for key in out}
     state = native.state_dict()
     if not set(written) <= set(state):
         return "wrong", f"streamed tensors the native model lacks: {sorted(set(written) - set(state))[:3]}"
