@@ -85,7 +85,7 @@ class Setup:
     characters: int | None = None
 
 
-QUICK = Setup(big=(32, 2, 64, 2), small={"depth": (32, 2, 64, 1), "width": (16, 1, 32, 2), "both": (16, 1, 32, 1)},
+QUICK = Setup(big=(32, 4, 64, 2), small={"depth": (32, 4, 64, 1), "width": (16, 2, 32, 2), "both": (16, 2, 32, 1)},
               steps=120, fractions=(0.5, 1.0), batch=8, length=32, warmup=10, evaluate_every=20,
               validation_batches=2, seeds=(0,), characters=200_000)
 

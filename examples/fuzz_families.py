@@ -16,7 +16,8 @@ one of:
 * ``approx``: an approximate plan whose reported error equals this script's own measurement;
 * ``refused`` / ``no match``: a ``GrowfxError`` with its reason, or a pass that matched nothing;
 * ``crash``: any other exception, or a grown graph that does not run; ``wrong``: an exact result that is not,
-  or a reported error that is not the measured one.
+  a reported error that is not the measured one, or a pass that matched and added no parameter (every pass
+  drawn here grows the model).
 
 Ends non-zero on any crash or wrong result, and prints the counts, every crash and wrong case with its number,
 and the most common refusals.
@@ -161,6 +162,9 @@ def run(number: int, stream: bool = False) -> tuple[str, str]:
     try:
         if all(record.plan is None for record in grown.report.passes):
             return "no match", "; ".join(r for record in grown.report.passes for _, r in record.refusals[:1])
+        for record in grown.report.passes:  # each pass here grows: one that matched and added nothing is a lie
+            if record.plan is not None and record.parameters_after <= record.parameters_before:
+                return "wrong", f"{record.name} matched and reported {record.plan.describe()}, but added no parameter"
         reference = logits(model, fresh)
         if grown.report.exact:
             error = float((logits(grown.module, fresh) - reference).abs().max())

@@ -64,6 +64,8 @@ class AddHeads(HeadGrowth):
         growths = []
         for site, heads in self.select(graph):
             grown = propagate(heads, heads.size + self.n, site, "add_heads")
+            if not any(group.members for group in grown):
+                raise GrowthError(_no_projection(site, heads))
             for base in bases(grown):  # the policy's size rule holds on the axes it lays out
                 refusal = chosen.check(base.size, grown[base])
                 if refusal:
@@ -78,6 +80,14 @@ class AddHeads(HeadGrowth):
         for attention in attentions(graph, self.layers):
             found.setdefault(id(attention.heads), (attention.site, attention.heads))
         return list(found.values())
+
+
+def _no_projection(site: str, heads: DimGroup) -> str:
+    why = (" With one head, a view that writes the head count as a literal 1 cannot be told from one that adds a "
+           "broadcast axis; write it as -1 (view(b, t, -1, head_dim)) and the analysis sees the head."
+           if heads.size == 1 else "")
+    return (f"add_heads at {site}: no projection is split into the query's heads axis (size {heads.size}), so "
+            f"nothing would grow.{why}")
 
 
 @dataclasses.dataclass

@@ -216,6 +216,41 @@ def test_size_one_axes_are_not_coupled():
     assert "scale[0]" not in roles(hidden)
 
 
+class OneHead(nn.Module):
+    """One head of 8, rotated by a table broadcast over heads, as Hugging Face attention splits heads."""
+
+    def __init__(self, heads_written: int = -1):
+        super().__init__()
+        self.q, self.o, self.heads_written = nn.Linear(8, 8), nn.Linear(8, 8), heads_written
+        self.register_buffer("cos", torch.randn(6, 8))
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, self.heads_written, 8).transpose(1, 2)  # [b, 1, t, 8]
+        q = q * self.cos[:t].unsqueeze(0).unsqueeze(0)  # the table's head axis is a broadcast one
+        y = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+        return self.o(y.transpose(1, 2).reshape(b, t, -1))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_one_head_is_followed_from_the_view_that_infers_it_and_a_broadcast_axis_is_not(frontend):
+    graph = rewrite.trace(OneHead(), (torch.randn(2, 5, 8),), frontend=frontend)
+    analysis = rewrite.dim_analysis(graph)
+    attention = next(n for n in graph.module.graph.nodes if "scaled_dot_product_attention" in str(n.target))
+    heads = analysis.axis_group[(f"n:{attention.args[0].name}", 1)]
+    assert heads.size == 1 and analysis.axis_group[(f"n:{attention.name}", 1)] is heads
+    wholes = sorted((c.how, sorted(str(m) for m in c.whole.members)) for c in heads.compositions)
+    assert wholes == [("factor", ["o.weight[1]"]), ("factor", ["q.bias[0]", "q.weight[0]"])]  # split out of q,
+    # merged into o
+    table = next(n for n in graph.module.graph.nodes if graph.shape(n.name) == (1, 1, 5, 8))
+    assert analysis.axis_group[(f"n:{table.name}", 1)] is not heads
+    grown = rewrite.apply(graph, [passes.add_heads(1)], (torch.randn(2, 5, 8),))
+    assert grown.graph.parameters()["q.weight"].shape == (16, 8) and grown.report.passes[0].exact
+    literal = rewrite.trace(OneHead(heads_written=1), (torch.randn(2, 5, 8),), frontend=frontend)
+    heads = rewrite.dim_analysis(literal).axis_group[(f"n:{attention.args[0].name}", 1)]
+    assert not heads.compositions  # view(b, t, 1, 8) adds an axis, as far as the shapes say
+
+
 def test_inspect_groups_prints_them(capsys):
     from rewrite.app.cli import main
 

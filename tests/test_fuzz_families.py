@@ -41,6 +41,15 @@ def test_random_exact_cases_grown_from_a_saved_folder_without_loading_it_are_the
     assert kind not in ("crash", "wrong", "invalid config"), f"{fuzz.draw(number)}: {kind}: {detail}"
 
 
+@pytest.mark.parametrize("number", [800060, 800258])
+def test_one_head_cases_whose_streamed_plan_did_not_run(number):
+    """A one-head Qwen2 and Phi, add_heads then add_layers: add_heads grew nothing, and its planned shapes
+    misled the next pass's shape memo. Now the head grows (the fuzz script's check that every matched pass adds
+    parameters fails otherwise) and the plan runs on shapes; the native class refuses the head count."""
+    kind, detail = fuzz.run(number, stream=True)
+    assert kind == "exact" and "has no head_dim" in detail, f"{fuzz.draw(number)}: {kind}: {detail}"
+
+
 def test_a_gpt_neox_folder_streams_though_it_stores_its_head_as_embed_out():
     """Case 700001 (untied GPT-NeoX, widen_mlp): the first the streamed check found, refused before for a
     missing lm_head.weight."""

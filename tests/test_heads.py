@@ -1,8 +1,14 @@
 """passes.add_heads: more attention heads, head size unchanged; grouped-query attention keeps its ratio."""
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import traced
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import passes
 import rewrite
@@ -111,9 +117,10 @@ class _WrittenOutAttention(torch.nn.Module):
 
 
 class _WrittenOutModel(torch.nn.Module):
-    def __init__(self):
+    def __init__(self, **attention):
         super().__init__()
-        self.embed, self.attn, self.head = torch.nn.Embedding(32, 16), _WrittenOutAttention(), torch.nn.Linear(16, 32)
+        self.embed, self.head = torch.nn.Embedding(32, 16), torch.nn.Linear(16, 32)
+        self.attn = _WrittenOutAttention(**attention)
 
     def forward(self, ids):
         x = self.embed(ids)
@@ -132,3 +139,57 @@ def test_attention_written_out_with_matmul_and_softmax_grows_like_sdpa(frontend)
     params = rewrite.apply(graph, [passes.add_heads(2)], (ids,)).graph.parameters()
     assert params["attn.q.weight"].shape == (24, 16) and params["attn.o.weight"].shape == (16, 24)
     assert params["attn.k.weight"].shape == (12, 16)  # one more KV head for two more query heads
+
+
+_spec = importlib.util.spec_from_file_location("fuzz_families", Path(__file__).parents[1] / "examples" / "fuzz_families.py")
+fuzz = importlib.util.module_from_spec(_spec)
+sys.modules.setdefault("fuzz_families", fuzz)
+_spec.loader.exec_module(fuzz)
+GROUPED = ("llama", "qwen2", "qwen3", "mistral", "gemma")  # families whose config takes fewer KV heads
+HEAD_DIM = ("llama", "qwen3", "mistral", "gemma")  # configs that name a head size apart from the hidden size
+LITERAL_HEAD_COUNT = ("stablelm", "opt")  # view(b, t, num_heads, head_dim): one head reads as a broadcast axis
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(family=st.sampled_from(fuzz.FAMILIES), grouped=st.booleans(), more=st.integers(1, 2), data=st.data())
+def test_one_key_value_head_grows_like_many_planned_on_shapes(family, grouped, more, data):
+    """One KV head (and one query head, or two sharing it): size 1 cannot tell a head axis from a broadcast
+    one, so the analysis follows the head from the projection a view's ``-1`` splits it out of. add_heads then
+    grows the projections, the shapes it plans are the ones the graph computes (the next pass, planned on
+    them, runs), and a folder grown without loading it is the native model bit for bit. Where the view writes
+    the head count as a literal 1, the head cannot be seen, and add_heads refuses rather than grow nothing."""
+    ratio = 2 if grouped and family in GROUPED else 1
+    hidden = 24 * ratio  # a multiple of every head count reached: configs require it
+    head_dim = 8 if family in HEAD_DIM else hidden // ratio
+    config = {"hidden": hidden, "heads": ratio, "kv_heads": 1, "head_dim": head_dim, "intermediate": 2 * hidden,
+              "layers": 2, "tied": data.draw(st.booleans()), "parallel": False, "bias": data.draw(st.booleans()),
+              "qk_norm": False}
+    case = fuzz.Case(0, family, config, [("add_heads", {"n": ratio * more}), ("add_layers", {"n": 1, "init": "zero"})])
+    torch.manual_seed(0)
+    model, ids = fuzz.build(case).eval(), torch.randint(3, fuzz.VOCAB, (2, 5))
+    if family in LITERAL_HEAD_COUNT:
+        with pytest.raises(rewrite.GrowthError, match=r"no projection is split into the query's heads axis"):
+            rewrite.apply(model, fuzz.plan_of(case), (ids,))
+        return
+    grown = rewrite.apply(model, fuzz.plan_of(case), (ids,))
+    heads = grown.report.passes[0]
+    assert grown.report.how == "planned on shapes, each tensor built once", grown.report.how
+    assert heads.exact and heads.verification.max_abs_error < 1e-5
+    added_query_heads = more * ratio  # their W_Q rows and W_O columns at least
+    assert heads.parameters_after - heads.parameters_before >= 2 * added_query_heads * head_dim * hidden * 2
+    if family in HEAD_DIM:
+        native = rewrite.to_native(grown, like=model).eval()
+        assert native.config.num_attention_heads == ratio * (1 + more)
+        assert native.config.num_key_value_heads == 1 + more
+        fresh = torch.randint(3, fuzz.VOCAB, (3, 8))
+        torch.testing.assert_close(fuzz.logits(native, fresh), fuzz.logits(model, fresh), atol=1e-5, rtol=0)
+        assert fuzz.streamed(model, fuzz.plan_of(case), native) == ("exact", "native and streamed")
+
+
+def test_a_one_head_view_with_a_literal_head_count_is_refused_with_the_fix():
+    """``view(b, t, 1, d)`` reads like an added broadcast axis: add_heads says so rather than patching the
+    literal of a view whose projection did not grow."""
+    model, ids = _WrittenOutModel(heads=1, kv_heads=1).eval(), torch.randint(0, 32, (2, 6))
+    with pytest.raises(rewrite.GrowthError, match=r"add_heads at attn: no projection is split into the query's "
+                                                  r"heads axis \(size 1\).*write it as -1"):
+        rewrite.apply(model, [passes.add_heads(1)], (ids,))

@@ -2,7 +2,7 @@
 
 The analysis turns every node into a canonical call (``rewrite.ops``), lets its rule state couplings, and
 joins the ``(ref, axis)`` pairs whose sizes must stay equal: the connected components are the groups. A size-1
-axis is never coupled (broadcasting). A group that contains a parameter axis is *growable*; its parameter
+axis is coupled only where it is shown to be real (one head), never where it may be a broadcast one. A group that contains a parameter axis is *growable*; its parameter
 members carry roles (``produces``, ``consumes``, ``along``, ``indexed``), and the group records the ops that
 mix values along it (norms, softmax, attention temperature), the nodes whose literal sizes encode it (a view
 into heads x head_dim), and how it composes with other groups (``factor``, ``concat``, ``slice``, ``repeat``,
@@ -21,7 +21,7 @@ import torch.fx
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from rewrite.errors import UnsupportedOpError
-from rewrite.ops import RULES, Axis, Call, Facts, all_axes, canonical_kind
+from rewrite.ops import RULES, Axis, Call, Facts, all_axes, canonical_kind, reshape_run
 
 from rewrite.ir.graph import Graph
 
@@ -140,11 +140,9 @@ def analyse(graph: "Graph") -> DimAnalysis:
     facts, shapes = collect(graph)
     axes = [(ref, axis) for ref, shape in shapes.items() for axis in range(len(shape))]
     joined = _Components(axes)
-    for a, b, _ in facts.edges:
-        if _size(shapes, a) != 1 and _size(shapes, b) != 1:
-            if _size(shapes, a) != _size(shapes, b):
-                raise UnsupportedOpError("?", _, f"coupled axes {a} and {b} differ in size")
-            joined.join(a, b)
+    for a, b, node in facts.edges:
+        _join(joined, shapes, a, b, node)
+    _settle_size_one(facts, joined, shapes)
     component = joined.numbered(axes)
     groups = _groups(component, facts, shapes)
     groups = {i: g for i, g in groups.items() if g.activations or any(m.roles for m in g.members)}
@@ -179,6 +177,46 @@ class _Components:
         for axis in axes:
             members.setdefault(numbers.setdefault(self.root(axis), len(numbers)), []).append(axis)
         return {axis: number for number, group in members.items() for axis in group}
+
+
+def _join(joined: "_Components", shapes: dict, a: Axis, b: Axis, node: str) -> None:
+    """Join two coupled axes; a size-1 one coupled to a larger one is broadcast, and stays apart."""
+    if _size(shapes, a) == _size(shapes, b):
+        joined.join(a, b)
+    elif _size(shapes, a) != 1 and _size(shapes, b) != 1:
+        raise UnsupportedOpError("?", node, f"coupled axes {a} and {b} differ in size")
+
+
+def _settle_size_one(facts: Facts, joined: "_Components", shapes: dict) -> None:
+    """Decide the size-1 axes the rules left open: a head axis of one head and a broadcast axis both have
+    size 1. An axis is *real* when it is in a composition (a view's inferred ``-1`` splits one head out of a
+    projection), or joined to one. A broadcasting op's size-1 output axis follows a real input axis
+    (``Facts.follows``: the query's head axis through a rotary ``q * cos``), never a broadcast one; a reshape
+    keeps a real size-1 axis in its run (one head merged back into the output projection), and drops a
+    broadcast one (``Facts.runs``). Repeated until nothing changes: each join can make more axes real."""
+    real = {joined.root(axis) for whole, parts, _, _ in facts.compositions for axis in (whole, *parts)}
+    kept: set[Axis] = set()
+    settled = False
+    while not settled:
+        settled = True
+        for source, out, _ in facts.follows:
+            if joined.root(source) in real and joined.root(out) != joined.root(source):
+                joined.join(out, source)
+                real = {joined.root(root) for root in real}
+                settled = False
+        for _, _, possible, _ in facts.runs:
+            for axis in possible:
+                if axis not in kept and joined.root(axis) in real:
+                    kept.add(axis)
+                    settled = False
+    resolved = Facts()
+    for a, b, possible, node in facts.runs:
+        src, dst = a[0][0], b[0][0]
+        reshape_run(resolved, node, sorted(a + [x for x in possible if x in kept and x[0] == src]),
+                    sorted(b + [x for x in possible if x in kept and x[0] == dst]))
+    for a, b, node in resolved.edges:
+        _join(joined, shapes, a, b, node)
+    facts.compositions += resolved.compositions
 
 
 def _size(shapes: dict, axis: Axis) -> int:

@@ -10,7 +10,7 @@
 A new op is taught here: alias it to a kind in ``kinds.ALIASES``, or give its kind a rule in ``axes.RULES``.
 """
 
-from .axes import RULES, Axis, Call, Facts, all_axes
+from .axes import RULES, Axis, Call, Facts, all_axes, reshape_run
 from .kinds import ELEMENTWISE, canonical_kind, is_bookkeeping, op_name, real_users, short_name
 from .literals import patch_literals, patch_split, resize_module_attributes
 from .structure import (
@@ -32,5 +32,5 @@ __all__ = [
     "ACTIVATIONS", "ELEMENTWISE", "FEATURE_LOCAL", "HOMOGENEOUS", "HOMOGENEOUS_REDUCTIONS", "IDEMPOTENT", "RULES",
     "TRANSPARENT", "WEIGHTED", "Attention", "Axis", "Call", "Facts", "attention", "canonical_kind",
     "is_bookkeeping", "offset_parameter", "op_name", "operand", "patch_literals", "patch_split", "real_users",
-    "resize_module_attributes", "rms_epsilon", "short_name",
+    "reshape_run", "resize_module_attributes", "rms_epsilon", "short_name",
 ]

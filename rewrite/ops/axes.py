@@ -76,6 +76,10 @@ class Facts:
         self.roles: list[tuple[Axis, str, str]] = []
         self.reductions: list[tuple[Axis, str, str]] = []
         self.compositions: list[tuple[Axis, list[Axis], str, str]] = []
+        # size-1 axes, which may be real (one head) or broadcast: the analysis decides (``dims.analyse``)
+        self.follows: list[tuple[Axis, Axis, str]] = []  # (input, output, node) a broadcasting op aligns
+        self.runs: list[tuple[list[Axis], list[Axis], list[Axis], str]] = []  # a reshape's (source axes,
+        # output axes, size-1 axes that belong to them if real, node)
         self.opaque: list[tuple[str, str, list[Axis], str]] = []  # (node, op, axes, why): axes of an op the
         # analysis cannot see through
         self.axes: set[Axis] = set()
@@ -104,6 +108,12 @@ class Facts:
     def equal(self, a: Axis, b: Axis, node: str) -> None:
         self.axes.update((a, b))
         self.edges.append((a, b, node))
+
+    def follow(self, source: Axis, out: Axis, node: str) -> None:
+        """Both axes have size 1 and a broadcasting op aligns them: ``out`` is ``source`` if ``source`` is a real
+        axis (one head), and stays 1 if it is a broadcast one (a rotary table's head axis)."""
+        self.axes.update((source, out))
+        self.follows.append((source, out, node))
 
     def role(self, a: Axis, role: str, node: str) -> None:
         self.axes.add(a)
@@ -137,10 +147,14 @@ def broadcast(facts: Facts, call: Call, inputs: list[str], *, along: bool = True
         shape = call.shape(ref)
         offset = len(out_shape) - len(shape)
         for axis, size in enumerate(shape):
-            if size != 1 and offset + axis >= 0:
+            if offset + axis < 0:
+                continue
+            if size != 1:
                 facts.equal((ref, axis), (call.out, offset + axis), call.node.name)
                 if along:  # a parameter, or one seen through a cast (a gain read as w.float())
                     facts.parameter_role(ref, axis, "along", call.node.name)
+            elif out_shape[offset + axis] == 1:
+                facts.follow((ref, axis), (call.out, offset + axis), call.node.name)
 
 
 def elementwise(facts: Facts, call: Call) -> None:
@@ -205,8 +219,15 @@ def matmul(facts: Facts, call: Call) -> None:
     for ref, shape in ((a, sa), (b, sb)):
         offset = len(so) - len(shape)
         for axis in range(len(shape) - 2):
-            if shape[axis] != 1:
-                facts.equal((ref, axis), (call.out, offset + axis), name)
+            _batch_axis(facts, (ref, axis), (call.out, offset + axis), shape[axis], so[offset + axis], name)
+
+
+def _batch_axis(facts: Facts, axis: Axis, out: Axis, size: int, out_size: int, node: str) -> None:
+    """A broadcasting batch axis (of a matmul or an attention): the output's if it is not size 1."""
+    if size != 1:
+        facts.equal(axis, out, node)
+    elif out_size == 1:
+        facts.follow(axis, out, node)
 
 
 def grouped_mm(facts: Facts, call: Call) -> None:
@@ -306,10 +327,14 @@ def pool(facts: Facts, call: Call) -> None:
 def view(facts: Facts, call: Call) -> None:
     """Reshape: axes are matched by running products; a split or merged axis is a ``factor`` composition.
     A size read from a tensor's shape at run time (``x.view(b, t, x.shape[-1])``) ties the output axis to
-    that tensor's axis: it follows whatever that axis grows to, so both must grow together."""
+    that tensor's axis: it follows whatever that axis grows to, so both must grow together. An inferred size
+    (``-1``) is what the other sizes leave of the input, so it is part of its run even when it is 1 (one head
+    split out of a projection by ``view(b, t, -1, d)``)."""
     x = call.operands[0]
-    align_reshape(facts, call.node.name, x, call.shape(x), call.out, call.out_shape)
-    for out_axis, size in enumerate(view_sizes(call.node) or ()):
+    sizes = view_sizes(call.node) or ()
+    inferred = {axis for axis, size in enumerate(sizes) if isinstance(size, int) and size == -1}
+    align_reshape(facts, call.node.name, x, call.shape(x), call.out, call.out_shape, inferred)
+    for out_axis, size in enumerate(sizes):
         source = size_source(size, call)
         if source is not None:
             facts.equal(source, (call.out, out_axis), call.node.name)
@@ -325,14 +350,35 @@ def size_source(value, call: Call) -> Axis | None:
     return (ref, _norm(read[1], len(call.shapes[ref])))
 
 
-def align_reshape(facts: Facts, name: str, src: str, src_shape: tuple, dst: str, dst_shape: tuple) -> None:
+def align_reshape(
+    facts: Facts, name: str, src: str, src_shape: tuple, dst: str, dst_shape: tuple, inferred: set[int] = frozenset()
+) -> None:
+    """Match the axes of a reshape by running products: each run of source axes is a run of output axes
+    (``reshape_run``). Size-1 axes leave the products alone, so the shapes place them only by position: between
+    two runs, source and output size-1 axes pair up in order; an unpaired one is a member of the run after it
+    (of the last run when none follows). An inferred output axis (``-1`` in ``inferred``) is what the other
+    sizes leave of the input, so it is a member even at size 1 (one head split out of a projection by
+    ``view(b, t, -1, d)``); any other unpaired size-1 axis is a head of one head or a broadcast axis, which the
+    shapes cannot tell apart: it is left to the analysis (``Facts.runs``), which keeps it only if it is real."""
+    runs: list[tuple[list[Axis], list[Axis], list[Axis]]] = []  # (source axes, output axes, possible axes)
     i = j = 0
-    while i < len(src_shape) or j < len(dst_shape):
+    while True:
+        loose_src, loose_dst = [], []
         while i < len(src_shape) and src_shape[i] == 1:
+            loose_src.append(i)
             i += 1
         while j < len(dst_shape) and dst_shape[j] == 1:
+            loose_dst.append(j)
             j += 1
+        for a, b in zip(loose_src, loose_dst):
+            facts.equal((src, a), (dst, b), name)
+        loose_src, loose_dst = loose_src[len(loose_dst):], loose_dst[len(loose_src):]
+        definite = [(dst, k) for k in loose_dst if k in inferred]
+        possible = [(src, k) for k in loose_src] + [(dst, k) for k in loose_dst if k not in inferred]
         if i >= len(src_shape) or j >= len(dst_shape):
+            if runs:
+                runs[-1][1].extend(definite)
+                runs[-1][2].extend(possible)
             break
         a, b = [i], [j]
         pa, pb = src_shape[i], dst_shape[j]
@@ -345,17 +391,29 @@ def align_reshape(facts: Facts, name: str, src: str, src_shape: tuple, dst: str,
                 j += 1
                 b.append(j)
                 pb *= dst_shape[j]
-        a = [k for k in a if src_shape[k] != 1]
-        b = [k for k in b if dst_shape[k] != 1]
-        if len(a) == 1 and len(b) == 1:
-            facts.equal((src, a[0]), (dst, b[0]), name)
-        elif len(a) == 1:
-            facts.compose((src, a[0]), [(dst, k) for k in b], "factor", name)
-        elif len(b) == 1:
-            facts.compose((dst, b[0]), [(src, k) for k in a], "factor", name)
+        possible += [(src, k) for k in a if src_shape[k] == 1]
+        possible += [(dst, k) for k in b if dst_shape[k] == 1 and k not in inferred]
+        runs.append(([(src, k) for k in a if src_shape[k] != 1],
+                     definite + [(dst, k) for k in b if dst_shape[k] != 1 or k in inferred], possible))
+        i, j = i + 1, j + 1
+    for a, b, possible in runs:
+        if possible:
+            facts.runs.append((sorted(a), sorted(b), possible, name))
         else:
-            facts.compose((src, a[0]), [(dst, k) for k in b], "factor", name)  # rare: many to many
-        i, j = a[-1] + 1 if a else i + 1, b[-1] + 1 if b else j + 1
+            reshape_run(facts, name, sorted(a), sorted(b))
+
+
+def reshape_run(facts: Facts, name: str, a: list[Axis], b: list[Axis]) -> None:
+    """Source axes ``a`` and output axes ``b`` of a reshape hold the same elements: one each is one axis, else
+    the single one is the ``factor`` whole of the others."""
+    if len(a) == 1 and len(b) == 1:
+        facts.equal(a[0], b[0], name)
+    elif len(a) == 1:
+        facts.compose(a[0], b, "factor", name)
+    elif len(b) == 1:
+        facts.compose(b[0], a, "factor", name)
+    else:
+        facts.compose(a[0], b, "factor", name)  # rare: many to many
 
 
 def transpose(facts: Facts, call: Call) -> None:
@@ -611,8 +669,7 @@ def sdpa(facts: Facts, call: Call) -> None:
     facts.equal((v, rank - 1), (call.out, rank - 1), name)
     for ref, shape in ((q, sq), (k, sk), (v, sv)):
         for axis in range(rank - 2):
-            if shape[axis] != 1:
-                facts.equal((ref, axis), (call.out, axis), name)
+            _batch_axis(facts, (ref, axis), (call.out, axis), shape[axis], call.out_shape[axis], name)
     if call.is_tensor(mask):
         shape = call.shape(mask)
         offset = rank - len(shape)
