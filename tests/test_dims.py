@@ -284,3 +284,16 @@ def test_fused_qkv_split_parts_are_coupled_to_their_users():
     (split,) = [c for c in fused.compositions if c.how == "concat"]
     assert split.whole is fused and [p.size for p in split.parts] == [32, 32, 32]
     assert all(any(c.how == "factor" for c in part.compositions) for part in split.parts)  # each into heads
+
+
+def test_growing_axes_that_hold_no_parameter_is_refused_by_the_engine():
+    """A width pass that picked a group without parameters (one head written as a literal 1) would patch the
+    view's literal and grow nothing: ``resize`` itself refuses, whatever pass asked."""
+    from passes.policies import policy
+    from rewrite.transform.resize import grow
+
+    graph = rewrite.trace(OneHead(heads_written=1), (torch.randn(2, 5, 8),))
+    attention = next(n for n in graph.module.graph.nodes if "scaled_dot_product_attention" in str(n.target))
+    heads = rewrite.dim_analysis(graph).axis_group[(f"n:{attention.args[0].name}", 1)]
+    with pytest.raises(rewrite.GrowthError, match=r"the axes to grow \(1 -> 2 \(.+\)\) hold no parameter"):
+        grow(graph, {heads: 2}, policy("zero"))

@@ -22,6 +22,7 @@ import torch.utils._pytree as pytree
 from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from rewrite.analysis.dims import DimGroup
+from rewrite.errors import GrowthError
 from rewrite.ir.graph import Graph, attribute
 from rewrite.ir.lazy_compile import compile_on_first_use
 from rewrite.analysis.layout import Layout
@@ -121,6 +122,10 @@ def resize(
             role = "produces" if {"produces", "consumes"} <= set(member.role_names) else member.role_names[0]
             ops = getattr(chosen, role)(member.axis, layout, seed_for(seed, member.tensor, member.axis))
             steps[member.tensor].extend(ops)
+    if layouts and not steps:  # a size-1 axis that only looks like a head, say: the literal sizes alone would grow
+        grown = ", ".join(f"{group.size} -> {layout.new_size} ({group.activations[0][0][2:]})"
+                          for group, layout in list(layouts.items())[:3] if group.activations)
+        raise GrowthError(f"the axes to grow ({grown}) hold no parameter, so no tensor would grow")
     memo, made = {}, {}
     for name, ops in steps.items():
         old = attribute(graph.module, name)
