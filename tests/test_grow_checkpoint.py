@@ -118,8 +118,8 @@ def test_an_upcycled_model_streams_into_its_mixture_class_bit_for_bit(tmp_path, 
 
 def test_a_folder_storing_tensors_under_other_names_than_the_model_s_streams_bit_for_bit(tmp_path, capsys):
     """GPT-NeoX stores its output head as ``embed_out`` and transformers loads it as ``lm_head``: streaming reads
-    the stored names as the model's, as loading does (``grow_checkpoint.loading_names``), and gives the tensors
-    of growing in memory."""
+    the stored names as the model's, as loading does (``grow_checkpoint.loading_names``), gives the tensors of
+    growing in memory, and stores them under the names ``save_pretrained`` does (``saving_names``)."""
     from transformers import AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM
 
     torch.manual_seed(0)
@@ -132,6 +132,8 @@ def test_a_folder_storing_tensors_under_other_names_than_the_model_s_streams_bit
     assert main(["grow", str(source), "--stream", "--out", str(tmp_path / "streamed"), *arguments]) == 0
     assert main(["grow", str(source), "--out", str(tmp_path / "in-memory"), *arguments]) == 0
     capsys.readouterr()
+    stored = set(CheckpointReader(tmp_path / "streamed"))  # under the names save_pretrained writes
+    assert stored == set(CheckpointReader(tmp_path / "in-memory")) and "embed_out.weight" in stored
     streamed = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed").eval()
     in_memory = AutoModelForCausalLM.from_pretrained(tmp_path / "in-memory").eval()
     a, b = streamed.state_dict(), in_memory.state_dict()

@@ -86,6 +86,7 @@ def grow_checkpoint(source: str | Path, passes: list, destination: str | Path, *
     seconds["plan"] = time.perf_counter() - start
     start = time.perf_counter()
     written = 0
+    stored = saving_names(native)
     with atomic_path(destination, replace=replace) as folder:
         folder.mkdir()
         shards = shard(entries, max_shard_bytes)
@@ -107,14 +108,16 @@ def grow_checkpoint(source: str | Path, passes: list, destination: str | Path, *
 
         holds = {name: 0 if name in verbatim else _holds(grown.map, plan.pieces[name], reader, shape, dtype)
                  for name, shape, dtype in entries}
+        model_name = {stored(name): name for name, _, _ in entries}
         for file, part in zip(names, shards):
-            write_safetensors(folder / file, part, make, metadata={"format": "pt"}, workers=workers(),
-                              holds=holds.__getitem__, budget=max(holds.values(), default=0))
+            write_safetensors(folder / file, [(stored(name), shape, dtype) for name, shape, dtype in part],
+                              lambda key: make(model_name[key]), metadata={"format": "pt"}, workers=workers(),
+                              holds=lambda key: holds[model_name[key]], budget=max(holds.values(), default=0))
             written += (folder / file).stat().st_size
         if len(shards) > 1:
             total = sum(nbytes(shape, dtype) for _, shape, dtype in entries)
             index = {"metadata": {"total_size": total},
-                     "weight_map": {name: file for file, part in zip(names, shards) for name, _, _ in part}}
+                     "weight_map": {stored(name): file for file, part in zip(names, shards) for name, _, _ in part}}
             (folder / INDEX).write_text(json.dumps(index, indent=2))
         native_config_.dtype = main_dtype(dtype for _, _, dtype in entries)
         native_config_.save_pretrained(folder)
@@ -182,6 +185,29 @@ def loading_names(model: torch.nn.Module, folder) -> Callable[[str], str]:
                 f"{folder} stores {key}, which transformers converts as it loads {type(model).__name__} (into "
                 f"{renamed}): streaming copies tensors as they are stored. Grow it in memory (without --stream)")
         return renamed
+
+    return name
+
+
+def saving_names(model: torch.nn.Module) -> Callable[[str], str]:
+    """The key ``save_pretrained`` stores each of ``model``'s tensors under: transformers reverts its loading
+    renamings as it saves (GPT-NeoX's ``lm_head`` is stored as ``embed_out``), as in
+    ``core_model_loading.revert_weight_conversion`` for a model not loaded from a folder. A tensor transformers
+    would convert as it saves (stacked experts split per expert) keeps the model's name: streaming writes the
+    stacked form, which transformers loads as it is."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import (
+            PrefixChange, WeightConverter, WeightRenaming, apply_converters, apply_renamings)
+    except ImportError:  # a transformers that stores every tensor under the model's name
+        return lambda name: name
+    forward = [t for t in get_model_conversion_mapping(model, add_legacy=False) if not isinstance(t, PrefixChange)]
+    reverse = [t.reverse_transform() for t in reversed(forward)]
+    renamings = [t for t in reverse if isinstance(t, WeightRenaming)]
+    converters = [t for t in reverse if isinstance(t, WeightConverter)]
+
+    def name(key: str) -> str:
+        return key if apply_converters(key, converters)[1] is not None else apply_renamings(key, renamings)
 
     return name
 
