@@ -1,5 +1,8 @@
 import functools
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,3 +67,14 @@ def assert_same_state(made: dict, state: dict) -> None:
     for name, tensor in state.items():
         assert made[name].dtype == tensor.dtype and made[name].shape == tensor.shape, name
         assert torch.equal(made[name], tensor), name
+
+
+def example(name: str):
+    """The script ``examples/<name>.py`` as a module, loaded once (registered so its process pools can pickle
+    its functions)."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "examples" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]

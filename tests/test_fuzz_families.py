@@ -3,18 +3,12 @@ and random plans of 1-3 passes. Every case is exact (checked again on fresh shap
 class where it holds it), approximate with its reported error equal to an independent measurement, refused
 with a reason, or matched nothing: never a crash, never a wrong model."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
+from conftest import example
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-spec = importlib.util.spec_from_file_location("fuzz_families", Path(__file__).parents[1] / "examples" / "fuzz_families.py")
-fuzz = importlib.util.module_from_spec(spec)
-sys.modules["fuzz_families"] = fuzz
-spec.loader.exec_module(fuzz)
+fuzz = example("fuzz_families")
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])

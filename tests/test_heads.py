@@ -1,12 +1,8 @@
 """passes.add_heads: more attention heads, head size unchanged; grouped-query attention keeps its ratio."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-from conftest import traced
+from conftest import example, traced
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -141,10 +137,7 @@ def test_attention_written_out_with_matmul_and_softmax_grows_like_sdpa(frontend)
     assert params["attn.k.weight"].shape == (12, 16)  # one more KV head for two more query heads
 
 
-_spec = importlib.util.spec_from_file_location("fuzz_families", Path(__file__).parents[1] / "examples" / "fuzz_families.py")
-fuzz = importlib.util.module_from_spec(_spec)
-sys.modules.setdefault("fuzz_families", fuzz)
-_spec.loader.exec_module(fuzz)
+fuzz = example("fuzz_families")
 GROUPED = ("llama", "qwen2", "qwen3", "mistral", "gemma")  # families whose config takes fewer KV heads
 HEAD_DIM = ("llama", "qwen3", "mistral", "gemma")  # configs that name a head size apart from the hidden size
 LITERAL_HEAD_COUNT = ("stablelm", "opt")  # view(b, t, num_heads, head_dim): one head reads as a broadcast axis

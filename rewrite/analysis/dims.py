@@ -2,11 +2,11 @@
 
 The analysis turns every node into a canonical call (``rewrite.ops``), lets its rule state couplings, and
 joins the ``(ref, axis)`` pairs whose sizes must stay equal: the connected components are the groups. A size-1
-axis is coupled only where it is shown to be real (one head), never where it may be a broadcast one. A group that contains a parameter axis is *growable*; its parameter
-members carry roles (``produces``, ``consumes``, ``along``, ``indexed``), and the group records the ops that
-mix values along it (norms, softmax, attention temperature), the nodes whose literal sizes encode it (a view
-into heads x head_dim), and how it composes with other groups (``factor``, ``concat``, ``slice``, ``repeat``,
-``select``).
+axis is coupled only where it is shown to be real (one head), never where it may be a broadcast one
+(``_settle_size_one``). A group that contains a parameter axis is *growable*; its parameter members carry
+roles (``produces``, ``consumes``, ``along``, ``indexed``), and the group records the ops that mix values
+along it (norms, softmax, attention temperature), the nodes whose literal sizes encode it (a view into heads x
+head_dim), and how it composes with other groups (``factor``, ``concat``, ``slice``, ``repeat``, ``select``).
 
 This is structural pruning's dependency graph run in reverse: pruning removes a slice of every member,
 growth adds one.

@@ -223,7 +223,8 @@ def matmul(facts: Facts, call: Call) -> None:
 
 
 def _batch_axis(facts: Facts, axis: Axis, out: Axis, size: int, out_size: int, node: str) -> None:
-    """A broadcasting batch axis (of a matmul or an attention): the output's if it is not size 1."""
+    """A broadcasting batch axis (of a matmul or an attention): the output's axis, unless it is size 1; a size-1
+    one the output keeps at size 1 follows it (``Facts.follow``)."""
     if size != 1:
         facts.equal(axis, out, node)
     elif out_size == 1:

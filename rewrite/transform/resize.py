@@ -122,7 +122,7 @@ def resize(
             role = "produces" if {"produces", "consumes"} <= set(member.role_names) else member.role_names[0]
             ops = getattr(chosen, role)(member.axis, layout, seed_for(seed, member.tensor, member.axis))
             steps[member.tensor].extend(ops)
-    if layouts and not steps:  # a size-1 axis that only looks like a head, say: the literal sizes alone would grow
+    if layouts and not steps:  # one head written as a literal 1, say: only literal sizes would change
         grown = ", ".join(f"{group.size} -> {layout.new_size} ({group.activations[0][0][2:]})"
                           for group, layout in list(layouts.items())[:3] if group.activations)
         raise GrowthError(f"the axes to grow ({grown}) hold no parameter, so no tensor would grow")
