@@ -297,3 +297,38 @@ def test_growing_axes_that_hold_no_parameter_is_refused_by_the_engine():
     heads = rewrite.dim_analysis(graph).axis_group[(f"n:{attention.args[0].name}", 1)]
     with pytest.raises(rewrite.GrowthError, match=r"the axes to grow \(1 -> 2 \(.+\)\) hold no parameter"):
         grow(graph, {heads: 2}, policy("zero"))
+
+
+class TypeAs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin, self.out = nn.Linear(4, 6), nn.Linear(6, 4)
+        self.register_buffer("reference", torch.zeros(3))
+
+    def forward(self, x):
+        return self.out(self.lin(x).type_as(self.reference))  # the reference gives a dtype, not a shape
+
+
+def test_a_dtype_reference_couples_no_axis():
+    x = torch.randn(2, 4)
+    grown = rewrite.apply(TypeAs(), [passes.widen("lin", factor=2)], (x,))
+    assert grown.graph.parameters()["lin.weight"].shape == (12, 4) and grown.report.passes[0].exact
+
+
+def test_sizes_the_data_decides_on_meta_block_their_ops_instead_of_failing_the_analysis():
+    """JetMoE on ``meta``: its routing counts tokens per expert, sizes torch.export leaves as symbols. The ops
+    that compare them are blind to the analysis (growing through them is refused, naming them); the rest of
+    the model is analysed as usual."""
+    import transformers
+
+    from rewrite.io.grow_checkpoint import meta_inputs, meta_model
+
+    config = transformers.JetMoeConfig(hidden_size=32, num_hidden_layers=1, num_key_value_heads=2, kv_channels=8,
+                                       intermediate_size=64, vocab_size=64, architectures=["JetMoeForCausalLM"])
+    model = meta_model(config)
+    args, kwargs = meta_inputs(model)
+    graph = rewrite.trace(model, args, kwargs)
+    blocked = {why for group in rewrite.dim_groups(graph, all_groups=True) for _, _, why in group.blocked}
+    assert any(why.startswith("its sizes depend on the data") for why in blocked)
+    with pytest.raises(rewrite.GrowthError, match="add_heads at model.layers.0.self_attention"):
+        rewrite.apply(graph, [passes.add_heads(2)], args, kwargs, verify=False)

@@ -18,6 +18,7 @@ import dataclasses
 
 import torch
 import torch.fx
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode, statically_known_true
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from rewrite.errors import UnsupportedOpError
@@ -180,10 +181,12 @@ class _Components:
 
 
 def _join(joined: "_Components", shapes: dict, a: Axis, b: Axis, node: str) -> None:
-    """Join two coupled axes; a size-1 one coupled to a larger one is broadcast, and stays apart."""
-    if _size(shapes, a) == _size(shapes, b):
+    """Join two coupled axes; a size-1 one coupled to a larger one is broadcast, and stays apart. Sizes the data
+    decides (symbols, planned on meta) are joined only when they are known to be equal."""
+    sa, sb = _size(shapes, a), _size(shapes, b)
+    if statically_known_true(sa == sb):
         joined.join(a, b)
-    elif _size(shapes, a) != 1 and _size(shapes, b) != 1:
+    elif statically_known_true(sa != 1) and statically_known_true(sb != 1) and statically_known_true(sa != sb):
         raise UnsupportedOpError("?", node, f"coupled axes {a} and {b} differ in size")
 
 
@@ -318,6 +321,8 @@ def collect(graph: "Graph") -> tuple[Facts, dict[str, tuple]]:
             rule(facts, call)
         except UnsupportedOpError as error:  # a form of a known op the rule cannot describe (grouped conv)
             facts.blind(node.name, graph.op_kind(node), all_axes(call), error.detail)
+        except GuardOnDataDependentSymNode:  # planned on meta: a size the data decides (tokens per expert)
+            facts.blind(node.name, graph.op_kind(node), all_axes(call), "its sizes depend on the data")
     return facts, shapes
 
 

@@ -161,6 +161,8 @@ def elementwise(facts: Facts, call: Call) -> None:
     """Operands aligned with the output from the right. A cast or copy of a parameter (``w.float()``, as
     DeepSeek's router reads its weight) is that parameter to the ops that read it: they give its axes roles."""
     tensors = [o for o in call.operands if call.is_tensor(o)]
+    if call.kind in ("type_as", "to"):  # x.type_as(y), x.to(y): y gives only a dtype (and device)
+        tensors = tensors[:1]
     passes_through = call.kind in TRANSPARENT and len(tensors) == 1 and call.shape(tensors[0]) == call.out_shape
     broadcast(facts, call, tensors, along=not passes_through)
     if passes_through:
