@@ -332,3 +332,19 @@ def test_sizes_the_data_decides_on_meta_block_their_ops_instead_of_failing_the_a
     assert any(why.startswith("its sizes depend on the data") for why in blocked)
     with pytest.raises(rewrite.GrowthError, match="add_heads at model.layers.0.self_attention"):
         rewrite.apply(graph, [passes.add_heads(2)], args, kwargs, verify=False)
+
+
+class EmptyCache(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin, self.out = nn.Linear(4, 6), nn.Linear(6, 4)
+        self.register_buffer("cache", torch.zeros(0))
+
+    def forward(self, x):
+        return self.out(torch.cat([self.cache, self.lin(x)], dim=0))  # cat skips a 1-D empty tensor
+
+
+def test_cat_skips_an_empty_cache_as_torch_does():
+    x = torch.randn(2, 4)
+    grown = rewrite.apply(EmptyCache(), [passes.widen("lin", factor=2)], (x,))
+    assert grown.graph.parameters()["lin.weight"].shape == (12, 4) and grown.report.passes[0].exact

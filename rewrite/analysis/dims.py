@@ -142,8 +142,8 @@ def analyse(graph: "Graph") -> DimAnalysis:
     axes = [(ref, axis) for ref, shape in shapes.items() for axis in range(len(shape))]
     joined = _Components(axes)
     for a, b, node in facts.edges:
-        _join(joined, shapes, a, b, node)
-    _settle_size_one(facts, joined, shapes)
+        _join(graph, joined, shapes, a, b, node)
+    _settle_size_one(graph, facts, joined, shapes)
     component = joined.numbered(axes)
     groups = _groups(component, facts, shapes)
     groups = {i: g for i, g in groups.items() if g.activations or any(m.roles for m in g.members)}
@@ -180,17 +180,18 @@ class _Components:
         return {axis: number for number, group in members.items() for axis in group}
 
 
-def _join(joined: "_Components", shapes: dict, a: Axis, b: Axis, node: str) -> None:
+def _join(graph: Graph, joined: "_Components", shapes: dict, a: Axis, b: Axis, node: str) -> None:
     """Join two coupled axes; a size-1 one coupled to a larger one is broadcast, and stays apart. Sizes the data
     decides (symbols, planned on meta) are joined only when they are known to be equal."""
     sa, sb = _size(shapes, a), _size(shapes, b)
     if statically_known_true(sa == sb):
         joined.join(a, b)
     elif statically_known_true(sa != 1) and statically_known_true(sb != 1) and statically_known_true(sa != sb):
-        raise UnsupportedOpError("?", node, f"coupled axes {a} and {b} differ in size")
+        raise UnsupportedOpError(graph.op_kind(node), node, f"its rule couples axes of different sizes, {a} "
+                                                             f"({sa}) and {b} ({sb})")
 
 
-def _settle_size_one(facts: Facts, joined: "_Components", shapes: dict) -> None:
+def _settle_size_one(graph: Graph, facts: Facts, joined: "_Components", shapes: dict) -> None:
     """Decide the size-1 axes the rules left open: a head axis of one head and a broadcast axis both have
     size 1. An axis is *real* when it is in a composition (a view's inferred ``-1`` splits one head out of a
     projection), or joined to one. A broadcasting op's size-1 output axis follows a real input axis
@@ -218,7 +219,7 @@ def _settle_size_one(facts: Facts, joined: "_Components", shapes: dict) -> None:
         reshape_run(resolved, node, sorted(a + [x for x in possible if x in kept and x[0] == src]),
                     sorted(b + [x for x in possible if x in kept and x[0] == dst]))
     for a, b, node in resolved.edges:
-        _join(joined, shapes, a, b, node)
+        _join(graph, joined, shapes, a, b, node)
     facts.compositions += resolved.compositions
 
 

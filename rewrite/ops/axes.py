@@ -527,7 +527,8 @@ def softmax(facts: Facts, call: Call) -> None:
 
 
 def cat(facts: Facts, call: Call) -> None:
-    tensors = [t for t in call.operands[0] if call.is_tensor(t)]
+    """torch.cat skips a 1-D empty tensor whatever the others' rank (a cache that starts as ``tensor([])``)."""
+    tensors = [t for t in call.operands[0] if call.is_tensor(t) and tuple(call.shape(t)) != (0,)]
     rank = len(call.out_shape)
     dim = _norm(call.arg(1, "dim", 0), rank)
     for ref in tensors:
