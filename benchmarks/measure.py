@@ -45,7 +45,7 @@ def in_fresh_process(target, *args) -> dict:
     return result
 
 
-def floor_benchmark(doc: str, layers: int, work: Path, out: Path, generate, reference, run):
+def floor_benchmark(doc: str, layers: int, work: Path, out: Path, generate, reference, run, family: str = "llama"):
     """The command line and the runs the growth-against-floor benchmarks share: ``--layers --runs --work
     --out``; the checkpoint generated once (``generate``), the grown reference for the floor (``reference``),
     ``--runs`` alternating rounds of ``run`` and the work folders removed. (options, source, results)."""
@@ -55,7 +55,7 @@ def floor_benchmark(doc: str, layers: int, work: Path, out: Path, generate, refe
     parser.add_argument("--work", type=Path, default=work)
     parser.add_argument("--out", type=Path, default=out)
     options = parser.parse_args()
-    source = options.work / f"llama-{options.layers}-layers"
+    source = options.work / f"{family}-{options.layers}-layers"
     generated(source, generate, options.layers)
     reference(source, options.work)
     results = alternate(run, source, options.work, options.runs)

@@ -198,9 +198,9 @@ def streamed(model, plan: list, native) -> tuple[str, str]:
     from transformers.utils import logging as hf_logging
 
     import rewrite
-    from rewrite.io.grow_checkpoint import grow_checkpoint, loading_names
+    from rewrite.io.grow_checkpoint import grow_checkpoint
     from rewrite.io.native import is_tied_head
-    from rewrite.io.safetensors_stream import CheckpointReader
+    from rewrite.io.stored_keys import open_checkpoint
 
     hf_logging.disable_progress_bar()  # save_pretrained's, once per case
     with tempfile.TemporaryDirectory() as work:
@@ -212,7 +212,7 @@ def streamed(model, plan: list, native) -> tuple[str, str]:
             if "does not run" in message:  # planned on shapes, the graph a pass made is inconsistent
                 return "crash", f"streaming: {type(e).__name__}: {message}"
             return "exact", f"native; streaming refused: {message}"
-        out = CheckpointReader(Path(work) / "out", names=loading_names(native, Path(work) / "out"))
+        out = open_checkpoint(native, Path(work) / "out")  # as the model's tensors, as transformers loads them
         written = {key: out[key] for key in out}
     state = native.state_dict()
     if not set(written) <= set(state):

@@ -103,6 +103,8 @@ def test_an_upcycled_model_streams_into_its_mixture_class_bit_for_bit(tmp_path, 
     assert main(["grow", str(source), "--stream", "--out", str(tmp_path / "streamed"), *arguments]) == 0
     assert f"wrote {tmp_path / 'streamed'}: {mixture}, " in capsys.readouterr().out
     assert main(["grow", str(source), "--out", str(tmp_path / "in-memory"), *arguments]) == 0
+    stored = set(CheckpointReader(tmp_path / "streamed"))  # each expert apart, as save_pretrained stores them
+    assert stored == set(CheckpointReader(tmp_path / "in-memory")) and not any("gate_up_proj" in k for k in stored)
     streamed = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed").eval()
     in_memory = AutoModelForCausalLM.from_pretrained(tmp_path / "in-memory").eval()
     assert type(streamed).__name__ == mixture and streamed.dtype == dtype
@@ -118,8 +120,8 @@ def test_an_upcycled_model_streams_into_its_mixture_class_bit_for_bit(tmp_path, 
 
 def test_a_folder_storing_tensors_under_other_names_than_the_model_s_streams_bit_for_bit(tmp_path, capsys):
     """GPT-NeoX stores its output head as ``embed_out`` and transformers loads it as ``lm_head``: streaming reads
-    the stored names as the model's, as loading does (``grow_checkpoint.loading_names``), gives the tensors of
-    growing in memory, and stores them under the names ``save_pretrained`` does (``saving_names``)."""
+    the stored names as the model's, as loading does (``stored_keys.open_checkpoint``), gives the tensors of
+    growing in memory, and stores them under the names ``save_pretrained`` does (``stored_keys.StoredLayout``)."""
     from transformers import AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM
 
     torch.manual_seed(0)
@@ -144,19 +146,80 @@ def test_a_folder_storing_tensors_under_other_names_than_the_model_s_streams_bit
         torch.testing.assert_close(streamed(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
 
 
-def test_a_folder_whose_tensors_transformers_converts_on_loading_is_refused_naming_the_tensor(tmp_path):
-    """Mixtral's checkpoints store each expert's matrices apart; transformers stacks them as it loads. Streaming
-    copies tensors as stored, so it says which tensor it cannot read as the model's, and writes nothing."""
+def _mixtral():
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    return MixtralForCausalLM(MixtralConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                            num_attention_heads=2, num_key_value_heads=1, num_local_experts=11,
+                                            vocab_size=64))
+
+
+def _qwen2_moe():
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    return Qwen2MoeForCausalLM(Qwen2MoeConfig(hidden_size=16, intermediate_size=32, moe_intermediate_size=24,
+                                              shared_expert_intermediate_size=40, num_hidden_layers=2,
+                                              num_attention_heads=2, num_key_value_heads=1, num_experts=3,
+                                              num_experts_per_tok=2, vocab_size=64))
+
+
+@pytest.mark.parametrize("family, expert_key", [(_mixtral, "model.layers.1.block_sparse_moe.experts.10.w3.weight"),
+                                                (_qwen2_moe, "model.layers.1.mlp.experts.2.up_proj.weight")])
+def test_a_folder_storing_each_expert_apart_streams_into_one_stored_the_same_way_bit_for_bit(tmp_path, capsys,
+                                                                                           family, expert_key):
+    """Mixtral and Qwen2-MoE folders store each expert's matrices apart; transformers stacks them as it loads
+    (its converters) and splits them again as it saves. Streaming reads the stacked tensors through the same
+    converters and writes them split again: the streamed folder holds the same keys, tensors and shards'
+    contents as ``save_pretrained`` of the in-memory growth, and loads as the grown model."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = family().to(torch.bfloat16).eval()
+    source = tmp_path / "source"
+    model.save_pretrained(source, max_shard_size="8KB")
+    assert expert_key.replace("layers.1", "layers.0") in CheckpointReader(source)
+    arguments = ["--pass", "widen_mlp:factor=2", "--pass", "add_layers:n=1,init=copy"]
+    assert main(["grow", str(source), "--out", str(tmp_path / "in-memory"), *arguments]) == 0
+    grown = grow_checkpoint(source, [passes.widen_mlp(factor=2), passes.add_layers(1, init="copy")],
+                            tmp_path / "streamed", max_shard_bytes=8 << 10)
+    capsys.readouterr()
+    streamed, in_memory = CheckpointReader(tmp_path / "streamed"), CheckpointReader(tmp_path / "in-memory")
+    # unchanged attention tensors are copied as they are; every expert's matrix is made, then split again
+    assert grown.shards > 2 and 0 < grown.copied <= sum(".experts." not in key for key in streamed)
+    assert set(streamed) == set(in_memory) and expert_key in streamed
+    assert all(torch.equal(streamed[key], in_memory[key]) for key in streamed)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed").eval()
+    assert loaded.config.num_hidden_layers == 3 and loaded.dtype == torch.bfloat16
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        reference = AutoModelForCausalLM.from_pretrained(tmp_path / "in-memory").eval()(ids).logits
+        torch.testing.assert_close(loaded(ids).logits, reference, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dropped, message", [
+    ("experts.2.w1.", r"transformers' converter cannot make model\.layers\.0\.mlp\.experts\.gate_up_proj of the 5 "
+                      r"stored tensors .*experts\.0\.w1\.weight \.\. .*experts\.2\.w3\.weight: Sizes of tensors"),
+    ("experts.2.", r"makes model\.layers\.0\.mlp\.experts\.gate_up_proj of its 4 stored parts as \[2, 64, 16\], but "
+                   r"MixtralForCausalLM with the folder's config holds it as \[3, 64, 16\]"),
+    ("embed_tokens", r"has no tensor model\.embed_tokens\.weight, which model\.embed_tokens\.weight is made from"),
+])
+def test_a_folder_whose_tensors_do_not_make_the_model_s_is_refused_naming_them(tmp_path, dropped, message):
+    """A per-expert folder missing one expert's matrix, or a whole expert, or any tensor: a clear refusal naming
+    the tensor and its stored parts, before anything is written."""
+    from safetensors.torch import load_file, save_file
     from transformers import MixtralConfig, MixtralForCausalLM
 
     MixtralForCausalLM(MixtralConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                     num_key_value_heads=1, num_local_experts=2, vocab_size=64)).save_pretrained(
-        tmp_path / "source")
-    with pytest.raises(rewrite.NotRepresentableError,
-                       match=r"stores model\.layers\.0\..*experts\.0\..*, which transformers converts as it "
-                             r"loads MixtralForCausalLM .*without --stream"):
-        grow_checkpoint(tmp_path / "source", [passes.add_layers(1)], tmp_path / "out")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["source"]
+                                     num_key_value_heads=1, num_local_experts=3, vocab_size=64)).save_pretrained(
+        tmp_path / "whole")
+    stored = load_file(tmp_path / "whole" / "model.safetensors")
+    (tmp_path / "source").mkdir()
+    save_file({key: t for key, t in stored.items() if dropped not in key}, tmp_path / "source" / "model.safetensors",
+              metadata={"format": "pt"})
+    (tmp_path / "source" / "config.json").write_text((tmp_path / "whole" / "config.json").read_text())
+    with pytest.raises(rewrite.GrowfxError, match=message):
+        grow_checkpoint(tmp_path / "source", [passes.widen_mlp(factor=2)], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_what_streaming_cannot_do_is_refused_and_nothing_is_written(tmp_path):

@@ -5,8 +5,10 @@
    give the growth map, every grown tensor as a recipe over the checkpoint's tensors, and the grown config
    (``rewrite.io.native.native_config``).
 2. **Stream.** Each tensor of the native class's state dict is made from the checkpoint tensors its recipe
-   reads (``GrowthMap.make`` over a :class:`CheckpointReader`, which reads one tensor when asked; an upcycled
-   model's stacked experts expert by expert, ``native_moe.Piece``) and written
+   reads (``GrowthMap.make`` over the folder's tensors under the model's names, ``stored_keys.open_checkpoint``,
+   each read when asked: a tensor transformers assembles from several stored ones, such as Mixtral's per-expert
+   matrices, by transformers' own converter; an upcycled model's stacked experts are made expert by expert,
+   ``native_moe.Piece``) and written
    into shards at once (``write_safetensors``: header first, then data), in the source's dtype. The next
    tensors are made on a few threads while one is written, as long as what they hold together stays within
    what making the largest one holds alone (``rewrite.io.made_ahead``, ``growth_ops.working_bytes``).
@@ -30,7 +32,6 @@ import dataclasses
 import json
 import shutil
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -41,6 +42,9 @@ from rewrite.io.native import build_native, is_tied_head, native_config, paramet
 from rewrite.io.native_moe import MOE_CLASSES, Piece, moe_pieces
 from rewrite.io.safetensors_stream import INDEX, CheckpointReader, FileBytes, nbytes, shard, write_safetensors
 from rewrite.io.sources import atomic_path
+from rewrite.io.stored_keys import ConvertedReader, StoredLayout, open_checkpoint
+
+Reader = CheckpointReader | ConvertedReader  # a folder's tensors under the model's names
 from rewrite.ir.trace import trace
 from rewrite.transform.apply import Grown, apply
 from rewrite.transform.growth_ops import working_bytes
@@ -75,7 +79,7 @@ def grow_checkpoint(source: str | Path, passes: list, destination: str | Path, *
     start = time.perf_counter()
     config = transformers.AutoConfig.from_pretrained(source, local_files_only=True)
     model = meta_model(config, f"{source}/config.json")
-    reader = CheckpointReader(source, names=loading_names(model, source))
+    reader = open_checkpoint(model, source)
     args, kwargs = meta_inputs(model)
     graph = trace(model, args, kwargs)
     seconds["trace"] = time.perf_counter() - start
@@ -86,16 +90,17 @@ def grow_checkpoint(source: str | Path, passes: list, destination: str | Path, *
     seconds["plan"] = time.perf_counter() - start
     start = time.perf_counter()
     written = 0
-    stored = saving_names(native)
+    stored = StoredLayout(native, entries)  # as save_pretrained stores them: renamed, converted tensors split
     with atomic_path(destination, replace=replace) as folder:
         folder.mkdir()
-        shards = shard(entries, max_shard_bytes)
+        shards = shard(stored.entries, max_shard_bytes)
         names = ["model.safetensors"] if len(shards) == 1 else [
             f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
         layout = {name: (shape, dtype) for name, shape, dtype in entries}
+        as_is = {stored.as_is(key) for key, _, _ in stored.entries} - {None}
 
         verbatim = {name: verbatim_source(grown.map, plan.pieces[name], reader, shape, dtype)
-                    for name, shape, dtype in entries}
+                    for name, shape, dtype in entries if name in as_is}
         verbatim = {name: origin for name, origin in verbatim.items() if origin is not None}
 
         def make(name: str) -> torch.Tensor | FileBytes:
@@ -108,16 +113,15 @@ def grow_checkpoint(source: str | Path, passes: list, destination: str | Path, *
 
         holds = {name: 0 if name in verbatim else _holds(grown.map, plan.pieces[name], reader, shape, dtype)
                  for name, shape, dtype in entries}
-        model_name = {stored(name): name for name, _, _ in entries}
+        holds = {key: stored.holds(key, holds.__getitem__) for key, _, _ in stored.entries}
         for file, part in zip(names, shards):
-            write_safetensors(folder / file, [(stored(name), shape, dtype) for name, shape, dtype in part],
-                              lambda key: make(model_name[key]), metadata={"format": "pt"}, workers=workers(),
-                              holds=lambda key: holds[model_name[key]], budget=max(holds.values(), default=0))
+            write_safetensors(folder / file, part, lambda key: stored.make(key, make), metadata={"format": "pt"},
+                              workers=workers(), holds=holds.__getitem__, budget=max(holds.values(), default=0))
             written += (folder / file).stat().st_size
         if len(shards) > 1:
-            total = sum(nbytes(shape, dtype) for _, shape, dtype in entries)
+            total = sum(nbytes(shape, dtype) for _, shape, dtype in stored.entries)
             index = {"metadata": {"total_size": total},
-                     "weight_map": {stored(name): file for file, part in zip(names, shards) for name, _, _ in part}}
+                     "weight_map": {key: file for file, part in zip(names, shards) for key, _, _ in part}}
             (folder / INDEX).write_text(json.dumps(index, indent=2))
         native_config_.dtype = main_dtype(dtype for _, _, dtype in entries)
         native_config_.save_pretrained(folder)
@@ -125,7 +129,7 @@ def grow_checkpoint(source: str | Path, passes: list, destination: str | Path, *
             if path.is_file() and not any(path.match(pattern) for pattern in WEIGHT_FILES):
                 shutil.copy2(path, folder / path.name)
     seconds["write"] = time.perf_counter() - start
-    return GrownCheckpoint(destination, grown, native_config_, native_class.__name__, len(shards), len(entries),
+    return GrownCheckpoint(destination, grown, native_config_, native_class.__name__, len(shards), len(stored.entries),
                            written, seconds, len(verbatim))
 
 
@@ -161,55 +165,6 @@ def meta_model(config, where: str = "the config", device: str | None = "meta") -
                           f"config.architectures to the class, e.g. ['LlamaForCausalLM']")
     with torch.device(device) if device else contextlib.nullcontext():
         return cls(config).eval()
-
-
-def loading_names(model: torch.nn.Module, folder) -> Callable[[str], str]:
-    """The name each tensor a checkpoint of ``model``'s class stores goes by in the model: transformers renames
-    some keys as it loads them (a family's renamed modules, GPT-NeoX's ``embed_out`` as ``lm_head``; legacy
-    names), and the growth map reads the model's names. A key transformers would convert as it loads it
-    (combine or split, such as per-expert matrices stacked into one) is refused as the folder is read
-    (``NotRepresentableError``): streaming copies tensors as they are stored."""
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
-    except ImportError:  # a transformers that loads every key as it is stored
-        return lambda key: key
-    transforms = get_model_conversion_mapping(model)
-    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
-    converters = [t for t in transforms if isinstance(t, WeightConverter)]
-
-    def name(key: str) -> str:
-        renamed, converted = rename_source_key(key, renamings, converters)
-        if converted is not None:
-            raise NotRepresentableError(
-                f"{folder} stores {key}, which transformers converts as it loads {type(model).__name__} (into "
-                f"{renamed}): streaming copies tensors as they are stored. Grow it in memory (without --stream)")
-        return renamed
-
-    return name
-
-
-def saving_names(model: torch.nn.Module) -> Callable[[str], str]:
-    """The key ``save_pretrained`` stores each of ``model``'s tensors under: transformers reverts its loading
-    renamings as it saves (GPT-NeoX's ``lm_head`` is stored as ``embed_out``), as in
-    ``core_model_loading.revert_weight_conversion`` for a model not loaded from a folder. A tensor transformers
-    would convert as it saves (stacked experts split per expert) keeps the model's name: streaming writes the
-    stacked form, which transformers loads as it is."""
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import (
-            PrefixChange, WeightConverter, WeightRenaming, apply_converters, apply_renamings)
-    except ImportError:  # a transformers that stores every tensor under the model's name
-        return lambda name: name
-    forward = [t for t in get_model_conversion_mapping(model, add_legacy=False) if not isinstance(t, PrefixChange)]
-    reverse = [t.reverse_transform() for t in reversed(forward)]
-    renamings = [t for t in reverse if isinstance(t, WeightRenaming)]
-    converters = [t for t in reverse if isinstance(t, WeightConverter)]
-
-    def name(key: str) -> str:
-        return key if apply_converters(key, converters)[1] is not None else apply_renamings(key, renamings)
-
-    return name
 
 
 def meta_inputs(model: torch.nn.Module) -> tuple[tuple, dict]:
@@ -273,7 +228,7 @@ def check_computed_buffers(grown: Grown, original: torch.nn.Module, native: torc
                     f"memory, where the native class is checked by running it")
 
 
-def _entries(native: torch.nn.Module, pieces: dict, grown: Grown, reader: CheckpointReader) -> list:
+def _entries(native: torch.nn.Module, pieces: dict, grown: Grown, reader: Reader) -> list:
     """(name, shape, dtype) of every tensor the native class saves (tied heads left out, as ``save_pretrained``
     does), each in the dtype of the checkpoint tensor it is made from; a new tensor (or a part the mixture
     zeroes) in the checkpoint's main floating-point dtype."""
@@ -296,7 +251,7 @@ def _entries(native: torch.nn.Module, pieces: dict, grown: Grown, reader: Checkp
     return entries
 
 
-def verbatim_source(growth_map, piece: Piece, reader: CheckpointReader, shape: tuple,
+def verbatim_source(growth_map, piece: Piece, reader: Reader, shape: tuple,
                     dtype: torch.dtype) -> str | None:
     """The checkpoint tensor whose bytes are those of the tensor ``piece`` makes (``shape``, ``dtype``): a
     renamed grown tensor whose recipe is a source tensor with no op, stored in that shape and dtype; else
@@ -305,19 +260,22 @@ def verbatim_source(growth_map, piece: Piece, reader: CheckpointReader, shape: t
         return None
     recipe = growth_map.recipes[growth_map.canonical(piece.names[0])]
     source = recipe.source
-    if recipe.ops or source is None or source not in reader:
+    if recipe.ops or source is None or source not in reader or not reader.stored_as_is(source):
         return None
     return source if reader.shape(source) == tuple(shape) and reader.dtype(source) == dtype else None
 
 
-def _holds(growth_map, piece: Piece, reader: CheckpointReader, shape: tuple, dtype: torch.dtype) -> int:
+def _holds(growth_map, piece: Piece, reader: Reader, shape: tuple, dtype: torch.dtype) -> int:
     """About the memory making a tensor holds (``growth_ops.working_bytes``): what several tensors made at once
-    may hold together is what the largest one holds alone. A stack holds itself and one part in the making."""
+    may hold together is what the largest one holds alone. A stack holds itself and one part in the making; a
+    source transformers assembles from stored parts (``stored_keys.ConvertedReader``) holds itself once more
+    while it is assembled."""
     parts = []
     for name in piece.sources():
         recipe = growth_map.recipes[growth_map.canonical(name)]
         source = reader.shape(recipe.source) if recipe.source is not None else recipe.start.shape
-        parts.append(working_bytes(recipe.ops, source, dtype))
+        assembled = 0 if recipe.source is None or reader.stored_as_is(recipe.source) else reader.nbytes(recipe.source)
+        parts.append(working_bytes(recipe.ops, source, dtype) + assembled)
     if piece.kind == "rename":
         return parts[0]
     return nbytes(shape, dtype) + max(parts, default=0)

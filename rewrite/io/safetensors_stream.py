@@ -53,7 +53,7 @@ class CheckpointReader:
 
     def __init__(self, folder: str | Path, names: Callable[[str], str] | None = None):
         """``names``: the name each stored tensor goes by (a stored key to the model's), when the files store
-        some under others (``grow_checkpoint.loading_names``); None: as stored."""
+        some under others (``stored_keys.open_checkpoint``); None: as stored."""
         self.folder = Path(folder)
         index = self.folder / INDEX
         if index.is_file():
@@ -104,6 +104,10 @@ class CheckpointReader:
     def nbytes(self, name: str) -> int:
         begin, end = self._entry(name)["data_offsets"]
         return end - begin
+
+    def stored_as_is(self, name: str) -> bool:
+        """Whether ``name``'s bytes lie in one file as the tensor holds them (always, here)."""
+        return name in self.files
 
     def bytes(self, name: str) -> FileBytes:
         """Where the tensor ``name``'s data lies in its file (C order, little-endian: a safetensors tensor)."""

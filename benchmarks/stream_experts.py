@@ -1,0 +1,176 @@
+"""Streaming a checkpoint that stores each expert apart (Mixtral's layout): time and peak memory against the floor.
+
+    python benchmarks/stream_experts.py              # a 1.6 GB bfloat16 Mixtral-style folder (8 layers, 8 experts)
+    python benchmarks/stream_experts.py --layers 1   # the pipeline in seconds
+
+transformers stacks a Mixtral folder's per-expert ``w1``/``w3``/``w2`` into ``experts.gate_up_proj`` and
+``experts.down_proj`` as it loads it, and splits them again as it saves. ``grow_checkpoint`` reads the stacked
+tensors through transformers' own converters (``stored_keys.ConvertedReader``) and writes them split again
+(``stored_keys.StoredLayout``), so this measures what that assembling and splitting costs:
+
+1. Generates the folder from a config (random bfloat16 weights under the keys ``save_pretrained`` writes, in
+   2 GB shards with an index; never committed) unless it is already there.
+2. Alternates, ``--runs`` times, each in a fresh process (its own peak resident memory, ``VmHWM``):
+   * ``grow``: ``rewrite.io.grow_checkpoint`` with ``widen_mlp(factor=2)``, every expert twice as wide;
+   * ``floor``: the same files without the growth: for every tensor the grown folder holds, read the source
+     tensor of that name (every grown key is a source key here) and write that many uninitialised bytes, or
+     copy its bytes in the kernel where the growth copies it unchanged (attention, norms, embeddings), through
+     the same reader and writer. Same bytes in, same bytes out.
+   The bound is the streaming one: fixed (imports and a plan on meta) + 3 x the largest tensor, here the
+   largest the model holds (a layer's grown ``gate_up_proj``, every expert stacked), which the growth makes
+   whole before splitting it.
+3. Writes ``benchmarks/results/stream_experts/results.json`` and ``results.md`` (medians).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+from measure import against_floor, floor_benchmark, resident, save
+
+RESULTS = Path(__file__).resolve().parent / "results" / "stream_experts"
+
+
+def config(layers: int):
+    from transformers import MixtralConfig
+
+    return MixtralConfig(hidden_size=1024, intermediate_size=3584, num_hidden_layers=layers, num_attention_heads=16,
+                         num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2, vocab_size=32000,
+                         tie_word_embeddings=False, dtype="bfloat16", architectures=["MixtralForCausalLM"])
+
+
+def _model(layers: int):
+    import torch
+    from transformers import MixtralForCausalLM
+
+    with torch.device("meta"):
+        return MixtralForCausalLM(config(layers)).eval()
+
+
+def generate(folder: Path, layers: int) -> int:
+    """Write a random bfloat16 checkpoint under the keys save_pretrained stores, tensor by tensor."""
+    import torch
+
+    from rewrite.io.safetensors_stream import INDEX, shard, write_safetensors
+    from rewrite.io.stored_keys import StoredLayout
+
+    model = _model(layers)
+    stored = StoredLayout(model, [(n, tuple(t.shape), torch.bfloat16) for n, t in model.state_dict().items()])
+    entries = stored.entries
+    assert any(".experts.0.w1." in key for key, _, _ in entries), "the folder must store each expert apart"
+    shards = shard(entries, 2 * 2**30)
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    folder.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(0)
+    shapes = {key: shape for key, shape, _ in entries}
+
+    def make(key):
+        if key.endswith("norm.weight"):
+            return torch.ones(shapes[key], dtype=torch.bfloat16)
+        return (torch.randn(shapes[key], generator=generator) * 0.02).to(torch.bfloat16)
+
+    for file, part in zip(names, shards):
+        write_safetensors(folder / file, part, make, metadata={"format": "pt"})
+    total = sum(math.prod(s) * 2 for _, s, _ in entries)
+    index = {"metadata": {"total_size": total},
+             "weight_map": {n: f for f, part in zip(names, shards) for n, _, _ in part}}
+    (folder / INDEX).write_text(json.dumps(index))
+    config(layers).save_pretrained(folder)
+    return total
+
+
+def _plan():
+    import passes
+
+    return [passes.widen_mlp(factor=2)]
+
+
+def run(kind: str, source: str, out: str, queue) -> None:
+    """One measured run in a fresh process: ``grow`` or ``floor``."""
+    import torch
+
+    torch.set_num_threads(2)
+    import rewrite.io.grow_checkpoint as streaming
+    from rewrite.io.safetensors_stream import CheckpointReader, shard, write_safetensors
+    from rewrite.transform.materialise import workers
+
+    shutil.rmtree(out, ignore_errors=True)
+    reader = CheckpointReader(source)
+    layers = json.loads((Path(source) / "config.json").read_text())["num_hidden_layers"]
+    if kind == "grow":
+        import gc
+
+        from rewrite.io.hf import example_inputs
+        from rewrite.ir.trace import trace
+        from rewrite.transform.apply import apply
+
+        model = _model(layers)  # the fixed part: imports and a plan on meta, what any growth holds
+        args, _ = example_inputs(model)
+        args = tuple(a.to("meta") for a in args)
+        planned = apply(trace(model, args), _plan(), args, verify=False)
+        largest = max(math.prod(r.shape) * 2 for r in planned.map.recipes.values())  # bf16: the stacked experts
+        fixed = resident()[0]
+        del model, planned
+        gc.collect()
+        start = time.perf_counter()
+        written = streaming.grow_checkpoint(source, _plan(), out, max_shard_bytes=2 * 2**30)
+        seconds = time.perf_counter() - start
+        queue.put({"kind": kind, "seconds": seconds, "phases": written.seconds, "peak": resident()[1],
+                   "fixed": fixed, "largest": largest, "bytes": written.bytes, "copied": written.copied})
+        return
+    grown = CheckpointReader(Path(out).with_name("grown-reference"))
+    entries = [(key, grown.shape(key), grown.dtype(key)) for key in grown.keys()]
+    largest = max(math.prod(shape) * 2 for _, shape, _ in entries)
+    fixed = resident()[0]
+    start = time.perf_counter()
+    Path(out).mkdir(parents=True)
+    total = 0
+    for i, part in enumerate(shard(entries, 2 * 2**30)):
+        def make(key):
+            shape, dtype = next((s, d) for n, s, d in part if n == key)
+            if reader.shape(key) == tuple(shape):  # unchanged: copied as the growth copies it
+                return reader.bytes(key)
+            reader[key]  # the bytes the growth reads
+            return torch.empty(shape, dtype=dtype)
+
+        path = Path(out) / f"model-{i + 1:05d}.safetensors"
+        write_safetensors(path, part, make, workers=workers(), budget=largest)  # as grow_checkpoint writes
+        total += path.stat().st_size
+    seconds = time.perf_counter() - start
+    queue.put({"kind": kind, "seconds": seconds, "peak": resident()[1], "fixed": fixed, "bytes": total})
+
+
+def reference(source: Path, work: Path) -> None:
+    """The grown folder once, whose keys and shapes the floor writes; checked to store each expert apart."""
+    from rewrite.io.grow_checkpoint import grow_checkpoint
+    from rewrite.io.safetensors_stream import CheckpointReader
+
+    folder = work / "grown-reference"
+    shutil.rmtree(folder, ignore_errors=True)
+    grow_checkpoint(source, _plan(), folder, max_shard_bytes=2 * 2**30)
+    grown, stored = set(CheckpointReader(folder)), set(CheckpointReader(source))
+    assert grown == stored, f"the grown folder stores other keys than the source: {sorted(grown ^ stored)[:4]}"
+
+
+def main() -> None:
+    options, source, results = floor_benchmark(__doc__, 8, Path("/tmp/growfx-stream-experts"), RESULTS, generate,
+                                               reference, run, family="mixtral")
+    source_bytes = sum(p.stat().st_size for p in source.glob("*.safetensors"))
+    summary = {"layers": options.layers, "source_gb": source_bytes / 1e9, **against_floor(results)}
+    table = (f"| checkpoint | grown | growth (s) | floor (s) | ratio | peak RSS | fixed + 3 x largest | within |\n"
+             f"|---|---|---|---|---|---|---|---|\n"
+             f"| {summary['source_gb']:.2f} GB bf16 Mixtral, {options.layers} layers x 8 experts, stored per "
+             f"expert | {summary['grown_gb']:.2f} GB | {summary['grow_s']:.1f} | {summary['floor_s']:.1f} | "
+             f"{summary['ratio']:.2f}x | {summary['grow_peak_gb']:.2f} GB | {summary['fixed_gb']:.2f} + 3 x "
+             f"{summary['largest_tensor_gb']:.3f} = {summary['bound_gb']:.2f} GB | "
+             f"{'yes' if summary['within_bound'] else 'no'} |\n")
+    save(options.out, summary, table)
+    print(json.dumps({k: v for k, v in summary.items() if k != "every_run"}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
