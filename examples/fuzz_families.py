@@ -3,8 +3,9 @@
     python examples/fuzz_families.py --cases 1000 [--workers 2] [--start 0] [--stream]
 
 Case ``i`` is drawn from ``random.Random(i)`` alone, so any case can be rerun by its number (``--start i
---cases 1``). Families: Llama, Qwen2, Qwen3, Mistral, Gemma, GPT-2, GPT-NeoX, StableLM, Phi, OPT, with 1-4 KV
-heads, grouped-query ratios, head sizes 4 or 8, tied or untied embeddings, parallel residuals, biases, q/k
+--cases 1``). Families: Llama, Qwen2, Qwen3, Mistral, Gemma, GPT-2, GPT-NeoX, StableLM, Phi, OPT, and in
+place of some Llama and Qwen3 cases their mixtures of experts (Mixtral, Qwen3-MoE: 2-4 experts, top 1 or 2,
+stored per expert in a folder, stacked in the model), with 1-4 KV heads, grouped-query ratios, head sizes 4 or 8, tied or untied embeddings, parallel residuals, biases, q/k
 norms where the family has them. A plan is 1-3 passes with random sizes, policies and layers. Each outcome is
 one of:
 
@@ -39,6 +40,7 @@ import warnings
 import torch
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gpt2", "gpt_neox", "stablelm", "phi", "opt")
+MIXTURES = {"llama": "mixtral", "qwen3": "qwen3_moe"}  # a family's mixture of experts, drawn instead of it
 VOCAB = 64
 
 
@@ -83,6 +85,10 @@ def draw(number: int) -> Case:
         else:
             part = rng.choice(["v", "qk"])
             plan.append((kind, {part: 2 * head_dim}))
+    if family in MIXTURES and rng.random() < 0.4:  # drawn last: every other draw of a case stays as it was
+        family = MIXTURES[family]
+        config.update(experts=rng.randint(2, 4), top_k=rng.randint(1, 2), expert_width=rng.choice([1, 2]) * hidden,
+                      norm_top_k=rng.random() < 0.5)
     return Case(number, family, config, plan)
 
 
@@ -102,6 +108,14 @@ def build(case: Case) -> torch.nn.Module:
         return t.Qwen2ForCausalLM(t.Qwen2Config(**llama_like))
     if family == "qwen3":
         return t.Qwen3ForCausalLM(t.Qwen3Config(**llama_like, head_dim=c["head_dim"], attention_bias=c["bias"]))
+    if family == "mixtral":  # experts stored apart in a folder, stacked in the model
+        return t.MixtralForCausalLM(t.MixtralConfig(**{**llama_like, "intermediate_size": c["expert_width"]},
+                                                    head_dim=c["head_dim"], num_local_experts=c["experts"],
+                                                    num_experts_per_tok=c["top_k"]))
+    if family == "qwen3_moe":
+        return t.Qwen3MoeForCausalLM(t.Qwen3MoeConfig(
+            **llama_like, head_dim=c["head_dim"], attention_bias=c["bias"], num_experts=c["experts"],
+            num_experts_per_tok=c["top_k"], moe_intermediate_size=c["expert_width"], norm_topk_prob=c["norm_top_k"]))
     if family == "mistral":
         return t.MistralForCausalLM(t.MistralConfig(**llama_like, head_dim=c["head_dim"]))
     if family == "gemma":

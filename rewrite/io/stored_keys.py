@@ -158,8 +158,8 @@ class StoredLayout:
 
     def __init__(self, model: torch.nn.Module, entries: list[tuple[str, tuple[int, ...], torch.dtype]]):
         self.model = model
+        rename, split = _reverse_transforms(model)
         groups: dict[str, list[str]] = {}
-        split = _reverse_converters(model)
         for name, _, _ in entries:
             key = split(name)
             groups.setdefault(key if key is not None else name, []).append(name)
@@ -168,16 +168,21 @@ class StoredLayout:
         self.entries: list[tuple[str, tuple[int, ...], torch.dtype]] = []
         self.group: dict[str, tuple[str, ...]] = {}  # stored key -> the model tensors it is made from
         self.keys: dict[tuple[str, ...], list[str]] = {}  # model tensors -> the stored keys made of them
-        for members in map(tuple, groups.values()):
-            stored = self._revert({n: torch.empty(shapes[n][0], dtype=shapes[n][1], device="meta") for n in members})
-            for key, tensor in stored.items():
+        for group, members in groups.items():
+            members = tuple(members)
+            if split(members[0]) is None:  # renamed at most, as revert_weight_conversion renames it
+                stored = [(rename(group), *shapes[group])]
+            else:
+                metas = {n: torch.empty(shapes[n][0], dtype=shapes[n][1], device="meta") for n in members}
+                stored = [(key, tuple(t.shape), t.dtype) for key, t in self._revert(metas).items()]
+            for key, shape, dtype in stored:
                 if key in self.group:
                     raise GrowfxError(f"{type(model).__name__} stores {key} for both {self.group[key]} and {members}")
                 self.group[key] = members
-                self.entries.append((key, tuple(tensor.shape), tensor.dtype))
-            self.keys[members] = list(stored)
+            self.entries += stored
+            self.keys[members] = [key for key, _, _ in stored]
         self._made: dict[tuple[str, ...], dict[str, torch.Tensor]] = {}  # a group's parts not yet asked for
-        self._locks = {members: threading.Lock() for members in self.keys}
+        self._locks = {members: threading.Lock() for members in self.keys if len(self.keys[members]) > 1}
 
     def _revert(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         try:
@@ -228,19 +233,23 @@ class StoredLayout:
         return tensor.contiguous()
 
 
-def _reverse_converters(model: torch.nn.Module) -> Callable[[str], str | None]:
-    """The group key a model tensor is saved under by a reverse converter, or None where none splits it."""
+def _reverse_transforms(model: torch.nn.Module) -> tuple[Callable[[str], str], Callable[[str], str | None]]:
+    """How ``save_pretrained`` stores a model tensor (``revert_weight_conversion``, for a model not loaded from a
+    folder): the key its renamings give it, and the group key a reverse converter saves it under (None where
+    no converter splits it)."""
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import PrefixChange, WeightConverter, apply_converters
+        from transformers.core_model_loading import (
+            PrefixChange, WeightConverter, WeightRenaming, apply_converters, apply_renamings)
     except ImportError:  # a transformers that stores every tensor under the model's name
-        return lambda name: None
+        return (lambda name: name), (lambda name: None)
     forward = [t for t in get_model_conversion_mapping(model, add_legacy=False) if not isinstance(t, PrefixChange)]
-    converters = [t.reverse_transform() for t in reversed(forward)]
-    converters = [t for t in converters if isinstance(t, WeightConverter)]
+    reverse = [t.reverse_transform() for t in reversed(forward)]
+    renamings = [t for t in reverse if isinstance(t, WeightRenaming)]
+    converters = [t for t in reverse if isinstance(t, WeightConverter)]
 
-    def group(name: str) -> str | None:
+    def split(name: str) -> str | None:
         key, pattern = apply_converters(name, converters)
         return key if pattern is not None else None
 
-    return group
+    return (lambda name: apply_renamings(name, renamings)), split
