@@ -5,9 +5,9 @@
 Case ``i`` is drawn from ``random.Random(i)`` alone, so any case can be rerun by its number (``--start i
 --cases 1``). Families: Llama, Qwen2, Qwen3, Mistral, Gemma, GPT-2, GPT-NeoX, StableLM, Phi, OPT, and in
 place of some Llama and Qwen3 cases their mixtures of experts (Mixtral, Qwen3-MoE: 2-4 experts, top 1 or 2,
-stored per expert in a folder, stacked in the model), with 1-4 KV heads, grouped-query ratios, head sizes 4 or 8, tied or untied embeddings, parallel residuals, biases, q/k
-norms where the family has them. A plan is 1-3 passes with random sizes, policies and layers. Each outcome is
-one of:
+stored per expert in a folder, stacked in the model), with 1-4 KV heads, grouped-query ratios, head sizes 4
+or 8, tied or untied embeddings, parallel residuals, biases, q/k norms where the family has them. A plan is
+1-3 passes with random sizes, policies and layers. Each outcome is one of:
 
 * ``exact``: verified exact by ``rewrite.apply``, and checked again here on fresh inputs of another batch size
   and sequence length (max abs error <= 1e-4), then written back with ``to_native`` (or refused with a reason

@@ -43,13 +43,12 @@ from rewrite.io.native_moe import MOE_CLASSES, Piece, moe_pieces
 from rewrite.io.safetensors_stream import INDEX, CheckpointReader, FileBytes, nbytes, shard, write_safetensors
 from rewrite.io.sources import atomic_path
 from rewrite.io.stored_keys import ConvertedReader, StoredLayout, open_checkpoint
-
-Reader = CheckpointReader | ConvertedReader  # a folder's tensors under the model's names
 from rewrite.ir.trace import trace
 from rewrite.transform.apply import Grown, apply
 from rewrite.transform.growth_ops import working_bytes
 from rewrite.transform.materialise import return_freed_memory, to_meta, workers
 
+Reader = CheckpointReader | ConvertedReader  # a folder's tensors under the model's names
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", INDEX, "pytorch_model.bin.index.json",
                 "config.json")
 
@@ -129,8 +128,8 @@ def grow_checkpoint(source: str | Path, passes: list, destination: str | Path, *
             if path.is_file() and not any(path.match(pattern) for pattern in WEIGHT_FILES):
                 shutil.copy2(path, folder / path.name)
     seconds["write"] = time.perf_counter() - start
-    return GrownCheckpoint(destination, grown, native_config_, native_class.__name__, len(shards), len(stored.entries),
-                           written, seconds, len(verbatim))
+    return GrownCheckpoint(destination, grown, native_config_, native_class.__name__, len(shards),
+                           len(stored.entries), written, seconds, len(verbatim))
 
 
 @dataclasses.dataclass
@@ -274,7 +273,8 @@ def _holds(growth_map, piece: Piece, reader: Reader, shape: tuple, dtype: torch.
     for name in piece.sources():
         recipe = growth_map.recipes[growth_map.canonical(name)]
         source = reader.shape(recipe.source) if recipe.source is not None else recipe.start.shape
-        assembled = 0 if recipe.source is None or reader.stored_as_is(recipe.source) else reader.nbytes(recipe.source)
+        read = recipe.source
+        assembled = 0 if read is None or reader.stored_as_is(read) else reader.nbytes(read)  # its parts stacked
         parts.append(working_bytes(recipe.ops, source, dtype) + assembled)
     if piece.kind == "rename":
         return parts[0]
