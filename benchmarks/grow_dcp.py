@@ -25,7 +25,7 @@ import shutil
 import time
 from pathlib import Path
 
-from measure import against_floor, floor_benchmark, resident, save
+from measure import against_floor, floor_benchmark, floor_report, resident
 
 RESULTS = Path(__file__).resolve().parent / "results" / "grow_dcp"
 SOURCE_CHUNK = 64 * 2**20  # the source's row chunks: what FSDP2 on 2 processes writes for the 131 MB embedding
@@ -166,15 +166,9 @@ def main() -> None:
     summary = {"layers": options.layers, "source_gb": _bytes(source) / 1e9, "keys": results[0]["keys"],
                **against_floor(results)}
     summary["write_ratio"] = summary["phases_s"]["write"] / summary["floor_s"]
-    table = (f"| checkpoint (weights + AdamW) | grown | growth (s) | floor (s) | ratio (write phase) | peak RSS | "
-             f"fixed + 3 x largest | within |\n|---|---|---|---|---|---|---|---|\n"
-             f"| {summary['source_gb']:.2f} GB fp32, {options.layers} layers | {summary['grown_gb']:.2f} GB | "
-             f"{summary['grow_s']:.1f} | {summary['floor_s']:.1f} | {summary['ratio']:.2f}x "
-             f"({summary['write_ratio']:.2f}x) | {summary['grow_peak_gb']:.2f} GB | {summary['fixed_gb']:.2f} + 3 x "
-             f"{summary['largest_tensor_gb']:.3f} = {summary['bound_gb']:.2f} GB | "
-             f"{'yes' if summary['within_bound'] else 'no'} |\n")
-    save(options.out, summary, table)
-    print(json.dumps({k: v for k, v in summary.items() if k != "every_run"}, indent=1))
+    floor_report(options.out, summary, f"{summary['source_gb']:.2f} GB fp32, {options.layers} layers",
+                 what="checkpoint (weights + AdamW)", ratio_column="ratio (write phase)",
+                 ratio=f"{summary['ratio']:.2f}x ({summary['write_ratio']:.2f}x)")
 
 
 if __name__ == "__main__":

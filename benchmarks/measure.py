@@ -145,3 +145,18 @@ def save(out: Path, summary: dict, table: str) -> None:
     (out / "results.json").write_text(json.dumps(summary, indent=1))
     (out / "results.md").write_text(table)
     print(table)
+
+
+def floor_report(out: Path, summary: dict, checkpoint: str, *, what: str = "checkpoint",
+                 ratio: str | None = None, ratio_column: str = "ratio") -> None:
+    """The row of a growth-against-floor benchmark (``against_floor``'s summary of ``checkpoint``) under its
+    header, saved (``save``) and the summary printed without its runs."""
+    ratio = ratio or f"{summary['ratio']:.2f}x"
+    table = (f"| {what} | grown | growth (s) | floor (s) | {ratio_column} | peak RSS | fixed + 3 x largest | within |\n"
+             f"|---|---|---|---|---|---|---|---|\n"
+             f"| {checkpoint} | {summary['grown_gb']:.2f} GB | {summary['grow_s']:.1f} | {summary['floor_s']:.1f} | "
+             f"{ratio} | {summary['grow_peak_gb']:.2f} GB | {summary['fixed_gb']:.2f} + 3 x "
+             f"{summary['largest_tensor_gb']:.3f} = {summary['bound_gb']:.2f} GB | "
+             f"{'yes' if summary['within_bound'] else 'no'} |\n")
+    save(out, summary, table)
+    print(json.dumps({k: v for k, v in summary.items() if k != "every_run"}, indent=1))

@@ -30,7 +30,7 @@ import shutil
 import time
 from pathlib import Path
 
-from measure import against_floor, floor_benchmark, resident, save
+from measure import against_floor, floor_benchmark, floor_report, resident
 
 RESULTS = Path(__file__).resolve().parent / "results" / "stream_experts"
 
@@ -161,15 +161,8 @@ def main() -> None:
                                                reference, run, family="mixtral")
     source_bytes = sum(p.stat().st_size for p in source.glob("*.safetensors"))
     summary = {"layers": options.layers, "source_gb": source_bytes / 1e9, **against_floor(results)}
-    table = (f"| checkpoint | grown | growth (s) | floor (s) | ratio | peak RSS | fixed + 3 x largest | within |\n"
-             f"|---|---|---|---|---|---|---|---|\n"
-             f"| {summary['source_gb']:.2f} GB bf16 Mixtral, {options.layers} layers x 8 experts, stored per "
-             f"expert | {summary['grown_gb']:.2f} GB | {summary['grow_s']:.1f} | {summary['floor_s']:.1f} | "
-             f"{summary['ratio']:.2f}x | {summary['grow_peak_gb']:.2f} GB | {summary['fixed_gb']:.2f} + 3 x "
-             f"{summary['largest_tensor_gb']:.3f} = {summary['bound_gb']:.2f} GB | "
-             f"{'yes' if summary['within_bound'] else 'no'} |\n")
-    save(options.out, summary, table)
-    print(json.dumps({k: v for k, v in summary.items() if k != "every_run"}, indent=1))
+    floor_report(options.out, summary, f"{summary['source_gb']:.2f} GB bf16 Mixtral, {options.layers} layers x 8 "
+                                       f"experts, stored per expert")
 
 
 if __name__ == "__main__":
