@@ -160,3 +160,36 @@ def floor_report(out: Path, summary: dict, checkpoint: str, *, what: str = "chec
              f"{'yes' if summary['within_bound'] else 'no'} |\n")
     save(out, summary, table)
     print(json.dumps({k: v for k, v in summary.items() if k != "every_run"}, indent=1))
+
+
+def random_folder(folder: Path, model, config) -> int:
+    """Write a random bfloat16 Hugging Face folder of ``model``'s shapes (built from ``config`` on ``meta``) under
+    the keys ``save_pretrained`` stores (``stored_keys.StoredLayout``: per expert for a mixture), tensor by
+    tensor in 2 GB shards with an index; norm gains are ones. Returns its bytes."""
+    import math
+
+    import torch
+
+    from rewrite.io.safetensors_stream import INDEX, shard, write_safetensors
+    from rewrite.io.stored_keys import StoredLayout
+
+    entries = StoredLayout(model, [(n, tuple(t.shape), torch.bfloat16) for n, t in model.state_dict().items()]).entries
+    shards = shard(entries, 2 * 2**30)
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    folder.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(0)
+    shapes = {key: shape for key, shape, _ in entries}
+
+    def make(key):
+        if key.endswith("norm.weight"):
+            return torch.ones(shapes[key], dtype=torch.bfloat16)
+        return (torch.randn(shapes[key], generator=generator) * 0.02).to(torch.bfloat16)
+
+    for file, part in zip(names, shards):
+        write_safetensors(folder / file, part, make, metadata={"format": "pt"})
+    total = sum(math.prod(s) * 2 for _, s, _ in entries)
+    index = {"metadata": {"total_size": total},
+             "weight_map": {n: f for f, part in zip(names, shards) for n, _, _ in part}}
+    (folder / INDEX).write_text(json.dumps(index))
+    config.save_pretrained(folder)
+    return total

@@ -28,7 +28,7 @@ import shutil
 import time
 from pathlib import Path
 
-from measure import against_floor, floor_benchmark, floor_report, resident
+from measure import against_floor, floor_benchmark, floor_report, random_folder, resident
 
 RESULTS = Path(__file__).resolve().parent / "results" / "stream"
 
@@ -46,30 +46,9 @@ def generate(folder: Path, layers: int) -> int:
     import torch
     from transformers import LlamaForCausalLM
 
-    from rewrite.io.safetensors_stream import INDEX, shard, write_safetensors
-
     with torch.device("meta"):
         model = LlamaForCausalLM(config(layers))
-    entries = [(name, tuple(t.shape), torch.bfloat16) for name, t in model.state_dict().items()]
-    shards = shard(entries, 2 * 2**30)
-    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    folder.mkdir(parents=True)
-    generator = torch.Generator().manual_seed(0)
-
-    def make(name):
-        shape = next(s for n, s, _ in entries if n == name)
-        if name.endswith("norm.weight"):
-            return torch.ones(shape, dtype=torch.bfloat16)
-        return (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
-
-    for file, part in zip(names, shards):
-        write_safetensors(folder / file, part, make, metadata={"format": "pt"})
-    total = sum(math.prod(s) * 2 for _, s, _ in entries)
-    index = {"metadata": {"total_size": total},
-             "weight_map": {n: f for f, part in zip(names, shards) for n, _, _ in part}}
-    (folder / INDEX).write_text(json.dumps(index))
-    config(layers).save_pretrained(folder)
-    return total
+    return random_folder(folder, model, config(layers))
 
 
 def _plan():

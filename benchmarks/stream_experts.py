@@ -30,7 +30,7 @@ import shutil
 import time
 from pathlib import Path
 
-from measure import against_floor, floor_benchmark, floor_report, resident
+from measure import against_floor, floor_benchmark, floor_report, random_folder, resident
 
 RESULTS = Path(__file__).resolve().parent / "results" / "stream_experts"
 
@@ -52,35 +52,8 @@ def _model(layers: int):
 
 
 def generate(folder: Path, layers: int) -> int:
-    """Write a random bfloat16 checkpoint under the keys save_pretrained stores, tensor by tensor."""
-    import torch
-
-    from rewrite.io.safetensors_stream import INDEX, shard, write_safetensors
-    from rewrite.io.stored_keys import StoredLayout
-
-    model = _model(layers)
-    stored = StoredLayout(model, [(n, tuple(t.shape), torch.bfloat16) for n, t in model.state_dict().items()])
-    entries = stored.entries
-    assert any(".experts.0.w1." in key for key, _, _ in entries), "the folder must store each expert apart"
-    shards = shard(entries, 2 * 2**30)
-    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    folder.mkdir(parents=True)
-    generator = torch.Generator().manual_seed(0)
-    shapes = {key: shape for key, shape, _ in entries}
-
-    def make(key):
-        if key.endswith("norm.weight"):
-            return torch.ones(shapes[key], dtype=torch.bfloat16)
-        return (torch.randn(shapes[key], generator=generator) * 0.02).to(torch.bfloat16)
-
-    for file, part in zip(names, shards):
-        write_safetensors(folder / file, part, make, metadata={"format": "pt"})
-    total = sum(math.prod(s) * 2 for _, s, _ in entries)
-    index = {"metadata": {"total_size": total},
-             "weight_map": {n: f for f, part in zip(names, shards) for n, _, _ in part}}
-    (folder / INDEX).write_text(json.dumps(index))
-    config(layers).save_pretrained(folder)
-    return total
+    """Write a random bfloat16 checkpoint under the keys save_pretrained stores (each expert apart)."""
+    return random_folder(folder, _model(layers), config(layers))
 
 
 def _plan():
