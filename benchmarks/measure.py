@@ -193,3 +193,21 @@ def random_folder(folder: Path, model, config) -> int:
     (folder / INDEX).write_text(json.dumps(index))
     config.save_pretrained(folder)
     return total
+
+
+def write_floor(out: Path, entries: list, make) -> int:
+    """A floor's files: ``entries`` (name, shape, dtype) in 2 GB shards, each tensor as ``make(name, shape,
+    dtype)`` gives it, written as ``grow_checkpoint`` writes (made ahead on its threads, within the largest
+    tensor's bytes). Returns the bytes written."""
+    from rewrite.io.safetensors_stream import nbytes, shard, write_safetensors
+    from rewrite.transform.materialise import workers
+
+    largest = max(nbytes(shape, dtype) for _, shape, dtype in entries)
+    out.mkdir(parents=True)
+    total = 0
+    for i, part in enumerate(shard(entries, 2 * 2**30)):
+        layout = {name: (shape, dtype) for name, shape, dtype in part}
+        path = out / f"model-{i + 1:05d}.safetensors"
+        write_safetensors(path, part, lambda name: make(name, *layout[name]), workers=workers(), budget=largest)
+        total += path.stat().st_size
+    return total

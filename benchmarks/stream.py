@@ -28,7 +28,7 @@ import shutil
 import time
 from pathlib import Path
 
-from measure import against_floor, floor_benchmark, floor_report, random_folder, resident
+from measure import against_floor, floor_benchmark, floor_report, random_folder, resident, write_floor
 
 RESULTS = Path(__file__).resolve().parent / "results" / "stream"
 
@@ -63,8 +63,7 @@ def run(kind: str, source: str, out: str, queue) -> None:
 
     torch.set_num_threads(2)
     import rewrite.io.grow_checkpoint as streaming
-    from rewrite.io.safetensors_stream import CheckpointReader, nbytes, shard, write_safetensors
-    from rewrite.transform.materialise import workers
+    from rewrite.io.safetensors_stream import CheckpointReader
 
     shutil.rmtree(out, ignore_errors=True)
     if kind == "grow":
@@ -98,23 +97,17 @@ def run(kind: str, source: str, out: str, queue) -> None:
     saved = json.loads((grown_folder / "recipes.json").read_text())
     recipes, verbatim = saved["recipes"], set(saved["verbatim"])
     entries = [(n, reference.shape(n), reference.dtype(n)) for n in reference.keys()]
-    largest = max(nbytes(shape, dtype) for _, shape, dtype in entries)
     fixed = resident()[0]
     start = time.perf_counter()
-    Path(out).mkdir(parents=True)
-    total = 0
-    for i, part in enumerate(shard(entries, 2 * 2**30)):
-        def make(name):
-            if name in verbatim:  # copied unchanged: the same in-kernel copy the growth makes
-                return reader.bytes(recipes[name])
-            if recipes.get(name) in reader:
-                reader[recipes[name]]  # the bytes the growth reads
-            shape, dtype = next((s, d) for n, s, d in part if n == name)
-            return torch.empty(shape, dtype=dtype)
 
-        path = Path(out) / f"model-{i + 1:05d}.safetensors"
-        write_safetensors(path, part, make, workers=workers(), budget=largest)  # as grow_checkpoint writes
-        total += path.stat().st_size
+    def make(name, shape, dtype):
+        if name in verbatim:  # copied unchanged: the same in-kernel copy the growth makes
+            return reader.bytes(recipes[name])
+        if recipes.get(name) in reader:
+            reader[recipes[name]]  # the bytes the growth reads
+        return torch.empty(shape, dtype=dtype)
+
+    total = write_floor(Path(out), entries, make)
     seconds = time.perf_counter() - start
     queue.put({"kind": kind, "seconds": seconds, "peak": resident()[1], "fixed": fixed, "bytes": total})
 

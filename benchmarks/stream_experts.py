@@ -30,7 +30,7 @@ import shutil
 import time
 from pathlib import Path
 
-from measure import against_floor, floor_benchmark, floor_report, random_folder, resident
+from measure import against_floor, floor_benchmark, floor_report, random_folder, resident, write_floor
 
 RESULTS = Path(__file__).resolve().parent / "results" / "stream_experts"
 
@@ -68,8 +68,7 @@ def run(kind: str, source: str, out: str, queue) -> None:
 
     torch.set_num_threads(2)
     import rewrite.io.grow_checkpoint as streaming
-    from rewrite.io.safetensors_stream import CheckpointReader, shard, write_safetensors
-    from rewrite.transform.materialise import workers
+    from rewrite.io.safetensors_stream import CheckpointReader
 
     shutil.rmtree(out, ignore_errors=True)
     reader = CheckpointReader(source)
@@ -97,22 +96,16 @@ def run(kind: str, source: str, out: str, queue) -> None:
         return
     grown = CheckpointReader(Path(out).with_name("grown-reference"))
     entries = [(key, grown.shape(key), grown.dtype(key)) for key in grown.keys()]
-    largest = max(math.prod(shape) * 2 for _, shape, _ in entries)
     fixed = resident()[0]
     start = time.perf_counter()
-    Path(out).mkdir(parents=True)
-    total = 0
-    for i, part in enumerate(shard(entries, 2 * 2**30)):
-        def make(key):
-            shape, dtype = next((s, d) for n, s, d in part if n == key)
-            if reader.shape(key) == tuple(shape):  # unchanged: copied as the growth copies it
-                return reader.bytes(key)
-            reader[key]  # the bytes the growth reads
-            return torch.empty(shape, dtype=dtype)
 
-        path = Path(out) / f"model-{i + 1:05d}.safetensors"
-        write_safetensors(path, part, make, workers=workers(), budget=largest)  # as grow_checkpoint writes
-        total += path.stat().st_size
+    def make(key, shape, dtype):
+        if reader.shape(key) == tuple(shape):  # unchanged: copied as the growth copies it
+            return reader.bytes(key)
+        reader[key]  # the bytes the growth reads
+        return torch.empty(shape, dtype=dtype)
+
+    total = write_floor(Path(out), entries, make)
     seconds = time.perf_counter() - start
     queue.put({"kind": kind, "seconds": seconds, "peak": resident()[1], "fixed": fixed, "bytes": total})
 
