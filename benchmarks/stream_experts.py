@@ -2,6 +2,7 @@
 
     python benchmarks/stream_experts.py              # a 1.6 GB bfloat16 Mixtral-style folder (8 layers, 8 experts)
     python benchmarks/stream_experts.py --layers 1   # the pipeline in seconds
+    python benchmarks/stream_experts.py --plan depth # LLaMA-Pro: a copied layer after the middle and the last
 
 transformers stacks a Mixtral folder's per-expert ``w1``/``w3``/``w2`` into ``experts.gate_up_proj`` and
 ``experts.down_proj`` as it loads it, and splits them again as it saves. ``grow_checkpoint`` reads the stacked
@@ -11,22 +12,28 @@ tensors through transformers' own converters (``stored_keys.ConvertedReader``) a
 1. Generates the folder from a config (random bfloat16 weights under the keys ``save_pretrained`` writes, in
    2 GB shards with an index; never committed) unless it is already there.
 2. Alternates, ``--runs`` times, each in a fresh process (its own peak resident memory, ``VmHWM``):
-   * ``grow``: ``rewrite.io.grow_checkpoint`` with ``widen_mlp(factor=2)``, every expert twice as wide;
-   * ``floor``: the same files without the growth: for every tensor the grown folder holds, read the source
-     tensor of that name (every grown key is a source key here) and write that many uninitialised bytes, or
-     copy its bytes in the kernel where the growth copies it unchanged (attention, norms, embeddings), through
-     the same reader and writer. Same bytes in, same bytes out.
+   * ``grow``: ``rewrite.io.grow_checkpoint`` with ``widen_mlp(factor=2)``, every expert twice as wide
+     (``--plan depth``: ``add_layers(1, at=[middle, last], init="copy")``, whose copied experts are copied part
+     by part from the source files);
+   * ``floor``: the same files without the growth: for every tensor the grown folder holds, copy the bytes of
+     the source tensor of that name in the kernel where it has the same shape (as the growth copies what it
+     leaves unchanged), else read it and write that many uninitialised bytes (a new layer's name is in no
+     source: written only), through the same reader and writer.
    The bound is the streaming one: fixed (imports and a plan on meta) + 3 x the largest tensor, here the
    largest the model holds (a layer's grown ``gate_up_proj``, every expert stacked), which the growth makes
    whole before splitting it.
-3. Writes ``benchmarks/results/stream_experts/results.json`` and ``results.md`` (medians).
+3. Writes ``benchmarks/results/stream_experts/results.json`` and ``results.md`` (medians;
+   ``stream_experts-depth/`` for ``--plan depth``).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -56,10 +63,17 @@ def generate(folder: Path, layers: int) -> int:
     return random_folder(folder, _model(layers), config(layers))
 
 
-def _plan():
+PLANS = {"width": "widen_mlp(factor=2)", "depth": "add_layers(1, at=[middle, last], init='copy')"}
+
+
+def _plan(source):
+    """The plan ``--plan`` names (handed to the measured processes in the environment) for the folder ``source``."""
     import passes
 
-    return [passes.widen_mlp(factor=2)]
+    if os.environ.get("STREAM_EXPERTS_PLAN", "width") == "width":
+        return [passes.widen_mlp(factor=2)]
+    layers = json.loads((Path(source) / "config.json").read_text())["num_hidden_layers"]
+    return [passes.add_layers(1, at=[layers // 2 - 1, layers - 1], init="copy")]
 
 
 def run(kind: str, source: str, out: str, queue) -> None:
@@ -83,13 +97,13 @@ def run(kind: str, source: str, out: str, queue) -> None:
         model = _model(layers)  # the fixed part: imports and a plan on meta, what any growth holds
         args, _ = example_inputs(model)
         args = tuple(a.to("meta") for a in args)
-        planned = apply(trace(model, args), _plan(), args, verify=False)
+        planned = apply(trace(model, args), _plan(source), args, verify=False)
         largest = max(math.prod(r.shape) * 2 for r in planned.map.recipes.values())  # bf16: the stacked experts
         fixed = resident()[0]
         del model, planned
         gc.collect()
         start = time.perf_counter()
-        written = streaming.grow_checkpoint(source, _plan(), out, max_shard_bytes=2 * 2**30)
+        written = streaming.grow_checkpoint(source, _plan(source), out, max_shard_bytes=2 * 2**30)
         seconds = time.perf_counter() - start
         queue.put({"kind": kind, "seconds": seconds, "phases": written.seconds, "peak": resident()[1],
                    "fixed": fixed, "largest": largest, "bytes": written.bytes, "copied": written.copied})
@@ -100,6 +114,8 @@ def run(kind: str, source: str, out: str, queue) -> None:
     start = time.perf_counter()
 
     def make(key, shape, dtype):
+        if key not in reader:  # a new layer's
+            return torch.empty(shape, dtype=dtype)
         if reader.shape(key) == tuple(shape):  # unchanged: copied as the growth copies it
             return reader.bytes(key)
         reader[key]  # the bytes the growth reads
@@ -117,18 +133,25 @@ def reference(source: Path, work: Path) -> None:
 
     folder = work / "grown-reference"
     shutil.rmtree(folder, ignore_errors=True)
-    grow_checkpoint(source, _plan(), folder, max_shard_bytes=2 * 2**30)
-    grown, stored = set(CheckpointReader(folder)), set(CheckpointReader(source))
-    assert grown == stored, f"the grown folder stores other keys than the source: {sorted(grown ^ stored)[:4]}"
+    grow_checkpoint(source, _plan(source), folder, max_shard_bytes=2 * 2**30)
+    stacked = [key for key in CheckpointReader(folder) if "gate_up_proj" in key or "experts.down_proj" in key]
+    assert not stacked, f"the grown folder stores stacked experts: {stacked[:2]}"
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--plan", choices=PLANS, default="width")
+    chosen, sys.argv[1:] = parser.parse_known_args()
+    os.environ["STREAM_EXPERTS_PLAN"] = chosen.plan
+    if chosen.plan != "width" and "--out" not in sys.argv:
+        sys.argv += ["--out", str(RESULTS.with_name(f"stream_experts-{chosen.plan}"))]
     options, source, results = floor_benchmark(__doc__, 8, Path("/tmp/growfx-stream-experts"), RESULTS, generate,
                                                reference, run, family="mixtral")
     source_bytes = sum(p.stat().st_size for p in source.glob("*.safetensors"))
     summary = {"layers": options.layers, "source_gb": source_bytes / 1e9, **against_floor(results)}
+    summary["plan"] = PLANS[chosen.plan]
     floor_report(options.out, summary, f"{summary['source_gb']:.2f} GB bf16 Mixtral, {options.layers} layers x 8 "
-                                       f"experts, stored per expert")
+                                       f"experts, stored per expert; `{PLANS[chosen.plan]}`")
 
 
 if __name__ == "__main__":

@@ -196,6 +196,23 @@ def test_a_folder_storing_each_expert_apart_streams_into_one_stored_the_same_way
         torch.testing.assert_close(loaded(ids).logits, reference, rtol=0, atol=0)
 
 
+def test_experts_a_depth_growth_keeps_are_copied_part_by_part_as_stored(tmp_path, capsys):
+    """LLaMA-Pro on a per-expert Mixtral: the copied layers' experts are the source's, unchanged. Their stored
+    parts (each expert's ``w1``, ``w3``; ``w2`` too where not zeroed) are copied from the source files, renamed
+    to the new layer, instead of stacked and split again: only each new layer's zeroed ``o_proj`` and ``w2`` are
+    made. The folder equals the in-memory growth bit for bit."""
+    torch.manual_seed(0)
+    _mixtral().to(torch.bfloat16).save_pretrained(tmp_path / "source", max_shard_size="8KB")
+    grown = grow_checkpoint(tmp_path / "source", [passes.add_layers(1, at=[0, 1], init="copy")], tmp_path / "streamed",
+                            max_shard_bytes=8 << 10)
+    assert main(["grow", str(tmp_path / "source"), "--out", str(tmp_path / "in-memory"),
+                 "--pass", "add_layers:n=1,at=[0,1],init=copy"]) == 0
+    capsys.readouterr()
+    streamed, in_memory = CheckpointReader(tmp_path / "streamed"), CheckpointReader(tmp_path / "in-memory")
+    assert set(streamed) == set(in_memory) and all(torch.equal(streamed[key], in_memory[key]) for key in streamed)
+    assert grown.tensors == len(set(streamed)) and grown.tensors - grown.copied == 2 * (1 + 11)
+
+
 @pytest.mark.parametrize("dropped, message", [
     ("experts.2.w1.", r"transformers' converter cannot make model\.layers\.0\.mlp\.experts\.gate_up_proj of the 5 "
                       r"stored tensors .*experts\.0\.w1\.weight \.\. .*experts\.2\.w3\.weight: Sizes of tensors"),

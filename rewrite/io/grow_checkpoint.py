@@ -101,6 +101,7 @@ def grow_checkpoint(source: str | Path, passes: list, destination: str | Path, *
         verbatim = {name: verbatim_source(grown.map, plan.pieces[name], reader, shape, dtype)
                     for name, shape, dtype in entries if name in as_is}
         verbatim = {name: origin for name, origin in verbatim.items() if origin is not None}
+        copied = verbatim_parts(grown.map, plan.pieces, reader, stored)  # converted, unchanged: its stored parts
 
         def make(name: str) -> torch.Tensor | FileBytes:
             if name in verbatim:
@@ -112,10 +113,11 @@ def grow_checkpoint(source: str | Path, passes: list, destination: str | Path, *
 
         holds = {name: 0 if name in verbatim else _holds(grown.map, plan.pieces[name], reader, shape, dtype)
                  for name, shape, dtype in entries}
-        holds = {key: stored.holds(key, holds.__getitem__) for key, _, _ in stored.entries}
+        holds = {key: 0 if key in copied else stored.holds(key, holds.__getitem__) for key, _, _ in stored.entries}
         for file, part in zip(names, shards):
-            write_safetensors(folder / file, part, lambda key: stored.make(key, make), metadata={"format": "pt"},
-                              workers=workers(), holds=holds.__getitem__, budget=max(holds.values(), default=0))
+            write_safetensors(folder / file, part, lambda key: copied.get(key) or stored.make(key, make),
+                              metadata={"format": "pt"}, workers=workers(), holds=holds.__getitem__,
+                              budget=max(holds.values(), default=0))
             written += (folder / file).stat().st_size
         if len(shards) > 1:
             total = sum(nbytes(shape, dtype) for _, shape, dtype in stored.entries)
@@ -129,7 +131,7 @@ def grow_checkpoint(source: str | Path, passes: list, destination: str | Path, *
                 shutil.copy2(path, folder / path.name)
     seconds["write"] = time.perf_counter() - start
     return GrownCheckpoint(destination, grown, native_config_, native_class.__name__, len(shards),
-                           len(stored.entries), written, seconds, len(verbatim))
+                           len(stored.entries), written, seconds, len(verbatim) + len(copied))
 
 
 @dataclasses.dataclass
@@ -262,6 +264,23 @@ def verbatim_source(growth_map, piece: Piece, reader: Reader, shape: tuple,
     if recipe.ops or source is None or source not in reader or not reader.stored_as_is(source):
         return None
     return source if reader.shape(source) == tuple(shape) and reader.dtype(source) == dtype else None
+
+
+def verbatim_parts(growth_map, pieces: dict[str, Piece], reader: Reader, stored: StoredLayout) -> dict:
+    """Stored key -> the source bytes it is, for the parts of a tensor transformers assembles from several stored
+    ones (``ConvertedReader``) that the growth leaves as it is (a layer kept, or copied unchanged): each part is
+    copied from the source file, where making the tensor would assemble it and split it again."""
+    if not isinstance(reader, ConvertedReader):
+        return {}
+    copied, entry = {}, {key: (shape, dtype) for key, shape, dtype in stored.entries}
+    for members, keys in stored.keys.items():
+        if len(members) != 1 or len(keys) < 2 or pieces[members[0]].kind != "rename":
+            continue
+        recipe = growth_map.recipes[growth_map.canonical(pieces[members[0]].names[0])]
+        if recipe.ops or recipe.source is None:
+            continue
+        copied.update(reader.parts_as_stored(recipe.source, members[0], {key: entry[key] for key in keys}) or {})
+    return copied
 
 
 def _holds(growth_map, piece: Piece, reader: Reader, shape: tuple, dtype: torch.dtype) -> int:

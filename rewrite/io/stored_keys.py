@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import os
 import threading
 from collections.abc import Callable
 
@@ -136,6 +137,21 @@ class ConvertedReader:
             raise KeyError(f"{name} is made of {len(self.conversions[name].parts)} stored tensors: it has no bytes "
                            f"of its own in {self.folder}")
         return self.reader.bytes(name)
+
+    def parts_as_stored(self, name: str, target: str, stored: dict[str, tuple]) -> dict[str, FileBytes] | None:
+        """Where a tensor equal to the converted tensor ``name`` is stored again as ``target``, split into
+        ``stored`` (key -> (shape, dtype), as :class:`StoredLayout` splits it), the bytes of each part as the
+        folder stores them: ``name``'s parts, renamed as ``target``'s (the keys differ where the tensor names
+        differ, a layer's index), shapes and dtypes checked. None when they do not match one to one."""
+        if name not in self.conversions:
+            return None
+        end = len(os.path.commonprefix([name[::-1], target[::-1]]))
+        old, new = name[:len(name) - end], target[:len(target) - end]
+        moved = {new + key[len(old):]: key for _, key in self.conversions[name].parts if key.startswith(old)}
+        if set(moved) != set(stored) or any(
+                (self.reader.shape(moved[key]), self.reader.dtype(moved[key])) != stored[key] for key in stored):
+            return None
+        return {key: self.reader.bytes(part) for key, part in moved.items()}
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name in self.conversions:
