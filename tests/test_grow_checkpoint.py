@@ -213,6 +213,48 @@ def test_experts_a_depth_growth_keeps_are_copied_part_by_part_as_stored(tmp_path
     assert grown.tensors == len(set(streamed)) and grown.tensors - grown.copied == 2 * (1 + 11)
 
 
+def _hrm_text():
+    from transformers import HrmTextConfig, HrmTextForCausalLM
+
+    return HrmTextForCausalLM(HrmTextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, head_dim=8, num_layers_per_stack=2))
+
+
+def _gpt_neox():
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    return GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, vocab_size=64, tie_word_embeddings=False))
+
+
+@pytest.mark.parametrize("family, stored_key, model_key", [
+    (_mixtral, "model.layers.1.block_sparse_moe.experts.10.w1.weight", "model.layers.1.mlp.experts.gate_up_proj"),
+    (_hrm_text, "model.L_module.layers.1.attn.gqkv_proj.weight", "model.L_module.layers.1.self_attn.v_proj.weight"),
+    (_gpt_neox, "embed_out.weight", "lm_head.weight"),
+])
+def test_a_folder_reads_as_the_model_s_tensors_and_writes_back_as_stored(tmp_path, family, stored_key, model_key):
+    """``stored_keys`` against transformers' own save and load, for each kind of key mapping: Mixtral stacks
+    per-expert parts into one tensor, HrmText splits one stored fused projection (q, k, v and a gate) into four
+    tensors, GPT-NeoX renames its head. Read through ``open_checkpoint``, a ``save_pretrained`` folder is the
+    model's state dict bit for bit; made back through ``StoredLayout``, it is the folder's keys and bytes."""
+    from rewrite.io.grow_checkpoint import meta_model
+    from rewrite.io.stored_keys import StoredLayout, open_checkpoint
+
+    torch.manual_seed(0)
+    model = family().eval()
+    model.save_pretrained(tmp_path)
+    stored, state = CheckpointReader(tmp_path), model.state_dict()
+    assert stored_key in stored and model_key not in stored
+    meta = meta_model(model.config)
+    read = open_checkpoint(meta, tmp_path)
+    held = [name for name in state if name in read]
+    assert model_key in held and set(state) - set(held) <= {"lm_head.weight"}  # a tied head is not stored
+    assert all(torch.equal(read[name], state[name]) for name in held)
+    layout = StoredLayout(meta, [(name, tuple(state[name].shape), state[name].dtype) for name in held])
+    assert {key for key, _, _ in layout.entries} == set(stored)
+    assert all(torch.equal(layout.make(key, read.__getitem__), stored[key]) for key, _, _ in layout.entries)
+
+
 @pytest.mark.parametrize("dropped, message", [
     ("experts.2.w1.", r"transformers' converter cannot make model\.layers\.0\.mlp\.experts\.gate_up_proj of the 5 "
                       r"stored tensors .*experts\.0\.w1\.weight \.\. .*experts\.2\.w3\.weight: Sizes of tensors"),

@@ -58,53 +58,60 @@ def open_checkpoint(model: torch.nn.Module, folder) -> CheckpointReader | Conver
         stored.sort(key=lambda part: dot_natural_key(part[1]))  # the order transformers stacks them in
     if parts:
         conversions = [Conversion(target, by_pattern[stored[0][0]], stored) for target, stored in parts.items()]
-        reader = ConvertedReader(reader, conversions, model.config)
+        reader = ConvertedReader(reader, conversions, model)
     for name, tensor in held.items():
         if name in reader and reader.shape(name) != tuple(tensor.shape):
-            made = f"makes {name} of its {len(parts[name])} stored parts" if name in parts else f"stores {name}"
-            raise GrowfxError(f"{reader.folder} {made} as {list(reader.shape(name))}, but {type(model).__name__} "
+            conversion = reader.made.get(name) if isinstance(reader, ConvertedReader) else None
+            how = f"makes {name} of its {len(conversion.parts)} stored parts" if conversion else f"stores {name}"
+            raise GrowfxError(f"{reader.folder} {how} as {list(reader.shape(name))}, but {type(model).__name__} "
                               f"with the folder's config holds it as {list(tensor.shape)}")
     return reader
 
 
 class Conversion:
-    """One model tensor transformers makes of several stored ones: ``converter`` (a template: each use takes a
-    copy, as loading does) over ``parts``, (source pattern, stored key) in the order loading collects them."""
+    """Model tensors transformers makes of stored ones with one converter: ``converter`` (a template: each use
+    takes a copy, as loading does) over ``parts``, (source pattern, stored key) in the order loading collects
+    them; ``target`` is the name loading files them under (several parts stacked into one tensor, or one
+    fused part split into several: q, k and v)."""
 
     def __init__(self, target: str, converter, parts: list[tuple[str, str]]):
         self.target, self.converter, self.parts = target, converter, parts
 
-    def make(self, load: Callable[[str], torch.Tensor], config) -> torch.Tensor:
+    def make(self, load: Callable[[str], torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """Every model tensor the conversion makes, by name, from ``load`` (a stored part by key)."""
         converter = copy.deepcopy(self.converter)
         for pattern, key in self.parts:
             converter.add_tensor(self.target, key, pattern, functools.partial(load, key))
         try:
-            made = converter.convert(self.target, config=config)
+            made = converter.convert(self.target, model=model, config=model.config)
         except Exception as error:  # parts that do not fit together: a missing or misshapen one
             raise GrowfxError(f"transformers' converter cannot make {self.target} of the {len(self.parts)} stored "
                               f"tensors {self.parts[0][1]} .. {self.parts[-1][1]}: {error}") from None
-        if self.target not in made:
-            raise GrowfxError(f"transformers' {type(converter).__name__} makes {sorted(made)} of "
-                              f"{[key for _, key in self.parts]}, not {self.target}: streaming cannot read it. "
-                              f"Grow it in memory (without --stream)")
-        tensor = made[self.target]
-        return tensor[0] if isinstance(tensor, list) else tensor
+        return {name: tensor[0] if isinstance(tensor, list) else tensor for name, tensor in made.items()}
 
 
 class ConvertedReader:
     """A :class:`CheckpointReader` whose converted tensors are made of their stored parts when asked for (the parts
     read one at a time, then combined: about twice the tensor's bytes at once), each under the model's name. A
-    converted tensor has no bytes stored as they are (``stored_as_is``): it is never copied verbatim."""
+    converted tensor has no bytes stored as they are (``stored_as_is``), but where the growth leaves it as it is
+    its parts may be copied as stored (:meth:`parts_as_stored`)."""
 
-    def __init__(self, reader: CheckpointReader, conversions: list[Conversion], config):
-        self.reader, self.folder, self.config = reader, reader.folder, config
-        self.conversions = {c.target: c for c in conversions}
+    def __init__(self, reader: CheckpointReader, conversions: list[Conversion], model: torch.nn.Module):
+        self.reader, self.folder, self.model = reader, reader.folder, model
         self._parts = {key for c in conversions for _, key in c.parts}
-        self.names = [name for name in reader if name not in self._parts] + list(self.conversions)
-        self._shapes = {}  # target -> its meta tensor (shape and dtype), made once
+        self._meta: dict[str, torch.Tensor] = {}  # each made tensor on meta: its shape and dtype
+        self.made: dict[str, Conversion] = {}  # each made tensor's conversion
+        shaped = lambda key: torch.empty(reader.shape(key), dtype=reader.dtype(key), device="meta")  # noqa: E731
+        self._whole: set[str] = set()  # made tensors that are all their conversion makes (none split off)
+        for conversion in conversions:
+            made = conversion.make(shaped, model)
+            self._meta.update(made)
+            self.made.update(dict.fromkeys(made, conversion))
+            self._whole.update(made if len(made) == 1 else ())
+        self.names = [name for name in reader if name not in self._parts] + list(self.made)
 
     def __contains__(self, name: str) -> bool:
-        return name in self.conversions or (name in self.reader and name not in self._parts)
+        return name in self.made or (name in self.reader and name not in self._parts)
 
     def __iter__(self):
         return iter(self.names)
@@ -112,30 +119,24 @@ class ConvertedReader:
     def keys(self):
         return list(self.names)
 
-    def _meta(self, name: str) -> torch.Tensor:
-        if name not in self._shapes:
-            shaped = lambda key: torch.empty(self.reader.shape(key), dtype=self.reader.dtype(key), device="meta")
-            self._shapes[name] = self.conversions[name].make(shaped, self.config)
-        return self._shapes[name]
-
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._meta(name).shape) if name in self.conversions else self.reader.shape(name)
+        return tuple(self._meta[name].shape) if name in self.made else self.reader.shape(name)
 
     def dtype(self, name: str) -> torch.dtype:
-        return self._meta(name).dtype if name in self.conversions else self.reader.dtype(name)
+        return self._meta[name].dtype if name in self.made else self.reader.dtype(name)
 
     def nbytes(self, name: str) -> int:
-        if name in self.conversions:
-            return self._meta(name).numel() * self._meta(name).element_size()
+        if name in self.made:
+            return self._meta[name].numel() * self._meta[name].element_size()
         return self.reader.nbytes(name)
 
     def stored_as_is(self, name: str) -> bool:
-        return name not in self.conversions and self.reader.stored_as_is(name)
+        return name not in self.made and self.reader.stored_as_is(name)
 
     def bytes(self, name: str) -> FileBytes:
-        if name in self.conversions:
-            raise KeyError(f"{name} is made of {len(self.conversions[name].parts)} stored tensors: it has no bytes "
-                           f"of its own in {self.folder}")
+        if name in self.made:
+            raise KeyError(f"{name} is made of {len(self.made[name].parts)} stored tensors: it has no bytes of its "
+                           f"own in {self.folder}")
         return self.reader.bytes(name)
 
     def parts_as_stored(self, name: str, target: str, stored: dict[str, tuple]) -> dict[str, FileBytes] | None:
@@ -143,19 +144,19 @@ class ConvertedReader:
         ``stored`` (key -> (shape, dtype), as :class:`StoredLayout` splits it), the bytes of each part as the
         folder stores them: ``name``'s parts, renamed as ``target``'s (the keys differ where the tensor names
         differ, a layer's index), shapes and dtypes checked. None when they do not match one to one."""
-        if name not in self.conversions:
+        if name not in self._whole:  # not one of several tensors split from a fused part
             return None
         end = len(os.path.commonprefix([name[::-1], target[::-1]]))
         old, new = name[:len(name) - end], target[:len(target) - end]
-        moved = {new + key[len(old):]: key for _, key in self.conversions[name].parts if key.startswith(old)}
+        moved = {new + key[len(old):]: key for _, key in self.made[name].parts if key.startswith(old)}
         if set(moved) != set(stored) or any(
                 (self.reader.shape(moved[key]), self.reader.dtype(moved[key])) != stored[key] for key in stored):
             return None
         return {key: self.reader.bytes(part) for key, part in moved.items()}
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        if name in self.conversions:
-            return self.conversions[name].make(self.reader.__getitem__, self.config).contiguous()
+        if name in self.made:
+            return self.made[name].make(self.reader.__getitem__, self.model)[name].contiguous()
         if name not in self:
             raise KeyError(f"{self.folder} has no tensor {name}")
         return self.reader[name]
@@ -198,7 +199,7 @@ class StoredLayout:
             self.entries += stored
             self.keys[members] = [key for key, _, _ in stored]
         self._made: dict[tuple[str, ...], dict[str, torch.Tensor]] = {}  # a group's parts not yet asked for
-        self._locks = {members: threading.Lock() for members in self.keys if len(self.keys[members]) > 1}
+        self._locks = {members: threading.Lock() for members, keys in self.keys.items() if len(members) + len(keys) > 2}
 
     def _revert(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         try:
