@@ -85,7 +85,6 @@ def run(kind: str, source: str, out: str, queue) -> None:
     from rewrite.io.safetensors_stream import CheckpointReader
 
     shutil.rmtree(out, ignore_errors=True)
-    reader = CheckpointReader(source)
     layers = json.loads((Path(source) / "config.json").read_text())["num_hidden_layers"]
     if kind == "grow":
         import gc
@@ -108,7 +107,7 @@ def run(kind: str, source: str, out: str, queue) -> None:
         queue.put({"kind": kind, "seconds": seconds, "phases": written.seconds, "peak": resident()[1],
                    "fixed": fixed, "largest": largest, "bytes": written.bytes, "copied": written.copied})
         return
-    grown = CheckpointReader(Path(out).with_name("grown-reference"))
+    reader, grown = CheckpointReader(source), CheckpointReader(Path(out).with_name("grown-reference"))
     entries = [(key, grown.shape(key), grown.dtype(key)) for key in grown.keys()]
     fixed = resident()[0]
     start = time.perf_counter()

@@ -252,16 +252,21 @@ def _entries(native: torch.nn.Module, pieces: dict, grown: Grown, reader: Reader
     return entries
 
 
-def verbatim_source(growth_map, piece: Piece, reader: Reader, shape: tuple,
-                    dtype: torch.dtype) -> str | None:
-    """The checkpoint tensor whose bytes are those of the tensor ``piece`` makes (``shape``, ``dtype``): a
-    renamed grown tensor whose recipe is a source tensor with no op, stored in that shape and dtype; else
-    None."""
+def unchanged_source(growth_map, piece: Piece) -> str | None:
+    """The checkpoint tensor the tensor ``piece`` makes is, as it is: a renamed grown tensor whose recipe is a
+    source tensor with no op; else None."""
     if piece.kind != "rename":
         return None
     recipe = growth_map.recipes[growth_map.canonical(piece.names[0])]
-    source = recipe.source
-    if recipe.ops or source is None or source not in reader or not reader.stored_as_is(source):
+    return None if recipe.ops else recipe.source
+
+
+def verbatim_source(growth_map, piece: Piece, reader: Reader, shape: tuple,
+                    dtype: torch.dtype) -> str | None:
+    """The checkpoint tensor whose bytes are those of the tensor ``piece`` makes (``shape``, ``dtype``): its
+    ``unchanged_source``, stored as it is in that shape and dtype; else None."""
+    source = unchanged_source(growth_map, piece)
+    if source is None or source not in reader or not reader.stored_as_is(source):
         return None
     return source if reader.shape(source) == tuple(shape) and reader.dtype(source) == dtype else None
 
@@ -274,12 +279,9 @@ def verbatim_parts(growth_map, pieces: dict[str, Piece], reader: Reader, stored:
         return {}
     copied, entry = {}, {key: (shape, dtype) for key, shape, dtype in stored.entries}
     for members, keys in stored.keys.items():
-        if len(members) != 1 or len(keys) < 2 or pieces[members[0]].kind != "rename":
-            continue
-        recipe = growth_map.recipes[growth_map.canonical(pieces[members[0]].names[0])]
-        if recipe.ops or recipe.source is None:
-            continue
-        copied.update(reader.parts_as_stored(recipe.source, members[0], {key: entry[key] for key in keys}) or {})
+        source = unchanged_source(growth_map, pieces[members[0]]) if len(members) == 1 and len(keys) > 1 else None
+        if source is not None:
+            copied.update(reader.parts_as_stored(source, members[0], {key: entry[key] for key in keys}) or {})
     return copied
 
 
@@ -291,10 +293,10 @@ def _holds(growth_map, piece: Piece, reader: Reader, shape: tuple, dtype: torch.
     parts = []
     for name in piece.sources():
         recipe = growth_map.recipes[growth_map.canonical(name)]
-        source = reader.shape(recipe.source) if recipe.source is not None else recipe.start.shape
         read = recipe.source
+        start = reader.shape(read) if read is not None else recipe.start.shape
         assembled = 0 if read is None or reader.stored_as_is(read) else reader.nbytes(read)  # its parts stacked
-        parts.append(working_bytes(recipe.ops, source, dtype) + assembled)
+        parts.append(working_bytes(recipe.ops, start, dtype) + assembled)
     if piece.kind == "rename":
         return parts[0]
     return nbytes(shape, dtype) + max(parts, default=0)
