@@ -8,6 +8,8 @@ import pytest
 import torch
 from hypothesis import settings
 
+import pretend_device  # noqa: F401  (the pretend device exists before the first backward pass of the session)
+
 # `make test` (and so CI) runs with --hypothesis-profile=ci: the same draws every run, so a
 # red CI is a regression, not a new random example. Plain `pytest` keeps exploring new draws.
 settings.register_profile("ci", derandomize=True, print_blob=True)

@@ -210,7 +210,8 @@ def takes_on_axes(draw):
 @settings(max_examples=60, deadline=None)
 @given(takes_on_axes(), st.integers(0, 1000))
 def test_property_takes_on_several_axes_at_once_give_what_taking_one_axis_after_another_gives(drawn, seed):
-    from rewrite.transform.growth_ops import _take, _take_together, run_ops
+    from rewrite.transform.run_ops import run_ops
+    from rewrite.transform.take import take as _take, take_together as _take_together
 
     shape, takes = drawn
     x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
@@ -226,7 +227,7 @@ def test_property_takes_on_several_axes_at_once_give_what_taking_one_axis_after_
 def test_property_a_take_is_index_select_with_zeros_where_the_index_is_minus_one(drawn, seed, max_runs):
     """``_take`` by slices (kept units, copied blocks, a run of new zeros) or, past ``max_runs`` runs, by one
     gather of the rest: always ``index_select`` of the source with zeros at the new positions."""
-    from rewrite.transform.growth_ops import _take
+    from rewrite.transform.take import take as _take
 
     shape, takes = drawn
     x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
@@ -245,8 +246,8 @@ def test_property_a_take_then_a_split_is_made_in_one_pass_with_the_products_of_t
     """``run_ops`` makes a Take followed by a Split on its axis in one pass (``_take(..., factors=)``): the
     values of taking, then multiplying by the reciprocals of the replica counts (in float32 for bfloat16),
     then rounding, bit for bit."""
-    from rewrite.transform import growth_ops
-    from rewrite.transform.growth_ops import _take
+    from rewrite.transform import run_ops as growth_ops
+    from rewrite.transform.take import take as _take
 
     shape, takes = drawn
     x = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
@@ -293,7 +294,9 @@ def test_property_noise_last_on_a_bfloat16_tensor_is_the_float32_growth_rounded_
     """Noise (or a redraw after it) as a bfloat16/float16 tensor's last op is drawn piece by piece in float32
     (no float32 copy of the whole tensor): the bits of growing it in float32 and rounding once, for any piece
     size."""
-    import rewrite.transform.growth_ops as growth_ops
+    from rewrite.transform import draws
+    from rewrite.transform.growth_ops import Redraw
+    from rewrite.transform.run_ops import run_ops
 
     shape, takes = drawn
     x = torch.randn([*shape, width], generator=torch.Generator().manual_seed(seed))  # rows of up to 60 values
@@ -302,31 +305,35 @@ def test_property_noise_last_on_a_bfloat16_tensor_is_the_float32_growth_rounded_
     positions = (torch.randperm(new, generator=torch.Generator().manual_seed(seed))[:max(1, new // 2)].sort()[0]
                  if scattered else torch.arange(shape[take.axis], new) if new > shape[take.axis] else torch.arange(new))
     ops = [*takes, rewrite.Noise(take.axis, positions, seed=seed + 1, relative=0.5)]
-    ops += [growth_ops.Redraw(seed + 2)] if redraw else []
-    before, growth_ops.PIECE = growth_ops.PIECE, piece
+    ops += [Redraw(seed + 2)] if redraw else []
+    before, draws.PIECE = draws.PIECE, piece
     try:
-        low = growth_ops.run_ops(x.to(dtype), ops)
+        low = run_ops(x.to(dtype), ops)
     finally:
-        growth_ops.PIECE = before
+        draws.PIECE = before
     assert low.dtype == dtype  # bit for bit (a redraw of one value has std nan, both ways)
-    torch.testing.assert_close(low, growth_ops.run_ops(x.to(dtype).float(), ops).to(dtype), rtol=0, atol=0,
-                               equal_nan=True)
+    torch.testing.assert_close(low, run_ops(x.to(dtype).float(), ops).to(dtype), rtol=0, atol=0, equal_nan=True)
 
 
-@pytest.mark.parametrize("shape", [(16,), (17,), (33,), (50,), (1000,), (50, 3), (7, 5), (3, 50), (1, 40), (40, 1)])
-@pytest.mark.parametrize("piece", [16, 48, 1 << 20])
-def test_noise_in_pieces_draws_what_one_draw_of_the_whole_shape_draws(shape, piece):
-    """Pieces of a multiple of 16 values, a short last piece joined to the one before: one stream of draws."""
-    import rewrite.transform.growth_ops as growth_ops
+@pytest.mark.parametrize("shape", [(16,), (17,), (33,), (50,), (1000,), (50, 3), (7, 5), (3, 50), (1, 40), (40, 1),
+                                   (3, 70000), (70000, 3)])
+@pytest.mark.parametrize("piece", [1, 16, 48, 1 << 20])
+@pytest.mark.parametrize("chunk", [16, 100, 1 << 16])
+def test_noise_in_pieces_adds_the_values_of_one_draw_of_the_whole_shape(shape, piece, chunk, monkeypatch):
+    """Whatever the pieces and however they cut the chunks of the draw: the values of the whole draw, in
+    row-major order, added in float32 and rounded once."""
+    from rewrite.transform import draws
 
+    monkeypatch.setattr(draws, "CHUNK", chunk)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(3)).bfloat16()
-    whole = x.float().add_(torch.randn(shape, generator=torch.Generator().manual_seed(9)), alpha=0.25).bfloat16()
-    before, growth_ops.PIECE = growth_ops.PIECE, piece
-    try:
-        growth_ops._add_noise_in_pieces(x, 9, 0.25)
-    finally:
-        growth_ops.PIECE = before
+    whole = x.float().add_(draws.normal(math.prod(shape), 9).view(shape), alpha=0.25).bfloat16()
+    monkeypatch.setattr(draws, "PIECE", piece)
+    draws.add_(x, 9, 0.25)
     assert torch.equal(x, whole)
+    chunks = [torch.randn(min(chunk, math.prod(shape) - at),
+                          generator=torch.Generator().manual_seed(draws.chunk_seed(9, at // chunk)))
+              for at in range(0, math.prod(shape), chunk)]
+    assert torch.equal(draws.normal(math.prod(shape), 9), torch.cat(chunks))  # the scheme, as documented
 
 
 @settings(max_examples=60, deadline=None)
@@ -334,21 +341,23 @@ def test_noise_in_pieces_draws_what_one_draw_of_the_whole_shape_draws(shape, pie
        st.sampled_from([16, 48]), st.booleans())
 def test_property_noise_drawn_in_pieces_is_noise_drawn_at_once(drawn, width, seed, dtype, piece, redraw):
     """Noise is added piece by piece (no scratch of the region's size): the bits of one draw of the region."""
-    import rewrite.transform.growth_ops as growth_ops
+    from rewrite.transform import draws
+    from rewrite.transform.growth_ops import Redraw
+    from rewrite.transform.run_ops import run_ops
 
     shape, takes = drawn
     x = torch.randn([*shape, width], generator=torch.Generator().manual_seed(seed), dtype=dtype)
     take = takes[-1]
     ops = [*takes, rewrite.Noise(take.axis, torch.arange(len(take.index)), seed=seed + 1, relative=0.5),
-           rewrite.Scale(1.5, 0.0, None, None)] + ([growth_ops.Redraw(seed + 2)] if redraw else [])
-    before = growth_ops.PIECE
+           rewrite.Scale(1.5, 0.0, None, None)] + ([Redraw(seed + 2)] if redraw else [])
+    before = draws.PIECE
     try:
-        growth_ops.PIECE = piece
-        pieces = growth_ops.run_ops(x, ops)
-        growth_ops.PIECE = 1 << 40
-        at_once = growth_ops.run_ops(x, ops)
+        draws.PIECE = piece
+        pieces = run_ops(x, ops)
+        draws.PIECE = 1 << 40
+        at_once = run_ops(x, ops)
     finally:
-        growth_ops.PIECE = before
+        draws.PIECE = before
     torch.testing.assert_close(pieces, at_once, rtol=0, atol=0, equal_nan=True)
 
 
@@ -356,21 +365,21 @@ def test_property_noise_drawn_in_pieces_is_noise_drawn_at_once(drawn, width, see
 @given(st.lists(st.integers(1, 40), min_size=1, max_size=3), st.integers(0, 1000),
        st.sampled_from([torch.float32, torch.float64, torch.bfloat16]), st.sampled_from([16, 48, 1 << 20]))
 def test_property_a_redraw_is_one_seeded_draw_of_the_whole_shape_at_the_tensor_s_scale(shape, seed, dtype, piece):
-    """A redraw (drawn straight into the result, piece by piece, when no conversion is between) is
-    ``randn(shape)`` from its seed, times the tensor's standard deviation, in float32 for a bfloat16 tensor
-    and rounded once."""
-    import rewrite.transform.growth_ops as growth_ops
+    """A redraw (drawn straight into the result, piece by piece) is the draw of its seed in the shape's
+    row-major order, times the tensor's standard deviation, in float32 and rounded once to the tensor's dtype."""
+    from rewrite.transform import draws
+    from rewrite.transform.growth_ops import Redraw
+    from rewrite.transform.run_ops import run_ops
 
     x = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
-    arithmetic = torch.float32 if dtype == torch.bfloat16 else dtype
     std = float(x.float().std())
-    expected = torch.randn(shape, generator=torch.Generator().manual_seed(seed + 1)).to(arithmetic).mul_(std)
-    before = growth_ops.PIECE
+    expected = draws.normal(math.prod(shape), seed + 1).view(shape).mul_(std)
+    before = draws.PIECE
     try:
-        growth_ops.PIECE = piece
-        made = growth_ops.run_ops(x, [growth_ops.Redraw(seed + 1)])
+        draws.PIECE = piece
+        made = run_ops(x, [Redraw(seed + 1)])
     finally:
-        growth_ops.PIECE = before
+        draws.PIECE = before
     torch.testing.assert_close(made, expected.to(dtype), rtol=0, atol=0, equal_nan=True)
 
 
@@ -406,7 +415,8 @@ def test_property_two_passes_composed_give_the_bits_of_running_them_one_after_an
     """``run_ops(x, composed(a, b)) == run_ops(run_ops(x, a), b)`` for a plan in ``dtype`` (a ``PassEnd`` where
     they would not join); and a float32 plan run on bfloat16/float16 weights (a checkpoint streamed in its
     stored dtype) rounds once, at the end, as growing it in float32 and storing it does."""
-    from rewrite.transform.growth_ops import composed, run_ops
+    from rewrite.transform.growth_ops import composed
+    from rewrite.transform.run_ops import run_ops
 
     start = data.draw(st.lists(st.integers(1, 5), min_size=1, max_size=3))
     a, middle = data.draw(a_pass(start))
@@ -424,7 +434,7 @@ def test_property_two_passes_composed_give_the_bits_of_running_them_one_after_an
 def test_property_draw_counts_are_the_normal_values_the_ops_draw(data):
     """``draw_counts`` (what a build's order and the benchmarks count) is how many normal values ``run_ops``
     draws, op by op, for two passes of noise, Takes, scalings and redraws."""
-    from rewrite.transform import growth_ops
+    from rewrite.transform import growth_ops, run_ops, work
 
     start = data.draw(st.lists(st.integers(1, 5), min_size=1, max_size=3))
     a, middle = data.draw(a_pass(start))
@@ -442,12 +452,12 @@ def test_property_draw_counts_are_the_normal_values_the_ops_draw(data):
     x = torch.randn(start, generator=torch.Generator().manual_seed(1))
     torch.randn = counting
     try:
-        growth_ops.run_ops(x, ops)
+        run_ops.run_ops(x, ops)
     finally:
         torch.randn = randn
-    assert sum(drawn) == sum(growth_ops.draw_counts(ops, tuple(start)))
+    assert sum(drawn) == sum(work.draw_counts(ops, tuple(start)))
     seeded = [op for op in ops if isinstance(op, (rewrite.Noise, growth_ops.Redraw))]
-    assert len(growth_ops.draw_counts(ops, tuple(start))) == len(seeded)
+    assert len(work.draw_counts(ops, tuple(start))) == len(seeded)
 
 
 def test_a_build_starts_its_longest_tensors_and_keeps_the_others_in_order(monkeypatch):
@@ -532,7 +542,7 @@ def take_then_take(draw):
 def test_property_a_take_written_into_the_next_takes_leading_slice_gives_the_bits_of_its_own_tensor(chain, dtype):
     """``run_ops`` writes a Take's result straight into the leading slice of a later Take's (kept units first,
     only in-place ops between): the bits of making each Take's tensor on its own, for any chain of ops."""
-    from rewrite.transform import growth_ops
+    from rewrite.transform import run_ops as growth_ops
 
     start, ops = chain
     x = torch.randn(start, generator=torch.Generator().manual_seed(2)).to(dtype)

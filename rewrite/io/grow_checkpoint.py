@@ -11,7 +11,7 @@
    ``native_moe.Piece``) and written
    into shards at once (``write_safetensors``: header first, then data), in the source's dtype. The next
    tensors are made on a few threads while one is written, as long as what they hold together stays within
-   what making the largest one holds alone (``rewrite.io.made_ahead``, ``growth_ops.working_bytes``).
+   what making the largest one holds alone (``rewrite.io.made_ahead``, ``work.working_bytes``).
    Resident memory is the interpreter, the traced shapes, and about three tensors' worth: a source, its
    float32 working copy where one is needed, and the result. A tensor whose recipe is a checkpoint tensor as
    it is (same shape and dtype: the layers a growth keeps or copies unchanged) is not read at all: its bytes
@@ -45,7 +45,7 @@ from rewrite.io.sources import atomic_path
 from rewrite.io.stored_keys import ConvertedReader, StoredLayout, open_checkpoint
 from rewrite.ir.trace import trace
 from rewrite.transform.apply import Grown, apply
-from rewrite.transform.growth_ops import working_bytes
+from rewrite.transform.work import working_bytes
 from rewrite.transform.materialise import return_freed_memory, to_meta, workers
 
 Reader = CheckpointReader | ConvertedReader  # a folder's tensors under the model's names
@@ -286,7 +286,7 @@ def verbatim_parts(growth_map, pieces: dict[str, Piece], reader: Reader, stored:
 
 
 def _holds(growth_map, piece: Piece, reader: Reader, shape: tuple, dtype: torch.dtype) -> int:
-    """About the memory making a tensor holds (``growth_ops.working_bytes``): what several tensors made at once
+    """About the memory making a tensor holds (``work.working_bytes``): what several tensors made at once
     may hold together is what the largest one holds alone. A stack holds itself and one part in the making; a
     source transformers assembles from stored parts (``stored_keys.ConvertedReader``) holds itself once more
     while it is assembled."""

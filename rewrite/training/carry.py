@@ -38,7 +38,7 @@ import torch
 
 from rewrite.errors import GrowthError, NotRepresentableError
 from rewrite.transform.growth_map import KEPT, GrowthMap, tensor_names
-from rewrite.transform.growth_ops import run_dual
+from rewrite.transform.dual import run_dual
 from rewrite.training.hooks import GrowthHooks
 
 MOMENTS = {

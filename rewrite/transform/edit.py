@@ -30,7 +30,8 @@ from rewrite.ir.lazy_compile import compile_on_first_use
 from rewrite.ir.module_copy import copied
 from rewrite.names import moved, prefixes, under
 from rewrite.transform.growth_map import COPY, NEW, GrowthMap, Recipe, shapes_of, tensor_names
-from rewrite.transform.growth_ops import Fill, Op, Scale, run_ops
+from rewrite.transform.growth_ops import Fill, Op, Scale
+from rewrite.transform.run_ops import run_ops
 from rewrite.transform.lineage import grown_lineage
 
 
@@ -48,7 +49,10 @@ class Editor:
         self._made: dict[int, tuple[torch.Tensor, Recipe]] = {}  # identity -> (tensor, how it was made)
         # planning on shapes (``rewrite.transform.materialise``): new tensors are held on meta too, their
         # recipes keep the values
-        self._meta = any(t.is_meta for t in (*self.module.parameters(), *self.module.buffers()))
+        tensors = (*self.module.parameters(), *self.module.buffers())
+        self._meta = any(t.is_meta for t in tensors)
+        # where what a rule adds goes: the model's device (a value a rule builds on the CPU is moved there)
+        self.device = next((t.device for t in tensors if not t.is_meta), torch.device("cpu"))
         # what the edit touched, so that on meta only those nodes' shapes are computed again (``finish``)
         self._touched: set[torch.fx.Node] = set()
         self._reshaped = False  # a tensor was replaced by one of another shape: every reader may change
@@ -274,7 +278,7 @@ class Editor:
         """A new parameter ``name`` drawn from ``N(0, std^2)`` with ``seed`` (a router, a fresh projection); the
         growth map records the seed, not the value."""
         fill = Fill("normal", tuple(shape), dtype, seed=seed, std=std)
-        value = torch.empty(shape, dtype=dtype, device="meta") if self._meta else fill.make()
+        value = torch.empty(shape, dtype=dtype, device="meta") if self._meta else fill.make(self.device)
         return self._add(name, value, Recipe(None, role=NEW, start=fill))
 
     def _add(self, name: str, value: torch.Tensor, recipe: Recipe) -> str:
@@ -283,7 +287,7 @@ class Editor:
         holder = self._module_at(parent)
         if hasattr(holder, leaf):
             raise GrowthError(f"cannot add parameter {name}: the name is taken")
-        parameter = torch.nn.Parameter(value.to("meta") if self._meta else value)
+        parameter = torch.nn.Parameter(value.to("meta" if self._meta else self.device))
         holder.register_parameter(leaf, parameter)
         self._record(parameter, recipe)
         return name
@@ -291,7 +295,7 @@ class Editor:
     def _replace(self, name: str, value: torch.Tensor, recipe: Recipe) -> None:
         old = self.tensor(name)
         self._reshaped |= old.shape != value.shape or old.dtype != value.dtype
-        value = value.to("meta") if self._meta else value
+        value = value.to("meta" if self._meta else old.device)
         if isinstance(old, torch.nn.Parameter):
             value = torch.nn.Parameter(value.detach(), old.requires_grad)
         holders = [(store, key) for store, key in self._holders_of(old) if store.get(key) is old]

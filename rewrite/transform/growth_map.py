@@ -20,11 +20,16 @@ from typing import Any
 
 import torch
 
-from rewrite.transform.growth_ops import (DRAW_COST, Fill, Op, Take, composed, draw_counts, op_from_dict, run_dual,
-                                          run_ops, work)
+from rewrite.transform.dual import run_dual
+from rewrite.transform import draws
+from rewrite.transform.growth_ops import Fill, Noise, Op, Redraw, Take, composed, op_from_dict
+from rewrite.transform.run_ops import run_ops
+from rewrite.transform.work import DRAW_COST, draw_counts, work
 
 # -- recipes and maps ----------------------------------------------------------------------------------------
 KEPT, COPY, NEW = "kept", "copy", "new"
+FORMAT = "growfx.growth_map/2"  # /2: seeded values drawn by ``draws.SCHEME`` (/1: one serial CPU generator a draw)
+OLD_DRAWS = "one CPU mt19937 per draw (growfx before 2026-12-08)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +152,7 @@ class GrowthMap:
         return ([filled] if filled else []) + draw_counts(recipe.ops, shape)
 
     def work(self, name: str) -> int:
-        """About what making the grown tensor ``name`` costs, in values written (``growth_ops.work``; a fill's
+        """About what making the grown tensor ``name`` costs, in values written (``work.work``; a fill's
         normal draw included): what a build orders its tensors by, longest first."""
         recipe = self.recipes[self.canonical(name)]
         shape, filled = self._start(recipe)
@@ -165,12 +170,15 @@ class GrowthMap:
         state field by parameter name). ``kind``: ``weight``; ``gradient`` for what transforms like a gradient
         (first moments, momentum buffers); ``second_moment`` for its squares; ``preserve`` keeps old entries and
         zeroes new ones. Under the last three, a copy into a new role (a copied block, an expert) and a tensor
-        with no source are zero: they have no gradient identity with anything of the original."""
+        with no source are zero: they have no gradient identity with anything of the original. The result lives
+        on the device of its source, or, for a tensor with none, of the given tensors (the CPU when there are
+        none)."""
         recipe = self.recipes[self.canonical(name)]
-        if kind != "weight" and recipe.role != KEPT:
-            return torch.zeros(recipe.shape, dtype=recipe.dtype)
-        if recipe.source is None:
-            return run_ops(recipe.start.make(), recipe.ops)
+        if recipe.source is None or kind != "weight" and recipe.role != KEPT:
+            device = _device_of(tensors)
+            if kind != "weight":
+                return torch.zeros(recipe.shape, dtype=recipe.dtype, device=device)
+            return run_ops(recipe.start.make(device), recipe.ops)
         if recipe.source not in tensors:
             raise KeyError(f"the growth map makes {name} from the original's {recipe.source}, which the given "
                            f"tensors do not include (non-persistent buffers are not in a state dict: pass "
@@ -184,7 +192,7 @@ class GrowthMap:
         ``grown.module.state_dict()`` (tied names share one tensor). With ``gradient`` or ``second_moment``
         (gradients or optimizer state by parameter name in, tied parameters once, as ``named_parameters`` gives
         them), every grown parameter that has a source there or none at all, through the dual of the map (see
-        ``rewrite.transform.growth_ops``)."""
+        ``rewrite.transform.dual``)."""
         made = {}
         out = {}
         names = self.names(persistent_only=True) if kind == "weight" else list(self.recipes)  # tied: once
@@ -242,7 +250,8 @@ class GrowthMap:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict (``json.dumps`` it); ``GrowthMap.from_dict`` restores the map."""
         return {
-            "format": "growfx.growth_map/1",
+            "format": FORMAT,
+            "draws": draws.SCHEME,
             "recipes": {n: r.to_dict() for n, r in self.recipes.items()},
             "aliases": self.aliases,
             "removed": list(self.removed),
@@ -251,10 +260,29 @@ class GrowthMap:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "GrowthMap":
-        if d.get("format") != "growfx.growth_map/1":
+        if d.get("format") not in (FORMAT, "growfx.growth_map/1"):
             raise ValueError(f"not a growfx growth map (format {d.get('format')!r})")
-        return cls({n: Recipe.from_dict(r) for n, r in d["recipes"].items()}, d["aliases"], tuple(d["removed"]),
+        made = cls({n: Recipe.from_dict(r) for n, r in d["recipes"].items()}, d["aliases"], tuple(d["removed"]),
                    {n: (tuple(s), getattr(torch, t)) for n, (s, t) in d["original"].items()})
+        if d.get("draws", OLD_DRAWS) != draws.SCHEME and made.seeded():
+            raise ValueError(f"this growth map's seeded draws were made by another scheme ({d.get('draws', OLD_DRAWS)}"
+                             f"), which this version of growfx does not reproduce ({draws.SCHEME}): grow the "
+                             f"model again to get a map of its own")
+        return made
+
+    def seeded(self) -> list[str]:
+        """The tensors whose recipe draws seeded values (a normal fill, noise, a redraw)."""
+        return [name for name, recipe in self.recipes.items()
+                if (recipe.start is not None and recipe.start.kind == "normal")
+                or any(isinstance(op, (Noise, Redraw)) for op in recipe.ops)]
+
+
+def _device_of(tensors) -> torch.device | None:
+    """Where a tensor made from none of ``tensors`` goes: where the first of them lives (None: a reader of
+    files, or nothing given; the CPU)."""
+    if isinstance(tensors, dict):
+        return next((t.device for t in tensors.values() if torch.is_tensor(t)), None)
+    return None
 
 
 def shapes_of(module: torch.nn.Module) -> dict[str, tuple]:

@@ -29,7 +29,8 @@ from rewrite.analysis.layout import Layout
 from rewrite.analysis.propagate import layouts
 from rewrite.ops import canonical_kind, patch_literals, patch_split, resize_module_attributes
 from rewrite.transform.growth_map import GrowthMap, Recipe, shapes_of, tensor_names
-from rewrite.transform.growth_ops import run_ops, seed_for
+from rewrite.transform.growth_ops import seed_for
+from rewrite.transform.run_ops import run_ops
 from rewrite.transform.lineage import grown_lineage
 
 GROWABLE_ROLES = {"produces", "consumes", "along"}
