@@ -24,7 +24,9 @@ Each case runs in its own fresh process, ``torch.set_num_threads`` fixed (``--th
   materialising) come from ``GrowthReport.seconds``. A third kind in each round, ``plan_first=False``, is the
   growth built pass by pass (every intermediate model materialised: how ``apply`` grew before).
 * **draws**: the normal draws the plan makes (noise on new units, redrawn copies, seeded fills), counted
-  from its growth map and timed alone: the one part of a growth the floor does not do.
+  from its growth map. The floor draws as many at torch's best parallel rate (one generator per thread, each
+  drawing its share at once: ``parallel_draws``), and they are timed alone too. growfx draws them by its
+  chunked scheme (``rewrite.transform.draws``), also spread over the threads.
 * **memory**: three more fresh processes per case, growing once, building pass by pass once
   (``plan_first=False``) and running the floor once; each
   resets its peak resident memory (``/proc/self/clear_refs``) after building and tracing the model, so the
@@ -93,11 +95,12 @@ def shapes(graph, steps, args) -> tuple[dict, int]:
     return {name: (info.shape, info.dtype) for name, info in grown.tensors().items()}, grown.num_parameters
 
 
-def floor(original, grown: dict) -> list:
-    """Every tensor of the grown model written once (zeros), the old values copied into its leading slice."""
+def floor(original, grown: dict, drawn: int = 0) -> list:
+    """Every tensor of the grown model written once (zeros), the old values copied into its leading slice, and
+    the ``drawn`` seeded normal values the plan must draw, at torch's best parallel rate (:func:`parallel_draws`)."""
     import torch
 
-    tensors = []
+    tensors = parallel_draws(drawn)
     old = {**dict(original.module.named_buffers()), **dict(original.module.named_parameters())}
     for name, (shape, dtype) in grown.items():
         new = torch.zeros(shape, dtype=dtype)
@@ -117,12 +120,26 @@ def draws(growth_map) -> list[int]:
     return [count for name in growth_map.recipes for count in growth_map.draw_counts(name)]
 
 
-def draw_time(counts: list[int]) -> float:
+def parallel_draws(count: int) -> list:
+    """``count`` normal values drawn as fast as torch can on this machine: one CPU generator per torch thread,
+    each drawing its share at once on its own thread (torch's Mersenne Twister is serial, so no single draw
+    uses more than one core)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import torch
 
+    if not count:
+        return []
+    threads = torch.get_num_threads()
+    shares = [count // threads + (i < count % threads) for i in range(threads)]
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(lambda i: torch.randn(shares[i], generator=torch.Generator().manual_seed(i)),
+                             range(threads)))
+
+
+def draw_time(count: int) -> float:
     start = time.perf_counter()
-    for n in counts:
-        torch.randn(n, generator=torch.Generator().manual_seed(0))
+    parallel_draws(count)
     return time.perf_counter() - start
 
 
@@ -147,7 +164,7 @@ def timing(case: str, runs: int, threads: int, queue) -> None:
         del result
         fresh_heap()
         start = time.perf_counter()
-        result = floor(graph, grown)
+        result = floor(graph, grown, sum(counts))
         floor_s.append(time.perf_counter() - start)
         del result
         fresh_heap()
@@ -155,7 +172,7 @@ def timing(case: str, runs: int, threads: int, queue) -> None:
         result = rewrite.apply(graph, steps, args, verify=False, plan_first=False)
         by_pass_s.append(time.perf_counter() - start)
         del result
-    draws_s = statistics.median(draw_time(counts) for _ in range(runs))
+    draws_s = statistics.median(draw_time(sum(counts)) for _ in range(runs))
     verified_s, errors = [], []
     for _ in range(3):
         fresh_heap()

@@ -14,8 +14,8 @@ raises where CUDA raises:
 
 Factories reach :func:`_run` through a fallback kernel for the device's dispatch key, so it works on every
 thread, as a device does. ``to_pretend(x)`` moves a tensor, a state dict or a module onto the device.
-``SYNCS`` counts host synchronisations (``.item()``, ``.tolist()``, a device-to-CPU copy), for code that must
-not sync every step. Its RNG state (``torch.pretend.get_rng_state``) is a CPU generator of its own.
+``SYNCS`` counts host synchronisations (``.item()``, ``.tolist()``, ``nonzero``, a device-to-CPU copy) and
+indexings by a boolean mask, for code that must do neither every step. Its RNG state (``torch.pretend.get_rng_state``) is a CPU generator of its own.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ aten = torch.ops.aten
 ALLOWED_MIXED = {aten.copy_.default, aten._to_copy.default, aten.index.Tensor, aten.index_put_.default,
                  aten.index_put.default, aten._index_put_impl_.default, aten._has_compatible_shallow_copy_type.default,
                  aten.set_.source_Tensor, aten.lift_fresh.default, aten.detach.default, aten.alias.default}
-SYNCING = {aten._local_scalar_dense.default, aten.equal.default, aten.is_nonzero.default}
+SYNCING = {aten._local_scalar_dense.default, aten.equal.default, aten.is_nonzero.default, aten.nonzero.default}
+MASK_INDEXING = {aten.index.Tensor, aten.index_put_.default, aten.index_put.default, aten._index_put_impl_.default}
 
 
 class DeviceMismatch(RuntimeError):
@@ -40,6 +41,7 @@ class DeviceMismatch(RuntimeError):
 class _Counter:
     def __init__(self):
         self.count = 0
+        self.masked = 0  # indexing by a boolean mask: an index tensor materialised (and, on a GPU, a sync)
 
 
 SYNCS = _Counter()
@@ -55,7 +57,7 @@ class _Backend:
         return True
 
     def is_available(self) -> bool:
-        return True
+        return False  # not an accelerator the rest of the session should use (DCP would take its streams)
 
     def current_device(self) -> int:
         return 0
@@ -91,7 +93,7 @@ class _Guard(torch._C._acc.DeviceGuard):
 
 class _Hooks(torch._C._acc.PrivateUse1Hooks):
     def is_available(self) -> bool:
-        return True
+        return False
 
     def has_primary_context(self, index) -> bool:
         return True
@@ -116,10 +118,15 @@ def install() -> None:
     if torch._C._get_privateuse1_backend_name() != NAME:
         _setup_privateuseone_for_python_backend(NAME, backend_module=_Backend(), hook=_Hooks(), device_guard=_Guard())
         _LIBRARY.fallback(lambda op, *args, **kwargs: _run(op, args, kwargs), "PrivateUse1")
+        for name in SIZED_BY_THEIR_ARGUMENTS:  # else they decompose into empty + an out= op that resizes
+            op = getattr(aten, name.split(".")[0]).__getattr__(name.split(".")[1] if "." in name else "default")
+            _ATEN.impl(name, lambda *args, _op=op, **kwargs: _run(_op, args, kwargs), "PrivateUse1")
     _installed = True
 
 
 _LIBRARY = torch.library.Library("_", "IMPL")  # factories asked for the device (no tensor argument) land here
+_ATEN = torch.library.Library("aten", "IMPL")
+SIZED_BY_THEIR_ARGUMENTS = ("arange", "arange.start", "arange.start_step", "linspace", "randperm")
 
 
 def device() -> torch.device:
@@ -164,6 +171,9 @@ def _run(func, args, kwargs):
     wanted = _on_pretend(kwargs.get("device"))
     if func in SYNCING and pretend:
         SYNCS.count += 1
+    if func in MASK_INDEXING and pretend and any(isinstance(x, torch.Tensor) and x.dtype == torch.bool
+                                                  for x in leaves[1:]):
+        SYNCS.masked += 1
     if func is aten._to_copy.default and pretend and not wanted and kwargs.get("device") is not None:
         SYNCS.count += 1  # to the CPU
     if (pretend or wanted) and func not in ALLOWED_MIXED:
@@ -242,7 +252,7 @@ class counting_syncs:
     """``with counting_syncs() as syncs``: ``syncs.count`` host synchronisations on the pretend device so far."""
 
     def __enter__(self):
-        self.start = SYNCS.count
+        self.start, self.start_masked = SYNCS.count, SYNCS.masked
         return self
 
     def __exit__(self, *exc):
@@ -251,6 +261,11 @@ class counting_syncs:
     @property
     def count(self) -> int:
         return SYNCS.count - self.start
+
+    @property
+    def masked(self) -> int:
+        """Boolean-mask indexings (each materialises an index tensor) so far."""
+        return SYNCS.masked - self.start_masked
 
 
 install()  # before any backward pass of the process: autograd counts each device's threads once, at the first

@@ -271,3 +271,19 @@ def test_rewarm_scales_the_updates_of_what_growth_added_and_nothing_else():
         assert torch.allclose(step[widened][mask], -0.1 * scale * gradients[widened][mask], **close)
         assert torch.allclose(step[widened][~mask], -0.1 * gradients[widened][~mask], **close)
         assert torch.allclose(step[copied], -0.1 * scale * gradients[copied], **close)
+
+
+def test_release_frees_the_old_state_as_it_is_carried_and_carries_the_same_state():
+    """``release=True``: the old optimizer's gradients and state are gone afterwards, and the carried state is
+    what carrying without it gives, bit for bit."""
+    built, model, optimizer, loss = trained("llama")
+    loss(model).backward()  # gradients held, as mid-training
+    grown = rewrite.apply(model, [passes.widen_mlp(factor=2, init="clone"), passes.add_layers(1, init="copy")],
+                          built.args)
+    kept = rewrite.carry(optimizer, grown, grown.module, copies="source").optimizer
+    freed = rewrite.carry(optimizer, grown, grown.module, copies="source", release=True).optimizer
+    assert not optimizer.state and all(p.grad is None for p in model.parameters())
+    for p in grown.module.parameters():
+        assert kept.state[p].keys() == freed.state[p].keys()
+        for field, value in kept.state[p].items():
+            assert torch.equal(value, freed.state[p][field]), field

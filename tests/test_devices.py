@@ -174,3 +174,79 @@ def test_a_seeded_draw_gives_the_same_bits_on_the_device_and_with_one_or_two_thr
     assert isinstance(target, Pretend) and torch.equal(target.inner, one)
     fill = rewrite.Fill("normal", (7, 3), torch.bfloat16, seed=5, std=0.5)
     assert torch.equal(fill.make(device()).inner, fill.make())
+
+
+@pytest.mark.parametrize("plan", ["widen_mlp", "add_heads"])
+@pytest.mark.parametrize("options", [dict(policy="sparkling", rewarm=(1.3, 4)), dict(train="added")])
+def test_step_hooks_run_on_the_device_without_waiting_for_it(plan, options):
+    """Protection, re-warmup and train="added" on the device: every step reads and writes slices or device
+    indices made once per growth; a step with the hooks waits for the device no more often than one without,
+    and train="added" leaves every original entry as it was."""
+    from pretend_device import counting_syncs
+
+    graph, batch, target, optimizer = _trained("llama")
+    d_graph, d_batch, d_target, d_optimizer = _on_device(graph, batch, target, optimizer)
+    grown = rewrite.apply(d_graph, WIDTH[plan]("zero"), *d_batch)
+    syncs, before = {}, {n: to_cpu(p.detach()) for n, p in grown.module.named_parameters()}
+    for label, options_ in (("plain", dict(policy="mapped", protect=False)), ("hooked", options)):
+        module = copy.deepcopy(grown.module)
+        carried = rewrite.carry(d_optimizer, _with_module(grown, module), module, **options_)
+        assert bool(carried.hooks._handles) == (label == "hooked")
+        counted = [0, 0]
+        for _ in range(3):
+            carried.optimizer.zero_grad()
+            _loss(module, *d_batch, d_target).backward()
+            with counting_syncs() as in_step:
+                carried.optimizer.step()
+            counted = [counted[0] + in_step.count, counted[1] + in_step.masked]
+        syncs[label] = counted
+    assert syncs["hooked"][0] <= syncs["plain"][0] and syncs["hooked"][1] == 0, syncs
+    if options.get("train") == "added":
+        for name, p in module.named_parameters():
+            old = ~grown.map.new_entries(name)
+            assert torch.equal(to_cpu(p.detach())[old], before[name][old]), name
+
+
+OPTIMIZERS = {  # eps 1e-4: float16 holds no 1e-8 (a zero gradient's update would be 0/0)
+    "foreach": lambda params: torch.optim.AdamW(params, lr=1e-2, eps=1e-4, foreach=True),
+    "fused": lambda params: torch.optim.AdamW(params, lr=1e-2, eps=1e-4, fused=True),
+    "amsgrad": lambda params: torch.optim.Adam(params, lr=1e-2, eps=1e-4, amsgrad=True),
+    "tensor lr": lambda params: torch.optim.AdamW(params, lr=torch.tensor(1e-2), eps=1e-4),
+    "sgd momentum": lambda params: torch.optim.SGD(params, lr=1e-2, momentum=0.9),
+    "capturable": pytest.param(lambda params: torch.optim.AdamW(params, lr=1e-2, capturable=True),
+                               marks=pytest.mark.skip(reason="capturable=True runs on CUDA only")),
+}
+DTYPES = {"float64": (torch.float64, None), "bfloat16": (torch.bfloat16, None), "float16": (torch.float16, None),
+          "autocast bfloat16": (torch.float32, torch.bfloat16)}
+
+
+@pytest.mark.parametrize("make", list(OPTIMIZERS.values()), ids=list(OPTIMIZERS))
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+def test_every_optimizer_implementation_and_dtype_carries_and_steps(make, dtype):
+    """An exact growth of a Llama in each dtype (and under CPU autocast) verifies, its map remakes it bit for
+    bit, and each optimizer implementation carries its options and state (in the parameters' dtype) and
+    steps."""
+    weights, autocast = DTYPES[dtype]
+    built = zoo.build("llama")
+    model = built.model.to(weights)
+    optimizer = make(model.parameters())
+    target = torch.randint(0, 64, built.args[0].shape)
+    with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        _loss(model, built.args, {}, target).float().backward()
+    optimizer.step()
+    grown = rewrite.apply(model, [passes.widen_mlp(factor=2, init="clone"), passes.add_heads(2)], built.args)
+    assert grown.report.exact and all(r.verification is None or r.verification.ok for r in grown.report.passes)
+    made = grown.map.apply({n: t.detach() for n, t in model.state_dict().items()})
+    for name, value in grown.module.state_dict().items():
+        assert value.dtype == weights and torch.equal(made[name], value), name
+    carried = rewrite.carry(optimizer, grown, grown.module).optimizer
+    assert {k: v for k, v in carried.defaults.items() if k != "lr"} == {
+        k: v for k, v in optimizer.defaults.items() if k != "lr"}
+    for p in grown.module.parameters():
+        for field, value in carried.state.get(p, {}).items():
+            if field != "step":
+                assert value.dtype == p.dtype and value.shape == p.shape, field
+    with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        _loss(grown.module, built.args, {}, target).float().backward()
+    carried.step()
+    assert all(torch.isfinite(p).all() for p in grown.module.parameters())

@@ -78,13 +78,14 @@ def to_native(grown, like: torch.nn.Module) -> torch.nn.Module:
     dtype = _dtype(graph, like)
     if hasattr(config, "dtype"):
         config.dtype = dtype  # what save_pretrained writes, and from_pretrained loads as
+    device = next((t.device for t in tensors.values() if not t.is_meta), torch.device("cpu"))
     if moe is not None:
-        native = build_native(cls, config, None).to(dtype).eval()
+        native = _placed(build_native(cls, config, None), dtype, like, device).eval()
         tensors = moe_tensors(tensors, moe, MOE_CLASSES[like.config.model_type], native.state_dict())
         _load(native, tensors)
     else:  # parameters on meta, then the grown tensors themselves: no second copy of the grown model
         with parameters_on_meta():
-            native = build_native(cls, config, set(tensors)).to(dtype).eval()  # the class builds float32
+            native = _placed(build_native(cls, config, set(tensors)), dtype, like, device).eval()
         _load(native, tensors, assign=True)
     report = verify(graph, native, graph.example_args, graph.example_kwargs, title="native vs grown graph")
     if not report.ok:
@@ -465,6 +466,23 @@ def build_native(cls, config, names: set[str] | None) -> torch.nn.Module:
         if fits(candidate):
             return candidate
     return native  # _load then names what has no place
+
+
+def _placed(native: torch.nn.Module, dtype: torch.dtype, like: torch.nn.Module, device) -> torch.nn.Module:
+    """``native`` (built in float32 on the CPU) in the grown model's ``dtype`` on its ``device``; the buffers
+    the class computes (rotary tables: not in the state dict) in the dtype ``like``'s buffer of that name has
+    (``from_pretrained`` keeps them float32 in a bfloat16 model; ``model.to(bfloat16)`` rounds them), so the
+    grown model computes what the original did."""
+    persistent = set(native.state_dict())
+    original = dict(like.named_buffers())
+    computed = [(module, name, f"{prefix}.{name}" if prefix else name, buffer)
+                for prefix, module in native.named_modules() for name, buffer in module._buffers.items()
+                if buffer is not None and (f"{prefix}.{name}" if prefix else name) not in persistent]
+    native = native.to(device=device if not any(p.is_meta for p in native.parameters()) else None, dtype=dtype)
+    for module, name, qualified, buffer in computed:
+        kept = original[qualified].dtype if qualified in original else buffer.dtype
+        module._buffers[name] = buffer.to(device=device, dtype=kept if buffer.is_floating_point() else buffer.dtype)
+    return native
 
 
 def _dtype(graph: Graph, like: torch.nn.Module) -> torch.dtype:

@@ -4,11 +4,16 @@ Tolerance for a tensor with reference ``r`` and candidate ``c``:
     ``max|c - r| <= atol + rtol * scale``, ``scale = max|r|`` (the output's own scale),
 so one ``rtol`` fits logits of size 30 and hidden states of size 1. Defaults follow the reference dtype:
 
-    dtype      rtol    atol
-    float64    1e-10   1e-12
-    float32    1e-5    1e-7
-    bfloat16   2e-2    1e-3
-    float16    1e-2    1e-4
+    dtype                              rtol    atol
+    float64                            1e-10   1e-12
+    float32                            1e-5    1e-7
+    float32, TF32 matmuls ("high")     5e-3    1e-5
+    float32, bfloat16 matmuls ("medium") as bfloat16
+    bfloat16                           2e-2    1e-3
+    float16                            1e-2    1e-4
+
+(the float32 rows follow ``torch.get_float32_matmul_precision()``: on a GPU, ``high`` lets matrix products
+round their inputs to TF32's 10-bit mantissa, ``medium`` to bfloat16's).
 
 Integer and boolean tensors must be equal; other leaves (None, ints, strings) must compare equal. The IR uses
 it to check that a trace reproduces its model; ``rewrite.verification`` builds reports and first divergences on it.
@@ -30,8 +35,17 @@ TOLERANCES = {
 }
 
 
+TF32 = (5e-3, 1e-5)  # float32 tensors whose matrix products ran in TF32
+
+
 def default_tolerance(dtype: torch.dtype) -> tuple[float, float]:
-    """(rtol, atol) for a reference of this dtype."""
+    """(rtol, atol) for a reference of this dtype, under the current float32 matmul precision."""
+    if dtype == torch.float32:
+        precision = torch.get_float32_matmul_precision()
+        if precision == "high":
+            return TF32
+        if precision == "medium":
+            return TOLERANCES[torch.bfloat16]
     return TOLERANCES.get(dtype, (0.0, 0.0))
 
 

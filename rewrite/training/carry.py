@@ -23,6 +23,11 @@ Step hooks on what growth added (``rewrite.training.hooks``, returned as ``Carri
 (the default for ``sparkling``) gives new entries of widened tensors Adam's bias correction for their own age;
 ``rewarm=(1.3, 250)`` re-warms their learning rate to 1.3 times the schedule's over 250 steps (SPARKLING);
 ``train="added"`` trains only what growth added, leaving every original entry bit-identical (LLaMA Pro).
+
+Memory: ``release=True`` frees the old optimizer's gradients first and each source's state as soon as the last
+grown tensor made from it has its own, so a growth in training holds the old parameters, the grown ones and
+one set of moments at a time instead of both (the old optimizer cannot step afterwards). Every field is made
+on the device and in the dtype of the state it comes from.
 """
 
 from __future__ import annotations
@@ -78,8 +83,9 @@ def carry_optimizer(optimizer: torch.optim.Optimizer, grown, module: torch.nn.Mo
 
 def carry(optimizer: torch.optim.Optimizer, grown, module: torch.nn.Module, scheduler=None, *,
           policy: str = "mapped", copies: str = "fresh", protect: bool | None = None,
-          rewarm: tuple[float, int] | None = None, train: str = "all") -> Carried:
-    """The optimizer and (optionally) the learning-rate scheduler for the grown ``module``, in one call."""
+          rewarm: tuple[float, int] | None = None, train: str = "all", release: bool = False) -> Carried:
+    """The optimizer and (optionally) the learning-rate scheduler for the grown ``module``, in one call;
+    ``release``: free the old optimizer's state as it is carried (see the module docstring)."""
     check_optimizer(optimizer)
     check_policy(policy, copies)
     growth: GrowthMap = grown.map
@@ -92,15 +98,33 @@ def carry(optimizer: torch.optim.Optimizer, grown, module: torch.nn.Module, sche
     groups = grown_param_groups(optimizer, growth, module, old_names)
     new = type(optimizer)(groups, **constructor_defaults(optimizer))
     carried = Carried(new)
-    if policy != "reset":
-        for name, parameter in _named_parameters(module):
-            _carry_state(optimizer, new, growth, name, parameter, by_name, policy, copies, carried)
+    named = _named_parameters(module)
+    readers = _readers(growth, [name for name, _ in named]) if release else {}
+    if release:
+        optimizer.zero_grad(set_to_none=True)
+    for name, parameter in named if policy != "reset" else ():
+        _carry_state(optimizer, new, growth, name, parameter, by_name, policy, copies, carried)
+        source = growth.recipes[growth.canonical(name)].source
+        readers[source] = readers.get(source, 1) - 1
+        if release and readers[source] == 0 and source in by_name:
+            optimizer.state.pop(by_name[source], None)  # its last reader has its own state now
+    if release:
+        optimizer.state.clear()
     carried.hooks = GrowthHooks(new, growth, module, protect=protect if protect is not None else policy == "sparkling",
                                 rewarm=rewarm, train=train)
     check_groups(new, module)
     if scheduler is not None:
         carried.scheduler = carry_scheduler(scheduler, new)
     return carried
+
+
+def _readers(growth: GrowthMap, names: list[str]) -> dict[str, int]:
+    """How many of the grown parameters ``names`` are made from each original tensor."""
+    counts: dict[str, int] = {}
+    for name in names:
+        source = growth.recipes[growth.canonical(name)].source
+        counts[source] = counts.get(source, 0) + 1
+    return counts
 
 
 def check_optimizer(optimizer: torch.optim.Optimizer) -> None:

@@ -34,10 +34,11 @@ from rewrite.training.fsdp import empty_model, shard_layers, sharded
 
 
 def grow_online(model: torch.nn.Module, optimizer: torch.optim.Optimizer, passes: list, *, policy: str = "mapped",
-                copies: str = "fresh", shard=shard_layers, device: str = "cpu"):
+                copies: str = "fresh", shard=shard_layers, device: str | torch.device | None = None):
     """(grown model, its optimizer, the plan): ``model`` (sharded with FSDP2) and ``optimizer`` grown by
     ``passes`` on every process of the default group, between two training steps (the parameters sharded, not
-    gathered for a forward; see the module docstring)."""
+    gathered for a forward; see the module docstring). The grown shards go on ``device``: by default where the
+    model's own shards are."""
     import torch.distributed as dist
 
     check_optimizer(optimizer)
@@ -53,6 +54,7 @@ def grow_online(model: torch.nn.Module, optimizer: torch.optim.Optimizer, passes
     args, kwargs = meta_inputs(original)
     plan = plan_native(trace(original, args, kwargs), original, passes, args, kwargs)
     plan.refuse_mixture("growing a running FSDP2 job")
+    device = device if device is not None else next(model.parameters()).device
     grown = sharded(empty_model(plan.config), mesh, shard, device)
     old = dict(model.named_parameters(remove_duplicate=False))
     old.update(model.named_buffers())

@@ -6,7 +6,7 @@ scheduler it built. So ``GrowingTrainer`` (a ``Trainer`` subclass) stops and res
 1. its callback asks the trigger at each evaluation (at each step when the run does not evaluate); when it says
    grow, it has the Trainer save a checkpoint and stop;
 2. ``train`` then grows the model by the next stage in its own class (``rewrite.to_native``: the config
-   updated), checks the loss on a fixed batch, carries the optimizer and the scheduler (``rewrite.carry``),
+   updated), checks the loss on a fixed batch (on the model's device, to the tolerance of its dtype), carries the optimizer and the scheduler (``rewrite.carry``),
    and writes the grown checkpoint in the Trainer's format under the same name (the checkpoint as it was
    before the growth is kept as ``checkpoint-N-before-growth``; ``growth.json`` records the report);
 3. and resumes from it (``Trainer.train(resume_from_checkpoint=...)``): same step, same data position, same
@@ -32,6 +32,7 @@ from rewrite.io.native import to_native
 from rewrite.ir.trace import trace
 from rewrite.training.carry import carried_class, carry
 from rewrite.training.flops import parameters
+from rewrite.training.precision import compute_dtype, same_loss
 from rewrite.transform.apply import apply
 
 
@@ -64,15 +65,18 @@ class GrowingTrainer(Trainer):
         folder = Path(self.args.output_dir) / f"checkpoint-{step}"
         if not folder.is_dir():
             raise GrowthError(f"the Trainer saved no checkpoint at step {step} in {self.args.output_dir} to grow")
-        model = self.accelerator.unwrap_model(self.model).eval()
+        # the model's own forward: accelerate wraps it in autocast for mixed precision, which a trace would keep
+        model = self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False).eval()
         args, kwargs = example_inputs(model)
+        where = next(model.parameters()).device  # the fixed batch goes where the model is
+        args, kwargs = tuple(a.to(where) for a in args), {k: v.to(where) for k, v in kwargs.items()}
         before = _loss(model, args, kwargs)
         grown = apply(trace(model, args, kwargs), list(self.stages[self._stage]), args, kwargs)
         native = carried_class(to_native(grown, model), model)  # NotRepresentableError says why, if it cannot
         after = _loss(native.eval(), args, kwargs)
-        if grown.report.exact and abs(after - before) > 1e-5 * max(1.0, abs(before)):
+        if grown.report.exact and not same_loss(before, after, compute_dtype(model)):
             raise GrowthError(f"stage {self._stage} was planned exact but moved the loss on the fixed batch from "
-                              f"{before:.6g} to {after:.6g}")
+                              f"{before:.6g} to {after:.6g} (more than {compute_dtype(model)} rounding)")
         optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate's wrapper, unwrapped
         carried = carry(optimizer, grown, native, self.lr_scheduler, policy=self.policy, rewarm=self.rewarm,
                         train=self.train_only)

@@ -18,6 +18,12 @@ map's ``new_entries``) and added (a copy into a new role, or a tensor with no so
 The hooks hold a little state (the age of each tensor's new entries); ``state_dict``/``load_state_dict`` keep it
 across a checkpoint. Protection and re-warmup remove themselves once they have nothing left to do; the
 restoring of old entries stays.
+
+**Cost.** Which entries are new is worked out once per growth (:class:`Entries`): where a tensor's old entries
+are a leading block (old units first along every grown axis: every built-in pass but GQA head insertion), its
+new entries are a few slabs (views) and its old ones one block, read and written as slices; elsewhere as flat
+indices on the tensor's device, gathered and scattered. No step builds an index or a mask, and none waits for
+the device (``tests/test_devices.py`` counts).
 """
 
 from __future__ import annotations
@@ -31,6 +37,59 @@ from rewrite.transform.growth_map import KEPT, GrowthMap
 TRAIN = ("all", "added")
 
 
+class Entries:
+    """Some entries of a tensor, found once: ``parts(t)`` gives them as tensors (views of ``t`` when they are
+    slabs; gathered copies of flat indices elsewhere), ``put_(t, values)`` writes ``values`` back."""
+
+    def __init__(self, slabs: list[list[tuple[int, int, int]]] | None = None, index: torch.Tensor | None = None):
+        self.slabs, self.index = slabs, index  # slabs: each a list of (axis, start, length)
+
+    @classmethod
+    def of(cls, mask: torch.Tensor, device: torch.device) -> tuple["Entries", "Entries"]:
+        """(new, old): the entries where ``mask`` is True and those where it is False."""
+        old = ~mask
+        counts = [int(_along(old, axis).sum()) for axis in range(old.dim())]  # positions holding an old entry
+        block = [(axis, 0, n) for axis, n in enumerate(counts)]
+        leading = (math.prod(counts) == int(old.sum())
+                   and bool(old[tuple(slice(0, n) for n in counts)].all()) if old.numel() else True)
+        if leading:
+            slabs = [block[:axis] + [(axis, n, old.shape[axis] - n)] for axis, n in enumerate(counts)
+                     if n < old.shape[axis] and all(counts[:axis])]  # slab k: old on the axes before k, new on k
+            return cls(slabs=slabs), cls(slabs=[block] if math.prod(counts) else [])
+        flat = mask.reshape(-1)
+        return (cls(index=torch.nonzero(flat).flatten().to(device)),
+                cls(index=torch.nonzero(~flat).flatten().to(device)))
+
+    def parts(self, t: torch.Tensor) -> list[torch.Tensor]:
+        if self.index is not None:
+            return [t.detach().reshape(-1).index_select(0, self.index)]
+        out = []
+        for slab in self.slabs:
+            view = t.detach()
+            for axis, start, length in slab:
+                view = view.narrow(axis, start, length)
+            out.append(view)
+        return out
+
+    def copies(self, t: torch.Tensor) -> list[torch.Tensor]:
+        """``parts`` that later writes to ``t`` do not change."""
+        return [part.clone() for part in self.parts(t)] if self.index is None else self.parts(t)
+
+    def put_(self, t: torch.Tensor, values: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            if self.index is not None:
+                t.detach().view(-1).index_copy_(0, self.index, values[0])
+                return
+            for view, value in zip(self.parts(t), values):
+                view.copy_(value)
+
+
+def _along(mask: torch.Tensor, axis: int) -> torch.Tensor:
+    """Whether each position along ``axis`` holds a True entry."""
+    others = [a for a in range(mask.dim()) if a != axis]
+    return mask.any(dim=others) if others else mask
+
+
 class GrowthHooks:
     """The step hooks ``carry`` puts on the grown optimizer (see the module docstring)."""
 
@@ -39,21 +98,24 @@ class GrowthHooks:
         if train not in TRAIN:
             raise ValueError(f"train must be one of {', '.join(TRAIN)}, got {train!r}")
         adam = type(optimizer).__name__ in ("Adam", "AdamW")
-        self.names, self.masks, widened = {}, {}, set()
+        self.names, self.new, self.old, widened, complete = {}, {}, {}, set(), set()
         for name, parameter in module.named_parameters():
             mask = growth.new_entries(name)
             if not mask.any():
                 if train == "added":
                     parameter.requires_grad_(False)
                 continue
-            self.names[parameter], self.masks[parameter] = name, mask
+            self.names[parameter] = name
+            self.new[parameter], self.old[parameter] = Entries.of(mask, parameter.device)
             kept = growth.recipes[growth.canonical(name)].role == KEPT
-            if kept and parameter in optimizer.state and not mask.all():
+            if mask.all():
+                complete.add(parameter)
+            elif kept and parameter in optimizer.state:
                 widened.add(parameter)
         self.protected = widened if protect and adam else set()
         self.peak, self.steps = rewarm if rewarm is not None else (1.0, 0)
-        self.restore = {p for p, mask in self.masks.items() if train == "added" and not mask.all()}
-        self.ages = {p: 0 for p in self.masks}
+        self.restore = {p for p in self.new if train == "added" and p not in complete}
+        self.ages = {p: 0 for p in self.new}
         self.active = bool(self.protected) or self.steps > 0
         self._start: dict = {}  # new entries before the step
         self._old: dict = {}  # old entries before the step (train='added')
@@ -84,21 +146,20 @@ class GrowthHooks:
         self._handles = []
 
     def _pre(self, opt, args, kwargs) -> None:
-        for p, mask in self.masks.items():
+        for p, new in self.new.items():
             if self.active:
-                self._start[p] = p.detach()[mask].clone()
+                self._start[p] = new.copies(p)
             if p in self.restore:
-                self._old[p] = p.detach()[~mask].clone()
+                self._old[p] = self.old[p].copies(p)
 
     def _post(self, opt, args, kwargs) -> None:
         done, adjusted = True, False
         for group in opt.param_groups:
             for p in group["params"]:
-                if p not in self.masks or p.grad is None:
+                if p not in self.new or p.grad is None:
                     continue
                 if p in self.restore:
-                    with torch.no_grad():
-                        p[~self.masks[p]] = self._old[p]
+                    self.old[p].put_(p, self._old[p])
                 if self.active:
                     done &= self._adjust(opt, group, p)
                     adjusted = True
@@ -110,29 +171,39 @@ class GrowthHooks:
                 self.remove()
 
     def _adjust(self, opt, group, p) -> bool:
-        """Protection and re-warmup of ``p``'s new entries after one step; whether both are finished."""
+        """Protection and re-warmup of ``p``'s new entries after one step, written in place (slabs) or gathered
+        and scattered back (flat indices); whether both are finished."""
         self.ages[p] += 1
-        age, mask, start = self.ages[p], self.masks[p], self._start[p]
-        after, settled = p.detach()[mask], True
+        age, new, start = self.ages[p], self.new[p], self._start[p]
+        parts, settled = new.parts(p), True
         if p in self.protected:
-            after, settled = _adam_update(opt, group, p, mask, start, age)
+            settled = _adam_update_(opt, group, p, new, start, age, parts)
         steps = self.steps
         scale = 1 + (self.peak - 1) * (age / steps if age <= steps else max(0.0, 2 - age / steps)) if steps else 1.0
-        with torch.no_grad():
-            p[mask] = start + scale * (after - start)
+        if scale != 1.0:
+            for begin, part in zip(start, parts):
+                part.sub_(begin).mul_(scale).add_(begin)
+        if new.index is not None and (scale != 1.0 or p in self.protected):
+            new.put_(p, parts)
         return settled and age >= 2 * steps
 
 
-def _adam_update(opt, group, p, mask, start: torch.Tensor, age: int) -> tuple[torch.Tensor, bool]:
-    """The new entries of ``p`` after an Adam step taken with their own age (fresh bias corrections), and
-    whether both corrections are now within 0.1% of one."""
+def _adam_update_(opt, group, p, new: Entries, start: list[torch.Tensor], age: int, parts: list[torch.Tensor]):
+    """``parts`` (``new.parts(p)``) become the new entries after an Adam step taken with their own age (fresh
+    bias corrections) from ``start``; returns whether both corrections are now within 0.1% of one."""
     beta1, beta2 = (float(b) for b in group["betas"])
     state = opt.state[p]
     second = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
     correction1, correction2 = 1 - beta1 ** age, 1 - beta2 ** age
-    lr = float(group["lr"])
-    denom = second[mask].sqrt() / math.sqrt(correction2) + group["eps"]
-    update = (lr / correction1) * state["exp_avg"][mask] / denom
-    if type(opt).__name__ == "AdamW":
-        start = start * (1 - lr * group["weight_decay"])
-    return (start + update if group.get("maximize") else start - update), min(correction1, correction2) > 0.999
+    lr = group["lr"]  # a tensor learning rate stays one: no wait for the device
+    decay = 1 - lr * group["weight_decay"] if type(opt).__name__ == "AdamW" else 1.0
+    step = (lr if group.get("maximize") else -lr) / correction1
+    with torch.no_grad():
+        for begin, part, moment, square in zip(start, parts, new.parts(state["exp_avg"]), new.parts(second)):
+            denom = square.sqrt().div_(math.sqrt(correction2)).add_(group["eps"])
+            torch.mul(begin, decay, out=part)
+            if torch.is_tensor(step):
+                part.add_(moment / denom * step)
+            else:
+                part.addcdiv_(moment, denom, value=step)
+    return min(correction1, correction2) > 0.999

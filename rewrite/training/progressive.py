@@ -10,8 +10,14 @@ the trainer:
    table) in the graph form, with the reason logged;
 4. carries the optimizer and the scheduler onto the grown module (``rewrite.carry``), with ``train="all"`` or
    ``"added"`` (only what growth added trains; the original entries stay bit-identical);
-5. checks the loss on a fixed validation batch: an exact plan must leave it unchanged (to 1e-5 of its scale),
-   else ``GrowthError``; for an approximate plan the change is logged.
+5. checks the loss on a fixed validation batch: an exact plan must leave it unchanged (to the tolerance of
+   the dtype the model computes in: ``rewrite.training.precision``), else ``GrowthError``; for an approximate
+   plan the change is logged.
+
+Mixed precision: ``autocast=torch.bfloat16`` (or ``float16``) runs every forward pass under ``torch.autocast``
+on the model's device; ``scaler=torch.amp.GradScaler(...)`` scales the loss for float16 training. The scaler
+is the same object across growths (its scale and growth tracker carry over; its per-optimizer state lives one
+step) and its state is in every checkpoint.
 
 Compute is ``6 * N * tokens`` per step (``N``: every parameter) plus attention's activation products, measured
 once per model size (``rewrite.training.flops``); ``tokens`` are the elements of the batch's first integer
@@ -20,8 +26,8 @@ FLOPs, losses, learning rates, parameters, wall time; each growth with its repor
 
 Checkpoints (``checkpoints=folder``): before and after each growth, and every ``checkpoint_every`` steps at an
 evaluation. Each is a folder written atomically: ``model.safetensors`` (the weights) and the rest without
-pickle (``rewrite.io.state_files``: optimizer, scheduler, trigger and step-hook state, counters, RNG state,
-the history). ``fit(..., resume=True)`` continues from the latest: it rebuilds the grown structure by replaying
+pickle (``rewrite.io.state_files``: optimizer, scheduler, gradient scaler, trigger and step-hook state,
+counters, the RNG state of the CPU and of every device the model is on, the history). ``fit(..., resume=True)`` continues from the latest: it rebuilds the grown structure by replaying
 the growths on the original model, loads every state, skips the batches already consumed (so ``train`` must
 give the same batches in the same order when iterated afresh, without drawing from torch's global random
 state: a DataLoader with a seeded ``generator=``) and, from a checkpoint taken before a growth,
@@ -48,6 +54,7 @@ from rewrite.ir.frontends import first_line, is_huggingface
 from rewrite.ir.trace import trace
 from rewrite.training.carry import carried_class, carry
 from rewrite.training.flops import parameters, per_token
+from rewrite.training.precision import autocast, compute_dtype, rng_state, same_loss, set_rng_state
 from rewrite.training.triggers import Trigger
 from rewrite.transform.apply import apply
 
@@ -63,7 +70,8 @@ class ProgressiveTrainer:
     """``loss(model, batch) -> scalar tensor``; ``optimizer(parameters) -> Optimizer``; ``scheduler(optimizer)``
     (optional); ``stages``: one list of passes per growth; ``trigger``: one per stage, or one shared (reset
     after each growth); ``inputs(batch) -> (args, kwargs)``: what the model is called with (default: the
-    batch's first tensor). ``policy``, ``rewarm`` and ``train`` go to ``rewrite.carry``."""
+    batch's first tensor). ``policy``, ``rewarm`` and ``train`` go to ``rewrite.carry``. ``autocast``: a dtype
+    to run forward passes in under ``torch.autocast``; ``scaler``: a ``torch.amp.GradScaler`` (float16)."""
 
     model: torch.nn.Module
     loss: Callable
@@ -81,6 +89,8 @@ class ProgressiveTrainer:
     checkpoints: str | Path | None = None
     checkpoint_every: int | None = None
     progress: bool = False
+    autocast: torch.dtype | None = None
+    scaler: torch.amp.GradScaler | None = None
     history: list[dict] = dataclasses.field(default_factory=list, init=False)
 
     def fit(self, train: Iterable | Sequence[Iterable], validation: Sequence, steps: int, *,
@@ -99,7 +109,7 @@ class ProgressiveTrainer:
             for index, count in enumerate(self._consumed):
                 for _ in range(count):
                     next(sources[index])
-            torch.set_rng_state(rng)  # after the skipped batches: they are drawn as in the run that made them
+            set_rng_state(rng)  # after the skipped batches: they are drawn as in the run that made them
         if pending is not None:
             self._grow(first - 1, validation[0], pending)
         for step in range(first, steps + 1):
@@ -146,12 +156,26 @@ class ProgressiveTrainer:
         args, kwargs = self.inputs(fixed)
         return per_token(self.model, args, kwargs, _tokens(fixed))
 
+    def _loss(self, batch) -> torch.Tensor:
+        with autocast(self.model, self.autocast):
+            return self.loss(self.model, batch)
+
+    def _fixed_loss(self, fixed) -> float:
+        self.model.eval()
+        with torch.no_grad():
+            return float(self._loss(fixed))
+
     def _train_step(self, batch) -> None:
         self.model.train()
-        loss = self.loss(self.model, batch)
+        loss = self._loss(batch)
         self._optimizer.zero_grad()
-        loss.backward()
-        self._optimizer.step()
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self._optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self._optimizer.step()
         if self._scheduler is not None:
             self._scheduler.step()
         tokens = _tokens(batch)
@@ -162,7 +186,7 @@ class ProgressiveTrainer:
     def _evaluate(self, step: int, validation: Sequence, steps: int) -> dict:
         self.model.eval()
         with torch.no_grad():
-            val = sum(float(self.loss(self.model, b)) for b in validation) / len(validation)
+            val = sum(float(self._loss(b)) for b in validation) / len(validation)
         record = self._write({"event": "eval", "step": step, "tokens": self.tokens, "flops": self.flops,
                               "train_loss": self._train_loss, "val_loss": val, "stage": self._stage,
                               "lr": [g["lr"] for g in self._optimizer.param_groups],
@@ -175,17 +199,15 @@ class ProgressiveTrainer:
         return record
 
     def _grow(self, step: int, fixed, evidence: dict) -> None:
-        self.model.eval()
-        with torch.no_grad():
-            before = float(self.loss(self.model, fixed))
-        size = parameters(self.model)
+        before, size = self._fixed_loss(fixed), parameters(self.model)
+        with autocast(self.model, self.autocast):
+            dtype = compute_dtype(self.model)
         grown, native_note = self._grow_structure(fixed)
-        self.model.eval()
-        with torch.no_grad():
-            after = float(self.loss(self.model, fixed))
-        if grown.report.exact and abs(after - before) > 1e-5 * max(1.0, abs(before)):
+        after = self._fixed_loss(fixed)
+        if grown.report.exact and not same_loss(before, after, dtype):
             raise GrowthError(f"stage {self._stage} was planned exact but moved the loss on the fixed batch from "
-                              f"{before:.6g} to {after:.6g}")
+                              f"{before:.6g} to {after:.6g} (more than {str(dtype).removeprefix('torch.')} "
+                              f"rounding)")
         self._write({"event": "growth", "step": step, "tokens": self.tokens, "flops": self.flops,
                      "stage": self._stage, "loss_before": before, "loss_after": after, "exact": grown.report.exact,
                      "parameters_before": size, "parameters_after": parameters(self.model),
@@ -209,7 +231,7 @@ class ProgressiveTrainer:
             except NotRepresentableError as e:
                 note = f"continues as a graph: {first_line(e)}"
         carried = carry(self._optimizer, grown, module, self._scheduler, policy=self.policy, rewarm=self.rewarm,
-                        train=self.train)
+                        train=self.train, release=True)  # the old optimizer is not used again
         self.model, self._graph, self._hooks = module, graph, carried.hooks
         self._optimizer, self._scheduler, self._carried_reset = carried.optimizer, carried.scheduler, carried.reset
         self._trigger().reset()
@@ -230,7 +252,8 @@ class ProgressiveTrainer:
             return
         state = {"format": 1, "step": step, "kind": kind, "pending": pending, "stage": self._stage,
                  "tokens": self.tokens, "flops": self.flops, "train_loss": self._train_loss,
-                 "seconds": self._seconds(), "consumed": self._consumed, "rng": torch.get_rng_state(),
+                 "seconds": self._seconds(), "consumed": self._consumed, "rng": rng_state(self.model),
+                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                  "triggers": [t.state_dict() for t in self._triggers()],
                  "hooks": self._hooks.state_dict() if self._hooks is not None else None,
                  "optimizer": self._optimizer.state_dict(),
@@ -252,7 +275,7 @@ class ProgressiveTrainer:
             raise GrowfxError(f"no checkpoint to resume from in {self.checkpoints}")
         return found[-1]
 
-    def _restore(self, folder: Path, fixed) -> tuple[dict | None, int, torch.Tensor]:
+    def _restore(self, folder: Path, fixed) -> tuple[dict | None, int, dict]:
         """Load the checkpoint in ``folder`` into the freshly set-up trainer; the pending growth's evidence (a
         checkpoint taken before a growth), the first step still to train, and the RNG state to continue from."""
         state = load_state(folder)
@@ -270,6 +293,8 @@ class ProgressiveTrainer:
         self._optimizer.load_state_dict(state["optimizer"])
         if self._scheduler is not None:
             self._scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         if self._hooks is not None and state["hooks"] is not None:
             self._hooks.load_state_dict(state["hooks"], self._optimizer)
         for trigger, trigger_state in zip(self._triggers(), state["triggers"]):
