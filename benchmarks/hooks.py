@@ -7,8 +7,8 @@ correction, which recomputes their Adam update, and a re-warmup; ``rewarm``: the
 ``optimizer.step()`` of each, side by side in this process, on the same gradients (set once, not
 recomputed: only the optimizer is timed); the figure is the median over rounds of (hooked - plain) / plain.
 
-* ``matrix``: one 4096 x 2048 linear layer widened to 4096 x 4096 (``passes.widen`` on its output units: half
-  of the grown matrix is new), as in issue 30;
+* ``matrix``: a linear layer of 2048 outputs from 4096 inputs widened to 4096 outputs (``passes.widen``: its
+  weight grows from 2048 x 4096 to 4096 x 4096, half of it new), as in issue 30;
 * ``gpt2-124m``: GPT-2 small (124M parameters) grown from an MLP of 1536 to 3072 (``widen_mlp``).
 
     python benchmarks/hooks.py [--rounds 7] [--quick] [--out benchmarks/results/hooks]
@@ -33,8 +33,9 @@ SETTINGS = {"sparkling": dict(policy="sparkling", rewarm=(1.3, 250)), "rewarm": 
 
 
 def matrix(quick: bool):
-    rows, cols = (1024, 512) if quick else (4096, 2048)
-    model = torch.nn.Sequential(torch.nn.Linear(cols, rows), torch.nn.ReLU(), torch.nn.Linear(rows, 16))
+    width = 1024 if quick else 4096  # a width x width/2 weight grown to width x width
+    model = torch.nn.Sequential(torch.nn.Linear(width, width // 2), torch.nn.ReLU(), torch.nn.Linear(width // 2, 16))
+    cols = width
     args = (torch.randn(2, cols),)
     return model, args, [passes.widen("0", factor=2, init="zero", exact=True)]
 

@@ -14,6 +14,7 @@ rounding, a key bias's or a top-1 router's, into full steps in the direction of 
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -57,8 +58,10 @@ def _loss(module, args, kwargs, target):
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
 
 
+@functools.lru_cache(maxsize=None)
 def _trained(name: str):
-    """(graph, (args, kwargs), target, optimizer) on the CPU, after one AdamW step, so the optimizer has state."""
+    """(graph, (args, kwargs), target, optimizer) on the CPU, after one AdamW step, so the optimizer has state
+    (made once per model: growth and carry read them and never write them)."""
     built = zoo.build(name)
     graph = rewrite.trace(built.model.eval(), built.args, built.kwargs)
     batch = (built.args, {**graph.fixed_kwargs, **built.kwargs})  # what the traced graph takes (use_cache=False)
@@ -250,3 +253,23 @@ def test_every_optimizer_implementation_and_dtype_carries_and_steps(make, dtype)
         _loss(grown.module, built.args, {}, target).float().backward()
     carried.step()
     assert all(torch.isfinite(p).all() for p in grown.module.parameters())
+
+
+def test_a_seeded_growth_gives_the_same_bits_with_one_and_two_threads(monkeypatch):
+    """Noise, redrawn copies and a drawn router, big enough to span several chunks and draw threads."""
+    from rewrite.transform import draws
+
+    monkeypatch.setattr(draws, "CHUNK", 256)  # many chunks on a small model
+    built = zoo.build("llama")
+    plan = [passes.widen_mlp(factor=2, init="sparkling", exact=False), passes.add_layers(1, init="copy", exact=False),
+            passes.upcycle_moe(2, top_k=1)]
+    threads, grown = torch.get_num_threads(), {}
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            grown[count] = rewrite.apply(built.model, plan, built.args).module.state_dict()
+    finally:
+        torch.set_num_threads(threads)
+    assert grown[1].keys() == grown[2].keys()
+    for name, value in grown[1].items():
+        assert torch.equal(value, grown[2][name]), name

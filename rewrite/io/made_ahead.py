@@ -1,8 +1,8 @@
 """Tensors made a few at a time and handed over in order, within a budget of bytes in flight.
 
 A streaming writer writes tensor ``k`` while the next ones are being made: their arithmetic (a bfloat16 tensor
-widened in float32, a seeded normal draw, which runs on one core) overlaps the write and each other. Memory
-stays bounded: each tensor comes with the bytes it holds while made (``rewrite.transform.growth_ops
+widened in float32, a seeded normal draw) overlaps the write and each other. Memory
+stays bounded: each tensor comes with the bytes it holds while made (``rewrite.transform.work
 .working_bytes`` for a growth), and a tensor is started only while those of the tensors started and not yet
 handed back (the one being written included) stay within ``budget``; one tensor alone always starts. With the
 budget at the most any one tensor holds, what is in flight at once is at most what the largest holds alone.

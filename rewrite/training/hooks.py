@@ -71,9 +71,17 @@ class Entries:
             out.append(view)
         return out
 
-    def copies(self, t: torch.Tensor) -> list[torch.Tensor]:
-        """``parts`` that later writes to ``t`` do not change."""
-        return [part.clone() for part in self.parts(t)] if self.index is None else self.parts(t)
+    def copies(self, t: torch.Tensor, into: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """``parts`` that later writes to ``t`` do not change: written into ``into`` (the copies of the step
+        before, reused: no fresh pages every step) when given."""
+        if into is None:
+            return [part.clone() for part in self.parts(t)] if self.index is None else self.parts(t)
+        if self.index is not None:
+            torch.index_select(t.detach().reshape(-1), 0, self.index, out=into[0])
+            return into
+        for target, part in zip(into, self.parts(t)):
+            target.copy_(part)
+        return into
 
     def put_(self, t: torch.Tensor, values: list[torch.Tensor]) -> None:
         with torch.no_grad():
@@ -117,7 +125,7 @@ class GrowthHooks:
         self.restore = {p for p in self.new if train == "added" and p not in complete}
         self.ages = {p: 0 for p in self.new}
         self.active = bool(self.protected) or self.steps > 0
-        self._start: dict = {}  # new entries before the step
+        self._start: dict = {}  # new entries before the step (kept from step to step: written in place)
         self._old: dict = {}  # old entries before the step (train='added')
         self._handles = []
         self._register(optimizer)
@@ -148,9 +156,9 @@ class GrowthHooks:
     def _pre(self, opt, args, kwargs) -> None:
         for p, new in self.new.items():
             if self.active:
-                self._start[p] = new.copies(p)
+                self._start[p] = new.copies(p, self._start.get(p))
             if p in self.restore:
-                self._old[p] = self.old[p].copies(p)
+                self._old[p] = self.old[p].copies(p, self._old.get(p))
 
     def _post(self, opt, args, kwargs) -> None:
         done, adjusted = True, False
@@ -163,10 +171,9 @@ class GrowthHooks:
                 if self.active:
                     done &= self._adjust(opt, group, p)
                     adjusted = True
-        self._start.clear()
-        self._old.clear()
         if self.active and adjusted and done:
             self.active = False
+            self._start.clear()
             if not self.restore:
                 self.remove()
 
@@ -182,7 +189,7 @@ class GrowthHooks:
         scale = 1 + (self.peak - 1) * (age / steps if age <= steps else max(0.0, 2 - age / steps)) if steps else 1.0
         if scale != 1.0:
             for begin, part in zip(start, parts):
-                part.sub_(begin).mul_(scale).add_(begin)
+                torch.lerp(begin, part, scale, out=part)  # begin + scale * (part - begin), in one pass
         if new.index is not None and (scale != 1.0 or p in self.protected):
             new.put_(p, parts)
         return settled and age >= 2 * steps

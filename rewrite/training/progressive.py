@@ -37,6 +37,7 @@ does that growth. The run then ends bit-identical to one that was never interrup
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import sys
 import time
@@ -214,12 +215,15 @@ class ProgressiveTrainer:
                      "trainable": _trainable(self.model), "module": type(self.model).__name__, "native": native_note,
                      "optimizer_reset": [list(r) for r in self._carried_reset], "report": str(grown.report),
                      "evidence": evidence, "seconds": self._seconds()})
+        del grown  # it holds the old model's graph, whose reference cycles keep the old tensors until collected:
+        gc.collect()  # free them before training on
         self._save(step, "after")
 
     def _grow_structure(self, fixed):
         """Grow the current model by the next stage and carry the optimizer and scheduler onto it (what a
         growth and its replay on resume share). Returns the ``Grown`` and why it is (not) native."""
         args, kwargs = self.inputs(fixed)
+        self._optimizer.zero_grad(set_to_none=True)  # the next step computes its own: not held while growing
         self.model.eval()  # dropout off while the growth is verified
         source = self._graph if self._graph is not None else trace(self.model, args, kwargs)
         grown = apply(source, list(self.stages[self._stage]), args, kwargs)

@@ -14,7 +14,8 @@ the values in row-major order. So:
   the scratch on the CPU stays about ``PIECE`` values however large the tensor.
 
 A :class:`Stream` reads a draw in order, any number of values at a time; ``fill_``, ``add_`` write one into a
-tensor (or a region of it), where it lives.
+tensor (or a region of it), where it lives: a contiguous CPU tensor chunk by chunk in place, on the draw
+threads; anything else piece by piece through a CPU scratch.
 """
 
 from __future__ import annotations
@@ -96,15 +97,17 @@ class Stream:
 
 def _run(seed: int, jobs: list[tuple[int, torch.Tensor]]) -> None:
     """Draw each ``(chunk, out)``, on the draw threads when there are several and torch may use several."""
+    _spread(jobs, lambda batch: [_draw_chunk(seed, chunk, out) for chunk, out in batch])
+
+
+def _spread(jobs: list, work) -> None:
+    """``work(batch)`` on consecutive batches of ``jobs``, one a draw thread, as many as torch uses threads."""
     threads = _threads()
     if len(jobs) <= 1 or threads == 1:
-        for chunk, out in jobs:
-            _draw_chunk(seed, chunk, out)
+        work(jobs)
         return
-    pool = _draw_pool()
     per = -(-len(jobs) // threads)
-    batches = [jobs[i:i + per] for i in range(0, len(jobs), per)]
-    futures = [pool.submit(lambda b: [_draw_chunk(seed, c, o) for c, o in b], batch) for batch in batches]
+    futures = [_draw_pool().submit(work, jobs[i:i + per]) for i in range(0, len(jobs), per)]
     for future in futures:
         future.result()
 
@@ -132,21 +135,46 @@ def pieces(target: torch.Tensor, seed: int):
 def fill_(target: torch.Tensor, seed: int, std: float = 1.0) -> torch.Tensor:
     """``target <- std * z`` (the draw with ``seed``), computed in float32 and rounded once to ``target``'s
     dtype, on ``target``'s device."""
-    for piece, values in pieces(target, seed):
-        piece.copy_(values.mul_(std))
-    return target
+    if target.dtype == torch.float32:
+        def fill(view, generator):  # straight into place
+            torch.randn(view.shape, generator=generator, out=view).mul_(std)
+    else:
+        def fill(view, generator):
+            view.copy_(torch.randn(view.shape, generator=generator).mul_(std))
+    return _each_chunk(target, seed, fill, lambda piece, values: piece.copy_(values.mul_(std)))
 
 
 def add_(target: torch.Tensor, seed: int, alpha: float) -> torch.Tensor:
     """``target += alpha * z`` (the draw with ``seed``) on ``target``'s device: in ``target``'s dtype for
     float32 and wider, in float32 rounded once for bfloat16/float16."""
     low = target.is_floating_point() and torch.finfo(target.dtype).bits < 32
-    for piece, values in pieces(target, seed):
+
+    def add(piece, values):
         values = values.to(piece.device)
         if low:
             piece.copy_(piece.float().add_(values, alpha=alpha))
         else:
             piece.add_(values.to(piece.dtype), alpha=alpha)
+    return _each_chunk(target, seed, lambda view, generator: add(view, torch.randn(view.shape, generator=generator)),
+                       add)
+
+
+def _each_chunk(target: torch.Tensor, seed: int, in_place, by_piece) -> torch.Tensor:
+    """Apply a draw to ``target``: on a contiguous CPU tensor, ``in_place(view, generator)`` on each chunk's
+    slice of it, on the draw threads (the draw and its arithmetic on 64K values at a time, in cache); elsewhere
+    (a device tensor, a region that is not contiguous) ``by_piece(piece, values)`` with :func:`pieces`. The
+    arithmetic is element by element, so both give the same bits."""
+    if target.device.type != "cpu" or not target.is_contiguous() or target.numel() == 0:
+        for piece, values in pieces(target, seed):
+            by_piece(piece, values)
+        return target
+    flat = target.view(-1)
+    jobs = [(chunk, flat[chunk * CHUNK:(chunk + 1) * CHUNK]) for chunk in range(chunks_of(flat.numel()))]
+
+    def work(batch):
+        for chunk, view in batch:
+            in_place(view, torch.Generator().manual_seed(chunk_seed(seed, chunk)))
+    _spread(jobs, work)
     return target
 
 

@@ -12,9 +12,9 @@ tensor (tied names share it). The passes' ops run in one go, so a tensor two pas
 ``run_ops(run_ops(x, a), b) == run_ops(x, a + b)`` holds when nothing is rounded between them (float32,
 float64, integers) and ``b`` draws no noise before its first ``Take`` (noise is scaled by the std of the
 tensor before the last Take); elsewhere a ``PassEnd`` between them rounds the tensor and resets that scale,
-as running the passes one at a time does. Tensors are made by a few threads at once (a
-seeded normal draw runs on one core; each tensor's values depend on its own seeds only, so the bits do not
-depend on the order). Peak memory is the original, the grown tensors, and the scratch of the tensors being
+as running the passes one at a time does. Tensors are made by a few threads at once (each tensor's values
+depend on its own seeds only, so the bits do not depend on the order; a large draw spreads its chunks over the
+cores itself: ``rewrite.transform.draws``). Peak memory is the original, the grown tensors, and the scratch of the tensors being
 made, which is given back to the system after each tensor.
 
 A rule that computes a value from the weights (``Editor.set_tensor`` of a value made from a meta tensor,
@@ -36,7 +36,7 @@ from rewrite.ir.graph import Graph
 from rewrite.transform.growth_map import GrowthMap, named_tensors, tensor_names
 
 
-WORKERS = 4  # tensors made at once, at most one per torch thread: a seeded draw runs on one core
+WORKERS = 4  # tensors made at once, at most one per torch thread (copies and draws overlap between tensors)
 
 
 def workers() -> int:
