@@ -25,8 +25,8 @@ Step hooks on what growth added (``rewrite.training.hooks``, returned as ``Carri
 ``train="added"`` trains only what growth added, leaving every original entry bit-identical (LLaMA Pro).
 
 Memory: ``release=True`` frees the old optimizer's gradients first and each source's state as soon as the last
-grown tensor made from it has its own, so a growth in training holds the old parameters, the grown ones and
-one set of moments at a time instead of both (the old optimizer cannot step afterwards). Every field is made
+grown tensor made from it has its own, so the old moments are not held beside the whole of the new ones (the
+old optimizer cannot step afterwards). Every field is made
 on the device and in the dtype of the state it comes from.
 """
 
@@ -99,17 +99,15 @@ def carry(optimizer: torch.optim.Optimizer, grown, module: torch.nn.Module, sche
     new = type(optimizer)(groups, **constructor_defaults(optimizer))
     carried = Carried(new)
     named = _named_parameters(module)
-    readers = _readers(growth, [name for name, _ in named]) if release else {}
     if release:
         optimizer.zero_grad(set_to_none=True)
+        readers = _readers(growth, [name for name, _ in named])
     for name, parameter in named if policy != "reset" else ():
         _carry_state(optimizer, new, growth, name, parameter, by_name, policy, copies, carried)
-        source = growth.recipes[growth.canonical(name)].source
-        readers[source] = readers.get(source, 1) - 1
-        if release and readers[source] == 0 and source in by_name:
-            optimizer.state.pop(by_name[source], None)  # its last reader has its own state now
+        if release:
+            _release(optimizer, growth.recipes[growth.canonical(name)].source, by_name, readers)
     if release:
-        optimizer.state.clear()
+        optimizer.state.clear()  # the state of what no grown tensor is made from
     carried.hooks = GrowthHooks(new, growth, module, protect=protect if protect is not None else policy == "sparkling",
                                 rewarm=rewarm, train=train)
     check_groups(new, module)
@@ -125,6 +123,13 @@ def _readers(growth: GrowthMap, names: list[str]) -> dict[str, int]:
         source = growth.recipes[growth.canonical(name)].source
         counts[source] = counts.get(source, 0) + 1
     return counts
+
+
+def _release(optimizer, source: str | None, by_name: dict, readers: dict[str, int]) -> None:
+    """One more grown tensor made from ``source`` has its state: free the source's once none is left to make."""
+    readers[source] -= 1
+    if readers[source] == 0 and source in by_name:
+        optimizer.state.pop(by_name[source], None)
 
 
 def check_optimizer(optimizer: torch.optim.Optimizer) -> None:
