@@ -34,9 +34,8 @@ WIDTH = {  # approximate inits (sparkling, net2net under norms) allowed: their d
 }
 INITS = ("zero", "clone", "net2net", "sparkling")
 DEPTH = {
-    "add_layers(zero)": lambda: [passes.add_layers(1, at=0)],
+    "add_layers(zero)": lambda: [passes.add_layers(1, at=0)],  # its new blocks' matrices redrawn (seeded)
     "add_layers(copy)": lambda: [passes.add_layers(1, init="copy")],
-    "add_layers(redraw)": lambda: [passes.add_layers(1, init="copy", exact=False)],
     "split_layers": lambda: [passes.split_layers(2, layers=[0])],
     "upcycle_moe": lambda: [passes.upcycle_moe(2, top_k=1)],
     "three passes": lambda: [passes.widen_mlp(factor=2), passes.add_layers(1, init="copy"),
@@ -261,7 +260,7 @@ def test_a_seeded_growth_gives_the_same_bits_with_one_and_two_threads(monkeypatc
 
     monkeypatch.setattr(draws, "CHUNK", 256)  # many chunks on a small model
     built = zoo.build("llama")
-    plan = [passes.widen_mlp(factor=2, init="sparkling", exact=False), passes.add_layers(1, init="copy", exact=False),
+    plan = [passes.widen_mlp(factor=2, init="sparkling", exact=False), passes.add_layers(1),
             passes.upcycle_moe(2, top_k=1)]
     threads, grown = torch.get_num_threads(), {}
     try:

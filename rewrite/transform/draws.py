@@ -42,8 +42,13 @@ def chunk_seed(seed: int, chunk: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+def _generator(seed: int, chunk: int) -> torch.Generator:
+    """The CPU generator chunk ``chunk`` of the draw with ``seed`` is drawn from."""
+    return torch.Generator().manual_seed(chunk_seed(seed, chunk))
+
+
 def _draw_chunk(seed: int, chunk: int, out: torch.Tensor) -> None:
-    torch.randn(out.shape, generator=torch.Generator().manual_seed(chunk_seed(seed, chunk)), out=out)
+    torch.randn(out.shape, generator=_generator(seed, chunk), out=out)
 
 
 def _threads() -> int:
@@ -173,7 +178,7 @@ def _each_chunk(target: torch.Tensor, seed: int, in_place, by_piece) -> torch.Te
 
     def work(batch):
         for chunk, view in batch:
-            in_place(view, torch.Generator().manual_seed(chunk_seed(seed, chunk)))
+            in_place(view, _generator(seed, chunk))
     _spread(jobs, work)
     return target
 
