@@ -8,6 +8,7 @@ exactly the entries growth added.
 
 import json
 
+import pytest
 import torch
 from conftest import assert_same_state, grow, tiny_gpt
 from hypothesis import HealthCheck, given, settings
@@ -189,3 +190,22 @@ def test_growing_a_grown_graph_again_maps_from_that_graph():
     assert second.map.original["blocks.0.mlp.down.weight"][0] == (16, 40)
     assert_same_state(second.map.apply(first.module.state_dict()), second.module.state_dict())
     assert second.report.passes[0].verification.max_abs_error < 1e-5
+
+
+def test_a_map_whose_draws_another_scheme_made_is_refused_and_one_without_draws_still_loads():
+    """Maps written before the chunked draws (format /1) cannot remake seeded values: refused with the reason;
+    a /1 map with no seeded op remakes its tensors as before."""
+    built, noisy = grow("llama", passes.widen_mlp(factor=2, init="sparkling", exact=False), verify=False)
+    old = json.loads(json.dumps(noisy.map.to_dict()))
+    old["format"] = "growfx.growth_map/1"
+    del old["draws"]
+    with pytest.raises(ValueError, match="another scheme"):
+        rewrite.GrowthMap.from_dict(old)
+    built, plain = grow("llama", passes.widen_mlp(factor=2, init="clone"), verify=False)
+    old = json.loads(json.dumps(plain.map.to_dict()))
+    old["format"] = "growfx.growth_map/1"
+    del old["draws"]
+    state = {n: t.detach() for n, t in built.model.state_dict().items()}
+    remade = rewrite.GrowthMap.from_dict(old).apply(state)
+    for name, value in plain.module.state_dict().items():
+        assert torch.equal(remade[name], value), name
