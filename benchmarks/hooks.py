@@ -28,7 +28,8 @@ import torch
 import passes
 import rewrite
 
-SETTINGS = {"sparkling": dict(policy="sparkling", rewarm=(1.3, 250)), "rewarm": dict(policy="sparkling", protect=False, rewarm=(1.3, 250)),
+SETTINGS = {"sparkling": dict(policy="sparkling", rewarm=(1.3, 250)),
+            "rewarm": dict(policy="sparkling", protect=False, rewarm=(1.3, 250)),
             "train=added": dict(train="added")}
 
 

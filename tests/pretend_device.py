@@ -15,7 +15,8 @@ raises where CUDA raises:
 Factories reach :func:`_run` through a fallback kernel for the device's dispatch key, so it works on every
 thread, as a device does. ``to_pretend(x)`` moves a tensor, a state dict or a module onto the device.
 ``SYNCS`` counts host synchronisations (``.item()``, ``.tolist()``, ``nonzero``, a device-to-CPU copy) and
-indexings by a boolean mask, for code that must do neither every step. Its RNG state (``torch.pretend.get_rng_state``) is a CPU generator of its own.
+indexings by a boolean mask, for code that must do neither every step. Its RNG state
+(``torch.pretend.get_rng_state``) is a CPU generator of its own.
 """
 
 from __future__ import annotations

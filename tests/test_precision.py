@@ -11,7 +11,7 @@ import torch
 import passes
 import rewrite
 from pretend_device import Pretend, to_pretend
-from rewrite.training.precision import compute_dtype, rng_state, same_loss, set_rng_state
+from rewrite.training.precision import check_kept, compute_dtype, rng_state, same_loss, set_rng_state
 from rewrite.training.triggers import Fixed
 from test_resume import VALIDATION, DropoutGPT, Language, loss
 
@@ -42,9 +42,10 @@ def trainer(folder, *, dtype=torch.float32, autocast=None, scaler=False, device=
     return rewrite.ProgressiveTrainer(
         model, loss=loss,
         optimizer=lambda params: torch.optim.AdamW(params, lr=3e-3, weight_decay=0.1),
-        stages=[[passes.widen_mlp(factor=2)], [passes.add_layers(1, init="copy"), passes.widen_hidden(factor=2, init="clone")]],
+        stages=[[passes.widen_mlp(factor=2)],
+                [passes.add_layers(1, init="copy"), passes.widen_hidden(factor=2, init="clone")]],
         trigger=[Fixed(step=10), Fixed(step=20)], evaluate_every=5, checkpoint_every=5,
-        checkpoints=None if device else folder,  # safetensors reads a device tensor's storage, which a pretend one lacks
+        checkpoints=None if device else folder,  # safetensors reads a tensor's storage: a pretend one has none
         autocast=autocast, scaler=torch.amp.GradScaler("cpu", init_scale=2.0 ** 10) if scaler else None)
 
 
@@ -84,6 +85,10 @@ def test_the_loss_check_follows_the_dtype_the_model_computes_in():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert compute_dtype(torch.nn.Linear(4, 4)) == torch.bfloat16
     assert same_loss(1.01402, 1.01465, torch.bfloat16) and same_loss(0.922828, 0.922872, torch.bfloat16)
+    check_kept(0, True, 1.01402, 1.01465, torch.bfloat16)
+    check_kept(0, False, 1.0, 2.0, torch.float32)  # an approximate plan's change is logged, not refused
+    with pytest.raises(rewrite.GrowthError, match="stage 1 was planned exact .* from 1.01402 to 1.01465 .*float32"):
+        check_kept(1, True, 1.01402, 1.01465, torch.float32)
     assert not same_loss(1.01402, 1.01465, torch.float32) and not same_loss(1.0, 1.1, torch.bfloat16)
     previous = torch.get_float32_matmul_precision()
     try:

@@ -6,7 +6,8 @@ scheduler it built. So ``GrowingTrainer`` (a ``Trainer`` subclass) stops and res
 1. its callback asks the trigger at each evaluation (at each step when the run does not evaluate); when it says
    grow, it has the Trainer save a checkpoint and stop;
 2. ``train`` then grows the model by the next stage in its own class (``rewrite.to_native``: the config
-   updated), checks the loss on a fixed batch (on the model's device, to the tolerance of its dtype), carries the optimizer and the scheduler (``rewrite.carry``),
+   updated), checks the loss on a fixed batch (on the model's device, to the tolerance of its dtype), carries
+   the optimizer and the scheduler (``rewrite.carry``),
    and writes the grown checkpoint in the Trainer's format under the same name (the checkpoint as it was
    before the growth is kept as ``checkpoint-N-before-growth``; ``growth.json`` records the report);
 3. and resumes from it (``Trainer.train(resume_from_checkpoint=...)``): same step, same data position, same
@@ -32,7 +33,7 @@ from rewrite.io.native import to_native
 from rewrite.ir.trace import trace
 from rewrite.training.carry import carried_class, carry
 from rewrite.training.flops import parameters
-from rewrite.training.precision import compute_dtype, same_loss
+from rewrite.training.precision import check_kept, compute_dtype
 from rewrite.transform.apply import apply
 
 
@@ -74,9 +75,7 @@ class GrowingTrainer(Trainer):
         grown = apply(trace(model, args, kwargs), list(self.stages[self._stage]), args, kwargs)
         native = carried_class(to_native(grown, model), model)  # NotRepresentableError says why, if it cannot
         after = _loss(native.eval(), args, kwargs)
-        if grown.report.exact and not same_loss(before, after, compute_dtype(model)):
-            raise GrowthError(f"stage {self._stage} was planned exact but moved the loss on the fixed batch from "
-                              f"{before:.6g} to {after:.6g} (more than {compute_dtype(model)} rounding)")
+        check_kept(self._stage, grown.report.exact, before, after, compute_dtype(model))
         optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate's wrapper, unwrapped
         carried = carry(optimizer, grown, native, self.lr_scheduler, policy=self.policy, rewarm=self.rewarm,
                         train=self.train_only)

@@ -3,7 +3,8 @@
 * :func:`compute_dtype`: autocast's dtype when autocast is on for the model's device, else the narrowest
   floating dtype of its parameters (a bfloat16 model computes in bfloat16, whatever its norms keep).
 * :func:`same_loss`: whether a loss stayed what it was, to the tolerance of that dtype (one table for every
-  check growfx makes: ``rewrite.ir.compare.TOLERANCES``; float32 under TF32 matmuls is looser).
+  check growfx makes: ``rewrite.ir.compare.TOLERANCES``; float32 under TF32 matmuls is looser);
+  :func:`check_kept` raises when an exact growth moved it further.
 * :func:`rng_state` / :func:`set_rng_state`: the CPU's generator and the default generator of every other
   device the model lives on (``torch.get_device_module(type).get_rng_state``), so dropout on a GPU resumes
   bit-identical too.
@@ -15,6 +16,7 @@ import contextlib
 
 import torch
 
+from rewrite.errors import GrowthError
 from rewrite.ir.compare import default_tolerance
 
 
@@ -46,6 +48,14 @@ def same_loss(before: float, after: float, dtype: torch.dtype) -> bool:
     """Whether ``after`` is ``before`` to the tolerance of ``dtype`` (relative to ``max(1, |before|)``)."""
     rtol, atol = default_tolerance(dtype)
     return abs(after - before) <= atol + rtol * max(1.0, abs(before))
+
+
+def check_kept(stage: int, exact: bool, before: float, after: float, dtype: torch.dtype) -> None:
+    """``GrowthError`` when stage ``stage``, planned ``exact``, moved the fixed-batch loss from ``before`` to
+    ``after`` by more than ``dtype``'s rounding (what both trainers check after a growth)."""
+    if exact and not same_loss(before, after, dtype):
+        raise GrowthError(f"stage {stage} was planned exact but moved the loss on the fixed batch from "
+                          f"{before:.6g} to {after:.6g} (more than {str(dtype).removeprefix('torch.')} rounding)")
 
 
 def autocast(model: torch.nn.Module, dtype: torch.dtype | None):

@@ -27,7 +27,8 @@ FLOPs, losses, learning rates, parameters, wall time; each growth with its repor
 Checkpoints (``checkpoints=folder``): before and after each growth, and every ``checkpoint_every`` steps at an
 evaluation. Each is a folder written atomically: ``model.safetensors`` (the weights) and the rest without
 pickle (``rewrite.io.state_files``: optimizer, scheduler, gradient scaler, trigger and step-hook state,
-counters, the RNG state of the CPU and of every device the model is on, the history). ``fit(..., resume=True)`` continues from the latest: it rebuilds the grown structure by replaying
+counters, the RNG state of the CPU and of every device the model is on, the history).
+``fit(..., resume=True)`` continues from the latest: it rebuilds the grown structure by replaying
 the growths on the original model, loads every state, skips the batches already consumed (so ``train`` must
 give the same batches in the same order when iterated afresh, without drawing from torch's global random
 state: a DataLoader with a seeded ``generator=``) and, from a checkpoint taken before a growth,
@@ -47,7 +48,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_model, save_model
 
-from rewrite.errors import GrowfxError, GrowthError, NotRepresentableError
+from rewrite.errors import GrowfxError, NotRepresentableError
 from rewrite.io.native import to_native
 from rewrite.io.sources import atomic_path
 from rewrite.io.state_files import load_state, write_state
@@ -55,7 +56,7 @@ from rewrite.ir.frontends import first_line, is_huggingface
 from rewrite.ir.trace import trace
 from rewrite.training.carry import carried_class, carry
 from rewrite.training.flops import parameters, per_token
-from rewrite.training.precision import autocast, compute_dtype, rng_state, same_loss, set_rng_state
+from rewrite.training.precision import autocast, check_kept, compute_dtype, rng_state, set_rng_state
 from rewrite.training.triggers import Trigger
 from rewrite.transform.apply import apply
 
@@ -205,10 +206,7 @@ class ProgressiveTrainer:
             dtype = compute_dtype(self.model)
         grown, native_note = self._grow_structure(fixed)
         after = self._fixed_loss(fixed)
-        if grown.report.exact and not same_loss(before, after, dtype):
-            raise GrowthError(f"stage {self._stage} was planned exact but moved the loss on the fixed batch from "
-                              f"{before:.6g} to {after:.6g} (more than {str(dtype).removeprefix('torch.')} "
-                              f"rounding)")
+        check_kept(self._stage, grown.report.exact, before, after, dtype)
         self._write({"event": "growth", "step": step, "tokens": self.tokens, "flops": self.flops,
                      "stage": self._stage, "loss_before": before, "loss_after": after, "exact": grown.report.exact,
                      "parameters_before": size, "parameters_after": parameters(self.model),

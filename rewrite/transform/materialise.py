@@ -14,8 +14,8 @@ float64, integers) and ``b`` draws no noise before its first ``Take`` (noise is 
 tensor before the last Take); elsewhere a ``PassEnd`` between them rounds the tensor and resets that scale,
 as running the passes one at a time does. Tensors are made by a few threads at once (each tensor's values
 depend on its own seeds only, so the bits do not depend on the order; a large draw spreads its chunks over the
-cores itself: ``rewrite.transform.draws``). Peak memory is the original, the grown tensors, and the scratch of the tensors being
-made, which is given back to the system after each tensor.
+cores itself: ``rewrite.transform.draws``). Peak memory is the original, the grown tensors, and the scratch of
+the tensors being made, which is given back to the system after each tensor.
 
 A rule that computes a value from the weights (``Editor.set_tensor`` of a value made from a meta tensor,
 a tensor registered without the Editor) or reads one (``.item()`` on a meta tensor) cannot be planned on

@@ -60,12 +60,16 @@ class _Run:
             self._redraw(op)
         elif isinstance(op, Noise) and self.low and self.x.dtype != torch.float32 and self._rounded_next():
             # the last op on a bfloat16/float16 tensor: only the noised entries need float32, piece by piece
-            self.x = self.x if self.fresh else self.x.clone()
-            with region(self.x, op.axis, op.positions) as target:
-                draws.add_(target, op.seed, op.relative * _std(self.reference))
-            self.fresh = True
+            self.x, self.fresh = self.x if self.fresh else self.x.clone(), True
+            self._noise(op)
         else:
             self._arithmetic(op)
+
+    def _noise(self, op: Noise) -> None:
+        """Noise added in place at its positions, drawn piece by piece (no scratch of the region's size), in
+        float32 and rounded once for a bfloat16/float16 ``x``."""
+        with region(self.x, op.axis, op.positions) as target:
+            draws.add_(target, op.seed, op.relative * _std(self.reference))
 
     def _rounded_next(self) -> bool:
         """Whether the tensor is rounded to its dtype right after the op just read."""
@@ -85,10 +89,11 @@ class _Run:
             # later noise is scaled by x as it is now, which ops on the result may change: its sample
             self.reference = _sample(x).clone()
             self.x, self.pending = take(x, op.axis, op.index, out=self.pending[1], done=x.shape[op.axis]), None
-        elif len(takes) == 1 and self.at < len(ops) and isinstance(ops[self.at], Split) and ops[self.at].axis == op.axis:
+        elif (len(takes) == 1 and self.at < len(ops) and isinstance(ops[self.at], Split)
+              and ops[self.at].axis == op.axis):
             # the Split's division made as the Take writes each entry: one pass over the grown tensor, not two
             # (the same products, in float32 for a bfloat16/float16 tensor)
-            divisors = ops[self.at].divisors.to(x.device, torch.float32 if self.low else x.dtype)
+            divisors = ops[self.at].divisors.to(torch.float32 if self.low else x.dtype)  # to x's device in take
             self.at += 1
             self.pending, into = (None, None) if self.low else _into_next_take(x, [op], ops, self.at)
             self.reference, self.x = x, take(x, op.axis, op.index, factors=divisors.reciprocal(), out=into)
@@ -125,9 +130,8 @@ class _Run:
         elif isinstance(op, Scale):
             with region(x, op.axis, op.positions) as target:
                 target.add_(op.offset).mul_(op.factor).sub_(op.offset)
-        elif isinstance(op, Noise):  # drawn piece by piece: no scratch of the region's size
-            with region(x, op.axis, op.positions) as target:
-                draws.add_(target, op.seed, op.relative * _std(self.reference))
+        elif isinstance(op, Noise):
+            self._noise(op)
         else:
             raise TypeError(f"unknown growth op {op!r}")
 
